@@ -1,0 +1,233 @@
+//! The bodies of the VCL functions. `lib.rs` declares them to Varnish and guards each call;
+//! here they read the request or fetch, start, annotate and hand over spans.
+//!
+//! Threading: every function runs on the Varnish worker thread executing the VCL of one task.
+
+use std::ffi::CStr;
+use std::sync::atomic::Ordering::Relaxed;
+
+use varnish::vcl::Ctx;
+
+use crate::pipeline::STATS;
+use crate::propagation::traceparent;
+use crate::span::{vtim_to_unix_nano, SpanKind, Value};
+use crate::trace::{self, outgoing_traceparent, Parent};
+use crate::varnish::task::{self, EsiParent, TaskState};
+use crate::varnish::{http, log, method, vxid_of};
+
+/// Attribute keys longer than this are refused (OpenTelemetry sets no limit; a VCL typo that
+/// builds a key from a header should not produce kilobyte keys).
+pub const MAX_KEY_LEN: usize = 255;
+
+pub fn trace_request(ctx: &mut Ctx) {
+    // SAFETY: ctx->req is NULL or the request whose VCL is running, for the whole call.
+    let Some(req) = (unsafe { ctx.raw.req.as_ref() }) else {
+        log::vcl(ctx, "trace_request() is for client subroutines (vcl_recv); ignored");
+        return;
+    };
+    if let Some(state) = task::current(ctx) {
+        // Called again in the same task: a restart (new VXID, same span) or a repeated call.
+        if req.restarts > state.repeats_seen {
+            state.repeats_seen = req.restarts;
+            state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.restart");
+        }
+        // A rollback restores the client's headers: put ours back.
+        unsafe { write_context(req.http, state) };
+        return;
+    }
+    let esi_level = req.esi_level;
+    // SAFETY: the header tables of the running request stay valid during this call.
+    let own = unsafe { http::trace_fields(req.http) };
+    let started = if esi_level == 0 {
+        trace::start(
+            SpanKind::Server,
+            Parent::Headers { traceparent: &own.traceparent, tracestate: &own.tracestate, too_many_fields: own.too_many },
+            true,
+        )
+    } else {
+        // ESI: the sub-request holds the client's original headers; the parent is the request
+        // that included it (published in its vcl_deliver), checked against the top request.
+        let top = unsafe { http::trace_fields(ctx.raw.http_req_top.0) };
+        let top_trace = traceparent::parse(&top.traceparent).ok().flatten().map(|c| c.trace_id);
+        match task::esi_parent(esi_level).filter(|p| Some(p.trace_id.0) == top_trace) {
+            Some(p) => trace::start(
+                SpanKind::Internal,
+                Parent::Local { trace_id: p.trace_id, span_id: p.span_id, flags: p.flags, tracestate: None },
+                false,
+            ),
+            None => trace::start(
+                SpanKind::Internal,
+                Parent::Headers { traceparent: &top.traceparent, tracestate: &top.tracestate, too_many_fields: top.too_many },
+                false,
+            ),
+        }
+    };
+    if let Some(why) = started.restarted_because {
+        log::vcl(ctx, format!("invalid traceparent ({why}): starting a new trace"));
+    }
+    if let Some(why) = started.tracestate_dropped_because {
+        log::vcl(ctx, format!("invalid tracestate ({why}): dropped"));
+    }
+    let mut record = started.record;
+    let (method, url) = unsafe { http::request_line(req.http) };
+    record.start_unix_nano = vtim_to_unix_nano(req.t_first.0);
+    record.vxid = vxid_of(ctx.raw.vsl);
+    record.name = if esi_level > 0 { format!("ESI {method}").into() } else { span_name(&method).into() };
+    record.set_str("http.request.method", method);
+    record.set_str("url.path", trace::url_path(&url));
+    if esi_level > 0 {
+        record.set_int("varnish.esi_level", i64::from(esi_level));
+    }
+    let mut state = TaskState::new(record);
+    state.repeats_seen = req.restarts;
+    unsafe { write_context(req.http, &state) };
+    STATS.spans_started.fetch_add(1, Relaxed);
+    if task::install(ctx, state).is_err() {
+        log::vcl(ctx, "out of workspace: span not recorded");
+    }
+}
+
+pub fn trace_backend(ctx: &mut Ctx) {
+    // SAFETY: ctx->bo is NULL or the fetch whose VCL is running, for the whole call.
+    let Some(bo) = (unsafe { ctx.raw.bo.as_ref() }) else {
+        log::vcl(ctx, "trace_backend() is for backend subroutines (vcl_backend_fetch); ignored");
+        return;
+    };
+    if let Some(state) = task::current(ctx) {
+        // A retry: Varnish rebuilt the bereq from the original, so send our context again.
+        if bo.retries > state.repeats_seen {
+            state.repeats_seen = bo.retries;
+            state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.retry");
+        }
+        unsafe { write_context(bo.bereq, state) };
+        return;
+    }
+    let fields = unsafe { http::trace_fields(bo.bereq) };
+    let started = trace::start(
+        SpanKind::Client,
+        Parent::Headers { traceparent: &fields.traceparent, tracestate: &fields.tracestate, too_many_fields: fields.too_many },
+        false,
+    );
+    if let Some(why) = started.restarted_because {
+        log::vcl(ctx, format!("invalid bereq traceparent ({why}): starting a new trace"));
+    }
+    let mut record = started.record;
+    let (method, url) = unsafe { http::request_line(bo.bereq) };
+    record.start_unix_nano = vtim_to_unix_nano(bo.t_first.0);
+    record.vxid = vxid_of(ctx.raw.vsl);
+    record.name = span_name(&method).into();
+    record.set_str("http.request.method", method);
+    record.set_str("url.path", trace::url_path(&url));
+    let mut state = TaskState::new(record);
+    state.repeats_seen = bo.retries;
+    unsafe { write_context(bo.bereq, &state) };
+    STATS.spans_started.fetch_add(1, Relaxed);
+    if task::install(ctx, state).is_err() {
+        log::vcl(ctx, "out of workspace: span not recorded");
+    }
+}
+
+/// Records what the end of a VCL phase knows: the response status VCL sees, a failed fetch,
+/// and, in `vcl_deliver`, this request as the parent of its ESI sub-requests.
+pub fn finish(ctx: &mut Ctx) {
+    let m = ctx.raw.method;
+    let Some(state) = task::current(ctx) else { return };
+    match m {
+        method::DELIVER | method::SYNTH => {
+            // SAFETY: in vcl_deliver/vcl_synth ctx->req and its resp are valid.
+            let (status, level) = unsafe {
+                let req = &*ctx.raw.req;
+                (http::status(req.resp), req.esi_level)
+            };
+            state.status_vcl = Some(status);
+            if m == method::SYNTH && state.record.get("varnish.cache_result").is_none() {
+                state.record.set_str("varnish.cache_result", "synth");
+            }
+            let r = &state.record;
+            task::publish_esi_parent(level, EsiParent { trace_id: r.trace_id, span_id: r.span_id, flags: r.flags });
+        }
+        method::BACKEND_RESPONSE => {
+            state.status_vcl = Some(unsafe { http::status(ctx.raw.http_beresp.0) });
+        }
+        method::BACKEND_ERROR => state.fetch_failed = true,
+        method::PIPE => state.record.set_str("varnish.cache_result", "pipe"),
+        _ => log::vcl(ctx, "finish() is for vcl_deliver, vcl_synth, vcl_pipe, vcl_backend_response and vcl_backend_error; ignored"),
+    }
+}
+
+/// Records how the cache served the request. `synth` never replaces an earlier result (a
+/// `return (synth())` from `vcl_hit` is still a hit).
+pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
+    if ctx.raw.req.is_null() {
+        log::vcl(ctx, "cache_result() is for client subroutines; ignored");
+        return;
+    }
+    let Some(state) = task::current(ctx) else { return };
+    let result = result.to_string_lossy();
+    if result == "synth" && state.record.get("varnish.cache_result").is_some() {
+        return;
+    }
+    state.record.set("varnish.cache_result", Value::Str(result.into_owned()));
+}
+
+pub fn tag(ctx: &mut Ctx, key: &CStr, value: &CStr) {
+    let key = key.to_string_lossy();
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        log::vcl(ctx, format!("tag(): attribute key must be 1 to {MAX_KEY_LEN} bytes; ignored"));
+        return;
+    }
+    let Some(state) = task::current(ctx) else {
+        log::vcl(ctx, "tag() before trace_request()/trace_backend() in this task; ignored");
+        return;
+    };
+    state.record.set(key.into_owned(), Value::Str(value.to_string_lossy().into_owned()));
+}
+
+pub fn trace_id(ctx: &mut Ctx) -> String {
+    task::current(ctx).map(|s| s.record.trace_id.to_hex()).unwrap_or_default()
+}
+
+pub fn span_id(ctx: &mut Ctx) -> String {
+    task::current(ctx).map(|s| s.record.span_id.to_hex()).unwrap_or_default()
+}
+
+pub fn traceparent(ctx: &mut Ctx) -> String {
+    task::current(ctx)
+        .map(|s| String::from_utf8_lossy(&outgoing_traceparent(&s.record)[..55]).into_owned())
+        .unwrap_or_default()
+}
+
+/// `{method}` for the methods HTTP defines, `HTTP` for anything else (semantic conventions:
+/// unknown methods must not make span names unbounded).
+fn span_name(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "CONNECT" => "CONNECT",
+        "OPTIONS" => "OPTIONS",
+        "TRACE" => "TRACE",
+        "PATCH" => "PATCH",
+        _ => "HTTP",
+    }
+}
+
+/// Sets `traceparent` (and `tracestate`, or removes it) on an outgoing request.
+///
+/// # Safety
+/// `hp` must be NULL or a writable `struct http` of the running task.
+unsafe fn write_context(hp: *mut varnish::ffi::http, state: &TaskState) {
+    let tp = outgoing_traceparent(&state.record);
+    http::force(hp, http::H_TRACEPARENT, CStr::from_bytes_with_nul_unchecked(&tp));
+    match &state.record.tracestate {
+        Some(ts) => {
+            // Validated printable ASCII without NUL (propagation::tracestate), so this succeeds.
+            if let Ok(v) = std::ffi::CString::new(ts.as_str()) {
+                http::force(hp, http::H_TRACESTATE, &v);
+            }
+        }
+        None => http::unset(hp, http::H_TRACESTATE),
+    }
+}

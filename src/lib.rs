@@ -1,0 +1,131 @@
+//! vmod-opentracing: OpenTelemetry distributed tracing for Varnish Cache.
+//!
+//! This file is the VCL surface only: it declares the functions VCL can call and guards each one
+//! so that no panic ever crosses into varnishd. The work is done in plain modules:
+//! `calls` (what each function does), `trace` and `propagation` (W3C Trace Context),
+//! `span` (the span record), `pipeline`, `export` and `worker` (getting spans out), and
+//! `varnish` (everything that touches Varnish's C structures).
+
+pub mod calls;
+pub mod export;
+pub mod ids;
+pub mod pipeline;
+pub mod propagation;
+pub mod span;
+pub mod trace;
+pub mod varnish;
+pub mod worker;
+
+use ::varnish::vcl::Ctx;
+
+/// Runs one VCL call; a panic becomes a VSL line and a neutral result, never a crash.
+fn guarded<T>(ctx: &mut Ctx, name: &str, fallback: T, f: impl FnOnce(&mut Ctx) -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *ctx))) {
+        Ok(v) => v,
+        Err(_) => {
+            crate::varnish::log::vcl(ctx, format!("internal error in {name}(); request continues untraced"));
+            fallback
+        }
+    }
+}
+
+/// OpenTelemetry distributed tracing for Varnish.
+///
+/// Add two lines at the top of your VCL and every request becomes a span, parented to the
+/// caller's W3C `traceparent`, with a child span for each backend fetch:
+///
+/// ```vcl
+/// vcl 4.1;
+/// import opentracing;
+/// include "opentracing.vcl";
+/// ```
+///
+/// The include calls the functions below from every built-in subroutine; call them yourself only
+/// to add to the spans (`tag`) or to read the trace context (`trace_id`, `span_id`, `traceparent`).
+#[::varnish::vmod(docs = "API.md")]
+mod opentracing {
+    use std::ffi::CStr;
+
+    use varnish::vcl::{Ctx, DeliveryFilters, Event};
+
+    use super::guarded;
+    use crate::varnish::status_filter::StatusFilter;
+    use crate::{calls, pipeline};
+
+    /// Starts the span of a client request (kind SERVER; INTERNAL for an ESI sub-request).
+    ///
+    /// Call from `vcl_recv`. Reads the incoming `traceparent`/`tracestate` (W3C Trace Context),
+    /// continues that trace or starts a new one when there is none or it is invalid, and replaces
+    /// `req.http.traceparent` with this span's context, so that backend requests are its children.
+    /// Called again after a restart, it stays on the same span and records a `varnish.restart` event.
+    pub fn trace_request(ctx: &mut Ctx) {
+        guarded(ctx, "trace_request", (), calls::trace_request);
+    }
+
+    /// Starts the span of a backend fetch (kind CLIENT), child of the span named by
+    /// `bereq.http.traceparent`, and rewrites that header so the backend sees this span as its
+    /// parent. Call from `vcl_backend_fetch`; a retry stays on the same span (`varnish.retry` event).
+    pub fn trace_backend(ctx: &mut Ctx) {
+        guarded(ctx, "trace_backend", (), calls::trace_backend);
+    }
+
+    /// Records what the current phase knows about the span's outcome: the status in
+    /// `vcl_deliver`, `vcl_synth` and `vcl_backend_response`, a failed fetch in
+    /// `vcl_backend_error`, a pipe in `vcl_pipe`. The span itself ends when Varnish has finished
+    /// the task (response sent, body fetched), with Varnish's own timestamps.
+    pub fn finish(ctx: &mut Ctx) {
+        guarded(ctx, "finish", (), calls::finish);
+    }
+
+    /// Sets the attribute `key` to `value` on the current span (the request's span on the client
+    /// side, the fetch's span on the backend side). A later value for the same key replaces the
+    /// earlier one. Invalid UTF-8 is replaced, not refused.
+    pub fn tag(ctx: &mut Ctx, key: &CStr, value: &CStr) {
+        guarded(ctx, "tag", (), |ctx| calls::tag(ctx, key, value));
+    }
+
+    /// Records the cache result (`varnish.cache_result`: hit, miss, pass, pipe, synth) on the
+    /// request's span. The include calls it; `synth` never replaces an earlier result.
+    pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
+        guarded(ctx, "cache_result", (), |ctx| calls::cache_result(ctx, result));
+    }
+
+    /// The current span's trace ID (32 lowercase hex digits), or an empty string if this task
+    /// has no span.
+    pub fn trace_id(ctx: &mut Ctx) -> String {
+        guarded(ctx, "trace_id", String::new(), calls::trace_id)
+    }
+
+    /// The current span's ID (16 lowercase hex digits), or an empty string.
+    pub fn span_id(ctx: &mut Ctx) -> String {
+        guarded(ctx, "span_id", String::new(), calls::span_id)
+    }
+
+    /// The current span's context as a W3C `traceparent` value, or an empty string.
+    pub fn traceparent(ctx: &mut Ctx) -> String {
+        guarded(ctx, "traceparent", String::new(), calls::traceparent)
+    }
+
+    /// Starts the span pipeline on the first warm VCL and stops it after the last one goes cold.
+    /// Runs on the CLI thread; never blocks longer than the pipeline's stop deadline.
+    #[event]
+    pub fn event(event: Event, vdp: &mut DeliveryFilters) -> Result<(), String> {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match event {
+            Event::Load => {
+                vdp.register::<StatusFilter>();
+                crate::export::ExportConfig::from_env().map(|_| ())
+            }
+            Event::Warm => pipeline::vcl_warm().map(crate::varnish::log::global),
+            Event::Cold => {
+                let msg = pipeline::vcl_cold();
+                crate::varnish::log::global(msg);
+                Ok(())
+            }
+            _ => Ok(()),
+        }));
+        match result {
+            Ok(r) => r.map_err(|e| format!("opentracing: {e}")),
+            Err(_) => Err("opentracing: internal error in the VCL event handler".to_owned()),
+        }
+    }
+}

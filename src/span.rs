@@ -1,0 +1,254 @@
+//! The span record: everything we know about one span, filled in pieces by whoever learns it.
+//!
+//! A record is created on a Varnish worker thread when VCL starts a span (`trace_request`,
+//! `trace_backend`), receives attributes from VCL while the task runs, and is completed when the
+//! task ends (the PRIV_TASK fini, see `varnish::task`) or, later, from the shared-memory log. It is
+//! then moved, whole, to the exporter thread. A record is owned by exactly one thread at a time,
+//! so it needs no locking of its own.
+
+use std::borrow::Cow;
+
+use crate::ids::{SpanId, TraceId};
+
+/// Attribute limits, as the OpenTelemetry SDK defaults (`OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT` = 128).
+pub const MAX_ATTRIBUTES: usize = 128;
+/// Longest attribute value we keep, in bytes; longer values are cut at a character boundary.
+pub const MAX_VALUE_LEN: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanKind {
+    Internal,
+    Server,
+    Client,
+}
+
+impl SpanKind {
+    /// The OTLP enum value (`SPAN_KIND_*`).
+    pub fn otlp(self) -> u8 {
+        match self {
+            SpanKind::Internal => 1,
+            SpanKind::Server => 2,
+            SpanKind::Client => 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attribute {
+    pub key: Cow<'static, str>,
+    pub value: Value,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StatusCode {
+    #[default]
+    Unset,
+    Ok,
+    Error,
+}
+
+impl StatusCode {
+    pub fn otlp(self) -> u8 {
+        match self {
+            StatusCode::Unset => 0,
+            StatusCode::Ok => 1,
+            StatusCode::Error => 2,
+        }
+    }
+}
+
+/// Who completed the span: the task-end hook, the shared-memory log, or the deadline sweep that
+/// closes spans whose task state was rolled back and never re-adopted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ClosedBy {
+    #[default]
+    Open,
+    TaskEnd,
+    Deadline,
+}
+
+impl ClosedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClosedBy::Open => "open",
+            ClosedBy::TaskEnd => "task_end",
+            ClosedBy::Deadline => "deadline",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Link {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub time_unix_nano: u64,
+    pub name: Cow<'static, str>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpanRecord {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    /// `None` for a root span.
+    pub parent_span_id: Option<SpanId>,
+    /// The parent came from another process (an incoming `traceparent`).
+    pub parent_is_remote: bool,
+    /// W3C trace-flags as sent downstream (bit 0: sampled).
+    pub flags: u8,
+    /// The validated, combined `tracestate` of the parent, passed through unchanged.
+    pub tracestate: Option<String>,
+    pub kind: SpanKind,
+    pub name: Cow<'static, str>,
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    pub attributes: Vec<Attribute>,
+    /// Attributes refused because of the count or length limits (OTLP `droppedAttributesCount`).
+    pub dropped_attributes: u32,
+    pub events: Vec<Event>,
+    pub links: Vec<Link>,
+    pub status: StatusCode,
+    pub status_message: Option<String>,
+    /// The VXID of the task when the span started; the final one is recorded as `varnish.vxid`.
+    pub vxid: u64,
+    pub closed_by: ClosedBy,
+}
+
+impl SpanRecord {
+    pub fn new(kind: SpanKind, trace_id: TraceId, span_id: SpanId, parent: Option<SpanId>) -> Self {
+        SpanRecord {
+            trace_id,
+            span_id,
+            parent_span_id: parent,
+            parent_is_remote: false,
+            flags: 1,
+            tracestate: None,
+            kind,
+            name: Cow::Borrowed("HTTP"),
+            start_unix_nano: 0,
+            end_unix_nano: 0,
+            attributes: Vec::with_capacity(12),
+            dropped_attributes: 0,
+            events: Vec::new(),
+            links: Vec::new(),
+            status: StatusCode::Unset,
+            status_message: None,
+            vxid: 0,
+            closed_by: ClosedBy::Open,
+        }
+    }
+
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// Sets an attribute, replacing an earlier value of the same key (the last write wins, as
+    /// with the SDK's `set_attribute`). Refuses, and counts, what is over the limits.
+    pub fn set(&mut self, key: impl Into<Cow<'static, str>>, value: Value) {
+        let key = key.into();
+        let value = match value {
+            Value::Str(s) => Value::Str(truncate(s, MAX_VALUE_LEN)),
+            other => other,
+        };
+        if let Some(existing) = self.attributes.iter_mut().find(|a| a.key == key) {
+            existing.value = value;
+        } else if self.attributes.len() < MAX_ATTRIBUTES {
+            self.attributes.push(Attribute { key, value });
+        } else {
+            self.dropped_attributes += 1;
+        }
+    }
+
+    pub fn set_str(&mut self, key: &'static str, value: impl Into<String>) {
+        self.set(key, Value::Str(value.into()));
+    }
+
+    pub fn set_int(&mut self, key: &'static str, value: i64) {
+        self.set(key, Value::Int(value));
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.attributes.iter().find(|a| a.key == key).map(|a| &a.value)
+    }
+
+    pub fn add_event(&mut self, time_unix_nano: u64, name: impl Into<Cow<'static, str>>) {
+        // Bounded like attributes: a looping VCL must not grow a record without limit.
+        if self.events.len() < MAX_ATTRIBUTES {
+            self.events.push(Event { time_unix_nano, name: name.into() });
+        }
+    }
+}
+
+/// Cuts `s` to at most `max` bytes without splitting a UTF-8 character.
+pub fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Varnish keeps times as `double` seconds since the epoch; VSL prints them truncated to whole
+/// microseconds. Converting the same way makes our times comparable to `varnishlog` exactly.
+pub fn vtim_to_unix_nano(t: f64) -> u64 {
+    if !(t.is_finite() && t > 0.0) {
+        return 0;
+    }
+    ((t * 1e6).floor() as u64) * 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> SpanRecord {
+        SpanRecord::new(SpanKind::Server, TraceId([1; 16]), SpanId([2; 8]), None)
+    }
+
+    #[test]
+    fn set_replaces_the_same_key() {
+        let mut r = record();
+        r.set_str("varnish.cache_result", "hit");
+        r.set_str("varnish.cache_result", "pass");
+        assert_eq!(r.attributes.len(), 1);
+        assert_eq!(r.get("varnish.cache_result"), Some(&Value::Str("pass".into())));
+    }
+
+    #[test]
+    fn attribute_count_is_bounded_and_counted() {
+        let mut r = record();
+        for i in 0..MAX_ATTRIBUTES + 5 {
+            r.set(format!("k{i}"), Value::Int(i as i64));
+        }
+        assert_eq!(r.attributes.len(), MAX_ATTRIBUTES);
+        assert_eq!(r.dropped_attributes, 5);
+    }
+
+    #[test]
+    fn long_values_are_cut_on_a_char_boundary() {
+        let s = "é".repeat(MAX_VALUE_LEN); // 2 bytes each
+        let t = truncate(s, 5);
+        assert_eq!(t, "éé");
+    }
+
+    #[test]
+    fn vtim_conversion_truncates_to_microseconds_like_vsl() {
+        assert_eq!(vtim_to_unix_nano(1_700_000_000.123_456_9), 1_700_000_000_123_456_000);
+        assert_eq!(vtim_to_unix_nano(f64::NAN), 0);
+        assert_eq!(vtim_to_unix_nano(-1.0), 0);
+    }
+}

@@ -1,0 +1,171 @@
+//! Starting spans: turning the incoming trace context into a new span record and the context we
+//! send on. Plain Rust over byte slices, so every rule is unit-tested without Varnish.
+//!
+//! Sampling (first version): parent-based, always on for new traces, as the SDK default
+//! `parentbased_always_on`. An unsampled parent gives an unsampled span: it is not exported, but
+//! its context still propagates with the sampled flag unset.
+
+use crate::ids::{SpanId, TraceId};
+use crate::propagation::{traceparent, tracestate};
+use crate::span::{SpanKind, SpanRecord};
+
+/// Only the sampled flag is defined by W3C Trace Context Level 1; unknown bits are not forwarded.
+pub const FORWARDED_FLAGS: u8 = 0x01;
+
+/// Where the parent of a new span comes from.
+pub enum Parent<'a> {
+    /// Header fields from another process (the client, or the client side for a fetch).
+    Headers { traceparent: &'a [&'a [u8]], tracestate: &'a [&'a [u8]], too_many_fields: bool },
+    /// A span of this process (the parent request of an ESI sub-request).
+    Local { trace_id: TraceId, span_id: SpanId, flags: u8, tracestate: Option<String> },
+}
+
+/// A new span and what to tell the operator about the incoming context.
+pub struct Started {
+    pub record: Box<SpanRecord>,
+    /// Why the incoming context was not used (the trace was restarted), for a VSL line.
+    pub restarted_because: Option<&'static str>,
+    /// Why the incoming `tracestate` was dropped, for a VSL line.
+    pub tracestate_dropped_because: Option<&'static str>,
+}
+
+pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool) -> Started {
+    let mut restarted_because = None;
+    let mut tracestate_dropped_because = None;
+    let span_id = SpanId::random();
+    let mut record;
+    match parent {
+        Parent::Headers { traceparent: tp, tracestate: ts, too_many_fields } => {
+            let parsed = if too_many_fields { Err(traceparent::Invalid::Repeated) } else { traceparent::parse(tp) };
+            match parsed {
+                Ok(Some(ctx)) => {
+                    record = Box::new(SpanRecord::new(kind, TraceId(ctx.trace_id), span_id, Some(SpanId(ctx.span_id))));
+                    record.parent_is_remote = remote_parent;
+                    record.flags = ctx.flags & FORWARDED_FLAGS;
+                    // tracestate is only meaningful with a valid traceparent.
+                    match tracestate::combine(ts) {
+                        Ok(state) => record.tracestate = state,
+                        Err(e) => tracestate_dropped_because = Some(e.as_str()),
+                    }
+                }
+                Ok(None) => {
+                    record = Box::new(SpanRecord::new(kind, TraceId::random(), span_id, None));
+                }
+                Err(e) => {
+                    restarted_because = Some(e.as_str());
+                    record = Box::new(SpanRecord::new(kind, TraceId::random(), span_id, None));
+                }
+            }
+        }
+        Parent::Local { trace_id, span_id: parent_id, flags, tracestate } => {
+            record = Box::new(SpanRecord::new(kind, trace_id, span_id, Some(parent_id)));
+            record.flags = flags & FORWARDED_FLAGS;
+            record.tracestate = tracestate;
+        }
+    }
+    Started { record, restarted_because, tracestate_dropped_because }
+}
+
+/// The `traceparent` to send downstream for `record`, NUL-terminated for Varnish.
+pub fn outgoing_traceparent(record: &SpanRecord) -> [u8; 56] {
+    let mut out = [0u8; 56];
+    out[..55].copy_from_slice(&traceparent::format(&record.trace_id.0, &record.span_id.0, record.flags));
+    out
+}
+
+/// Splits a request target into path and query, as `url.path` wants it.
+pub fn url_path(url: &str) -> &str {
+    let end = url.find(['?', '#']).unwrap_or(url.len());
+    &url[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TP: &[u8] = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    fn headers<'a>(tp: &'a [&'a [u8]], ts: &'a [&'a [u8]]) -> Parent<'a> {
+        Parent::Headers { traceparent: tp, tracestate: ts, too_many_fields: false }
+    }
+
+    #[test]
+    fn valid_parent_is_continued_with_a_new_span_id() {
+        let s = start(SpanKind::Server, headers(&[TP], &[b"congo=t61rcWkgMzE"]), true);
+        assert_eq!(s.record.trace_id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(s.record.parent_span_id.unwrap().to_hex(), "b7ad6b7169203331");
+        assert_ne!(s.record.span_id.to_hex(), "b7ad6b7169203331");
+        assert!(s.record.parent_is_remote);
+        assert!(s.record.sampled());
+        assert_eq!(s.record.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+        assert!(s.restarted_because.is_none());
+    }
+
+    #[test]
+    fn unsampled_parent_stays_unsampled_downstream() {
+        let tp: &[u8] = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        let s = start(SpanKind::Server, headers(&[tp], &[]), true);
+        assert!(!s.record.sampled());
+        let out = outgoing_traceparent(&s.record);
+        assert!(out[..55].ends_with(b"-00"));
+        assert_eq!(out[55], 0);
+    }
+
+    #[test]
+    fn invalid_parent_restarts_the_trace_and_drops_tracestate() {
+        let bad: &[u8] = b"00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01";
+        let s = start(SpanKind::Server, headers(&[bad], &[b"a=1"]), true);
+        assert!(s.restarted_because.is_some());
+        assert!(s.record.parent_span_id.is_none());
+        assert!(s.record.tracestate.is_none());
+        assert!(s.record.sampled(), "a new trace is sampled (always_on root)");
+    }
+
+    #[test]
+    fn two_traceparent_fields_restart_the_trace() {
+        let s = start(SpanKind::Server, headers(&[TP, TP], &[]), true);
+        assert!(s.restarted_because.is_some());
+        assert_ne!(s.record.trace_id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
+    }
+
+    #[test]
+    fn too_many_fields_restart_the_trace() {
+        let s = start(SpanKind::Server, Parent::Headers { traceparent: &[TP], tracestate: &[], too_many_fields: true }, true);
+        assert!(s.restarted_because.is_some());
+    }
+
+    #[test]
+    fn invalid_tracestate_is_dropped_but_the_parent_kept() {
+        let s = start(SpanKind::Server, headers(&[TP], &[b"a=1,a=2"]), true);
+        assert!(s.tracestate_dropped_because.is_some());
+        assert!(s.record.tracestate.is_none());
+        assert!(s.record.parent_span_id.is_some());
+    }
+
+    #[test]
+    fn outgoing_traceparent_names_our_span_as_parent() {
+        let s = start(SpanKind::Client, headers(&[TP], &[]), false);
+        let out = outgoing_traceparent(&s.record);
+        let text = std::str::from_utf8(&out[..55]).unwrap();
+        assert_eq!(text, format!("00-0af7651916cd43dd8448eb211c80319c-{}-01", s.record.span_id.to_hex()));
+    }
+
+    #[test]
+    fn local_parent_keeps_trace_and_flags() {
+        let s = start(
+            SpanKind::Internal,
+            Parent::Local { trace_id: TraceId([7; 16]), span_id: SpanId([8; 8]), flags: 0, tracestate: None },
+            false,
+        );
+        assert_eq!(s.record.trace_id, TraceId([7; 16]));
+        assert_eq!(s.record.parent_span_id, Some(SpanId([8; 8])));
+        assert!(!s.record.sampled());
+    }
+
+    #[test]
+    fn url_path_drops_query_and_fragment() {
+        assert_eq!(url_path("/a/b?x=1"), "/a/b");
+        assert_eq!(url_path("/a#f"), "/a");
+        assert_eq!(url_path("/"), "/");
+    }
+}

@@ -1,0 +1,19 @@
+//! Lines in the Varnish shared-memory log, all with the fixed prefix `opentracing: ` so that
+//! `varnishlog -g raw -q 'VCL_Log ~ "^opentracing:"'` finds every one of them.
+
+use varnish::vcl::{Ctx, LogTag};
+
+pub const PREFIX: &str = "opentracing: ";
+
+/// Logs into the current transaction (VCL_Log), or as a global record when there is none
+/// (events on the CLI thread).
+pub fn vcl(ctx: &mut Ctx, msg: impl AsRef<str>) {
+    let line = format!("{PREFIX}{}", msg.as_ref());
+    let tag = if ctx.raw.vsl.is_null() { LogTag::Debug } else { LogTag::VclLog };
+    ctx.log(tag, line);
+}
+
+/// A record outside any transaction (VCL events on the CLI thread).
+pub fn global(msg: impl AsRef<str>) {
+    varnish::vcl::log(LogTag::Debug, format!("{PREFIX}{}", msg.as_ref()));
+}

@@ -1,0 +1,329 @@
+//! Span state attached to a Varnish task (a client request or a backend fetch) through a raw
+//! PRIV_TASK, and closing the span when the task ends.
+//!
+//! Why raw: varnish-rs's `#[shared_per_task]` drops its value without the VRT context, and the
+//! context is what tells us the task's final timestamps, byte counts and VXID. We register our
+//! own `vmod_priv_methods` whose `fini` receives it.
+//!
+//! Lifecycle (see research/varnish-internals.md §5): the fini runs after the response was sent
+//! (client) or the body fetched (backend). Varnish also runs it early when it rolls a request
+//! back: `std.rollback()`, a VCL failure on its way to `vcl_synth`, `return (vcl(label))`. Such a
+//! fini must not close the span: the state is parked in a small stash keyed by the task's
+//! address and VXID and taken back by the next call of ours in the same task. What is never
+//! taken back is closed by the exporter's sweep after `STASH_DEADLINE`.
+//!
+//! Threading: a task runs on one worker thread at a time; its state is only touched from there
+//! until the fini moves the finished record to the exporter. The stash is shared (a mutex,
+//! touched only on rollbacks).
+
+use std::cell::Cell;
+use std::ffi::{c_void, CStr};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use varnish::ffi;
+use varnish::vcl::Ctx;
+
+use crate::ids::{SpanId, TraceId};
+use crate::pipeline::{self, STATS};
+use crate::span::{vtim_to_unix_nano, ClosedBy, SpanKind, SpanRecord, StatusCode, Value};
+use crate::varnish::{http, vxid_of};
+
+/// What we keep for one task.
+pub struct TaskState {
+    pub record: Box<SpanRecord>,
+    /// Status actually sent, seen by the delivery filter after 304/206 conversion.
+    pub status_sent: Option<u16>,
+    /// Status VCL saw last (`finish()` in vcl_deliver/vcl_synth/vcl_backend_response).
+    pub status_vcl: Option<u16>,
+    /// The fetch ended in vcl_backend_error: no response was received from the backend.
+    pub fetch_failed: bool,
+    /// Restarts (client) or retries (backend) already recorded as span events.
+    pub repeats_seen: u32,
+}
+
+impl TaskState {
+    pub fn new(record: Box<SpanRecord>) -> Box<Self> {
+        Box::new(TaskState { record, status_sent: None, status_vcl: None, fetch_failed: false, repeats_seen: 0 })
+    }
+}
+
+/// The address of this static is our PRIV_TASK key: unique per loaded copy of the library.
+static TASK_KEY: u8 = 0;
+
+fn key() -> *const c_void {
+    std::ptr::from_ref(&TASK_KEY).cast()
+}
+
+static METHODS: ffi::vmod_priv_methods = ffi::vmod_priv_methods {
+    magic: ffi::VMOD_PRIV_METHODS_MAGIC,
+    type_: c"opentracing span".as_ptr(),
+    fini: Some(task_fini),
+};
+
+/// The state of the current task, taking it back from the stash after a rollback.
+pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
+    // SAFETY: VRT_priv_task_get only looks up the task's priv list; the pointer it returns stays
+    // valid for the task, and only this thread uses the task.
+    unsafe {
+        let p = ffi::VRT_priv_task_get(ctx.raw, key());
+        if let Some(p) = p.as_mut() {
+            if !p.priv_.is_null() && std::ptr::eq(p.methods, &METHODS) {
+                return p.priv_.cast::<TaskState>().as_mut();
+            }
+        }
+    }
+    if STASHED.load(Relaxed) == 0 {
+        return None;
+    }
+    let state = take_stashed(task_address(ctx)?, current_vxid(ctx))?;
+    install(ctx, state).ok()
+}
+
+/// Attaches `state` to the current task. Gives it back if the workspace has no room.
+pub fn install<'a>(ctx: &Ctx, state: Box<TaskState>) -> Result<&'a mut TaskState, Box<TaskState>> {
+    // SAFETY: as in `current`; we own `state` until Varnish calls our fini with it.
+    unsafe {
+        let Some(p) = ffi::VRT_priv_task(ctx.raw, key()).as_mut() else { return Err(state) };
+        if !p.priv_.is_null() && std::ptr::eq(p.methods, &METHODS) {
+            // Replace (should not happen: callers check `current` first); close the old one.
+            let old = Box::from_raw(p.priv_.cast::<TaskState>());
+            close_orphan(old, ClosedBy::TaskEnd);
+        }
+        p.priv_ = Box::into_raw(state).cast();
+        p.methods = &METHODS;
+        Ok(&mut *p.priv_.cast::<TaskState>())
+    }
+}
+
+fn task_address(ctx: &Ctx) -> Option<usize> {
+    if !ctx.raw.req.is_null() {
+        Some(ctx.raw.req as usize)
+    } else if !ctx.raw.bo.is_null() {
+        Some(ctx.raw.bo as usize)
+    } else {
+        None
+    }
+}
+
+pub fn current_vxid(ctx: &Ctx) -> u64 {
+    vxid_of(ctx.raw.vsl)
+}
+
+/// `struct req_step` of `cache/cache_varnishd.h`, not in varnish-sys's bindings. Stable since
+/// Varnish 6; checked by the rollback tests (`tests/vtc/lifecycle/`).
+#[repr(C)]
+struct ReqStep {
+    name: *const std::ffi::c_char,
+    func: *const c_void,
+}
+
+/// A fini that comes from a rollback rather than the end of the task.
+///
+/// # Safety
+/// `ctx` must be the context Varnish passed to the fini.
+unsafe fn is_rollback(ctx: &ffi::vrt_ctx) -> bool {
+    if ctx.method != 0 {
+        return true; // std.rollback() or return (vcl(...)), from inside a VCL subroutine
+    }
+    let Some(req) = ctx.req.as_ref() else { return false };
+    let Some(step) = req.req_step.cast::<ReqStep>().as_ref() else { return false };
+    !step.name.is_null() && CStr::from_ptr(step.name).to_bytes() == b"Req Step vclfail"
+}
+
+unsafe extern "C" fn task_fini(ctx: *const ffi::vrt_ctx, p: *mut c_void) {
+    // A panic must not unwind into varnishd: it would abort the child.
+    let _ = std::panic::catch_unwind(|| {
+        if p.is_null() {
+            return;
+        }
+        // SAFETY: `p` is the Box we installed; Varnish calls fini exactly once per install.
+        let state = unsafe { Box::from_raw(p.cast::<TaskState>()) };
+        let Some(ctx) = (unsafe { ctx.as_ref() }) else {
+            close_orphan(state, ClosedBy::TaskEnd);
+            return;
+        };
+        if unsafe { is_rollback(ctx) } {
+            let address = if !ctx.req.is_null() { ctx.req as usize } else { ctx.bo as usize };
+            stash(address, vxid_of(ctx.vsl), state);
+            return;
+        }
+        let record = unsafe { complete(ctx, state) };
+        if record.sampled() {
+            pipeline::submit(record);
+        }
+    });
+}
+
+/// Fills in what only the end of the task knows and hands back the finished record.
+///
+/// # Safety
+/// `ctx` must be the context of the task's final fini.
+unsafe fn complete(ctx: &ffi::vrt_ctx, state: Box<TaskState>) -> Box<SpanRecord> {
+    let TaskState { mut record, status_sent, status_vcl, fetch_failed, .. } = *state;
+    record.closed_by = ClosedBy::TaskEnd;
+    if let Some(req) = ctx.req.as_ref() {
+        record.end_unix_nano = vtim_to_unix_nano(req.t_prev.0);
+        record.set_int("varnish.vxid", vxid_of(req.vsl.as_ptr()) as i64);
+        record.set_int("http.request.body.size", req.acct.req_bodybytes as i64);
+        record.set_int("http.response.body.size", req.acct.resp_bodybytes as i64);
+        if req.restarts > 0 {
+            record.set_int("varnish.restarts", i64::from(req.restarts));
+        }
+        if let Some(status) = status_sent.or(status_vcl).filter(|s| *s > 0) {
+            set_status(&mut record, status);
+        }
+    } else if let Some(bo) = ctx.bo.as_ref() {
+        record.end_unix_nano = vtim_to_unix_nano(bo.t_prev.0);
+        record.set_int("varnish.vxid", vxid_of(bo.vsl.as_ptr()) as i64);
+        record.set_int("http.request.body.size", bo.acct.bereq_bodybytes as i64);
+        if bo.retries > 0 {
+            record.set_int("varnish.retries", i64::from(bo.retries));
+        }
+        if let Some(name) = ffi::VRT_BACKEND_string(ffi::VCL_BACKEND(bo.director_resp)).0.as_ref() {
+            record.set("varnish.backend", Value::Str(CStr::from_ptr(name).to_string_lossy().into_owned()));
+        }
+        if fetch_failed {
+            record.status = StatusCode::Error;
+            record.status_message = Some("backend fetch failed".to_owned());
+            record.set_str("error.type", "fetch_failed");
+        } else {
+            record.set_int("http.response.body.size", bo.acct.beresp_bodybytes as i64);
+            let status = http::status(bo.beresp);
+            if let Some(status) = Some(status).filter(|s| *s > 0).or(status_vcl) {
+                set_status(&mut record, status);
+            }
+        }
+    }
+    if record.end_unix_nano < record.start_unix_nano {
+        record.end_unix_nano = record.start_unix_nano;
+    }
+    record
+}
+
+/// `http.response.status_code`, and the span status per the HTTP semantic conventions: 5xx is
+/// an error on both kinds, 4xx only on CLIENT spans.
+pub fn set_status(record: &mut SpanRecord, status: u16) {
+    record.set_int("http.response.status_code", i64::from(status));
+    let error = status >= 500 || (status >= 400 && record.kind == SpanKind::Client);
+    if error {
+        record.status = StatusCode::Error;
+        record.set("error.type", Value::Str(status.to_string()));
+    }
+}
+
+/// Closes a record that lost its task (no end data): its end is now.
+fn close_orphan(state: Box<TaskState>, how: ClosedBy) {
+    let mut record = state.record;
+    record.closed_by = how;
+    record.end_unix_nano = now_unix_nano().max(record.start_unix_nano);
+    record.set_str("varnish.span.closed_by", how.as_str());
+    if record.sampled() {
+        pipeline::submit(record);
+    }
+}
+
+fn now_unix_nano() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+// ---- the rollback stash -------------------------------------------------------------------
+
+/// How long a rolled-back span may wait to be taken back before the sweep closes it.
+pub const STASH_DEADLINE: Duration = Duration::from_secs(30);
+/// At most this many parked spans; beyond it the oldest is closed at once.
+pub const STASH_CAPACITY: usize = 4096;
+
+struct Stashed {
+    address: usize,
+    vxid: u64,
+    since: Instant,
+    state: Box<TaskState>,
+}
+
+static STASH: Mutex<Vec<Stashed>> = Mutex::new(Vec::new());
+static STASHED: AtomicUsize = AtomicUsize::new(0);
+
+fn stash(address: usize, vxid: u64, state: Box<TaskState>) {
+    let evicted = {
+        let mut s = STASH.lock();
+        let evicted = if s.len() >= STASH_CAPACITY { Some(s.remove(0)) } else { None };
+        s.push(Stashed { address, vxid, since: Instant::now(), state });
+        STASHED.store(s.len(), Relaxed);
+        evicted
+    };
+    if let Some(old) = evicted {
+        STATS.spans_closed_by_deadline.fetch_add(1, Relaxed);
+        close_orphan(old.state, ClosedBy::Deadline);
+    }
+}
+
+fn take_stashed(address: usize, vxid: u64) -> Option<Box<TaskState>> {
+    let mut s = STASH.lock();
+    let i = s.iter().position(|e| e.address == address && e.vxid == vxid)?;
+    let e = s.swap_remove(i);
+    STASHED.store(s.len(), Relaxed);
+    Some(e.state)
+}
+
+/// Closes parked spans older than the deadline; returns them finished, for the exporter.
+pub fn sweep_stash() -> Vec<Box<SpanRecord>> {
+    if STASHED.load(Relaxed) == 0 {
+        return Vec::new();
+    }
+    let expired: Vec<Stashed> = {
+        let mut s = STASH.lock();
+        let (old, keep): (Vec<_>, Vec<_>) = s.drain(..).partition(|e| e.since.elapsed() >= STASH_DEADLINE);
+        *s = keep;
+        STASHED.store(s.len(), Relaxed);
+        old
+    };
+    expired
+        .into_iter()
+        .filter_map(|e| {
+            STATS.spans_closed_by_deadline.fetch_add(1, Relaxed);
+            let mut record = e.state.record;
+            record.closed_by = ClosedBy::Deadline;
+            record.end_unix_nano = now_unix_nano().max(record.start_unix_nano);
+            record.set_str("varnish.span.closed_by", ClosedBy::Deadline.as_str());
+            record.sampled().then_some(record)
+        })
+        .collect()
+}
+
+// ---- ESI parents ----------------------------------------------------------------------------
+
+/// ESI sub-requests run on the worker thread delivering their parent, after the parent's
+/// `vcl_deliver`. Each request publishes its span here in `vcl_deliver`, by ESI level, and a
+/// sub-request at level L takes entry L-1 as its parent. (Varnish copies the parent's original
+/// request headers into the sub-request, so the rewritten `traceparent` is not there to read.)
+pub const MAX_ESI_DEPTH: usize = 16;
+
+#[derive(Clone, Copy)]
+pub struct EsiParent {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub flags: u8,
+}
+
+thread_local! {
+    static ESI_PARENTS: [Cell<Option<EsiParent>>; MAX_ESI_DEPTH] = const { [const { Cell::new(None) }; MAX_ESI_DEPTH] };
+}
+
+pub fn publish_esi_parent(level: u32, parent: EsiParent) {
+    if (level as usize) < MAX_ESI_DEPTH {
+        ESI_PARENTS.with(|p| p[level as usize].set(Some(parent)));
+    }
+}
+
+pub fn esi_parent(level: u32) -> Option<EsiParent> {
+    let i = (level as usize).checked_sub(1)?;
+    if i < MAX_ESI_DEPTH {
+        ESI_PARENTS.with(|p| p[i].get())
+    } else {
+        None
+    }
+}

@@ -1,0 +1,155 @@
+//! The one shape every background thread of this module has: a named thread, fed through a
+//! bounded channel with non-blocking sends (the caller counts what does not fit), woken at a
+//! fixed tick for timed work, and stopped with a join that waits a bounded time.
+//!
+//! Threading: `try_send` may be called from any Varnish worker thread; `spawn` and `stop` run on
+//! the CLI thread (VCL events), which must never block for long, hence the deadline on `stop`.
+
+use std::io;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+
+/// What a worker does with its messages.
+pub trait Job<M>: Send + 'static {
+    fn handle(&mut self, msg: M);
+    /// Called at least every `tick` while the worker runs (flush timers, deadline sweeps).
+    fn tick(&mut self);
+    /// Called once after the channel is closed and drained, before the thread exits.
+    fn finish(&mut self);
+}
+
+pub struct Worker<M: Send + 'static> {
+    name: &'static str,
+    tx: Sender<M>,
+    done: Receiver<()>,
+    handle: JoinHandle<()>,
+}
+
+impl<M: Send + 'static> Worker<M> {
+    pub fn spawn(name: &'static str, capacity: usize, tick: Duration, mut job: impl Job<M>) -> io::Result<Self> {
+        let (tx, rx) = bounded::<M>(capacity);
+        let (done_tx, done) = bounded::<()>(1);
+        let handle = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+            // A panic in the job must not unwind out of the thread silently leaving the
+            // channel full: catch it, and the worker ends as if stopped.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut next_tick = Instant::now() + tick;
+                loop {
+                    let wait = next_tick.saturating_duration_since(Instant::now());
+                    match rx.recv_timeout(wait) {
+                        Ok(msg) => job.handle(msg),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                    if Instant::now() >= next_tick {
+                        job.tick();
+                        next_tick = Instant::now() + tick;
+                    }
+                }
+                job.finish();
+            }));
+            let _ = done_tx.send(());
+        })?;
+        Ok(Worker { name, tx, done, handle })
+    }
+
+    /// Never blocks: a full queue hands the message back to the caller, who counts it.
+    pub fn try_send(&self, msg: M) -> Result<(), M> {
+        self.tx.try_send(msg).map_err(|e| match e {
+            TrySendError::Full(m) | TrySendError::Disconnected(m) => m,
+        })
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.tx.len()
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Closes the channel and waits at most `deadline` for the worker to drain and exit. Returns
+    /// false if it did not finish in time: the thread is then left to finish on its own (it holds
+    /// no Varnish resources), which beats blocking the CLI thread past `cli_timeout`.
+    pub fn stop(self, deadline: Duration) -> bool {
+        let Worker { tx, done, handle, .. } = self;
+        drop(tx);
+        match done.recv_timeout(deadline) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                let _ = handle.join();
+                true
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    struct Counting {
+        seen: Arc<AtomicUsize>,
+        finished: Arc<AtomicUsize>,
+        delay: Duration,
+    }
+
+    impl Job<u32> for Counting {
+        fn handle(&mut self, _msg: u32) {
+            std::thread::sleep(self.delay);
+            self.seen.fetch_add(1, Ordering::SeqCst);
+        }
+        fn tick(&mut self) {}
+        fn finish(&mut self) {
+            self.finished.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counting(delay: Duration) -> (Counting, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let finished = Arc::new(AtomicUsize::new(0));
+        (Counting { seen: seen.clone(), finished: finished.clone(), delay }, seen, finished)
+    }
+
+    #[test]
+    fn drains_everything_sent_before_stop() {
+        let (job, seen, finished) = counting(Duration::ZERO);
+        let w = Worker::spawn("test-drain", 100, Duration::from_millis(10), job).unwrap();
+        for i in 0..50 {
+            w.try_send(i).unwrap();
+        }
+        assert!(w.stop(Duration::from_secs(5)));
+        assert_eq!(seen.load(Ordering::SeqCst), 50);
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn full_queue_hands_the_message_back_instead_of_blocking() {
+        let (job, _seen, _finished) = counting(Duration::from_millis(200));
+        let w = Worker::spawn("test-full", 2, Duration::from_millis(10), job).unwrap();
+        let mut refused = 0;
+        for i in 0..20 {
+            if w.try_send(i).is_err() {
+                refused += 1;
+            }
+        }
+        assert!(refused >= 17, "refused only {refused}");
+        assert!(w.stop(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn stop_gives_up_at_the_deadline() {
+        let (job, _seen, _finished) = counting(Duration::from_millis(500));
+        let w = Worker::spawn("test-slow", 10, Duration::from_millis(10), job).unwrap();
+        for i in 0..5 {
+            w.try_send(i).unwrap();
+        }
+        let t = Instant::now();
+        assert!(!w.stop(Duration::from_millis(100)));
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,77 @@
+# opentracing.vcl: wires vmod-opentracing into every built-in subroutine.
+#
+# Use it like this, with the include directly after the imports, before any subroutine of yours:
+#
+#     vcl 4.1;
+#     import opentracing;
+#     include "opentracing.vcl";
+#
+# Varnish concatenates the bodies of subroutines defined more than once, in source order. Coming
+# first, each hook below runs before your code in the same subroutine, so your own `return`
+# statements cannot skip it. An include placed later still compiles, but any subroutine of yours
+# that returns before reaching ours loses that hook (for vcl_recv: the request is not traced).
+#
+# The span outcome does not depend on VCL: end time, final status and sizes come from Varnish
+# itself when the request or fetch is over.
+
+# The include does not import the VMOD itself: your `import opentracing;` (with or without a
+# `from` path) is the one it uses.
+
+sub vcl_recv { call opentracing_recv; }
+sub vcl_hit { call opentracing_hit; }
+sub vcl_miss { call opentracing_miss; }
+sub vcl_pass { call opentracing_pass; }
+sub vcl_pipe { call opentracing_pipe; }
+sub vcl_synth { call opentracing_synth; }
+sub vcl_deliver { call opentracing_deliver; }
+sub vcl_backend_fetch { call opentracing_backend_fetch; }
+sub vcl_backend_response { call opentracing_backend_response; }
+sub vcl_backend_error { call opentracing_backend_error; }
+
+# Starts (or, after a restart, continues) the request's span and rewrites req.http.traceparent
+# to it, so that backend requests made from this request are its children.
+sub opentracing_recv {
+    opentracing.trace_request();
+}
+
+sub opentracing_hit {
+    opentracing.cache_result("hit");
+}
+
+sub opentracing_miss {
+    opentracing.cache_result("miss");
+}
+
+sub opentracing_pass {
+    opentracing.cache_result("pass");
+}
+
+sub opentracing_pipe {
+    opentracing.cache_result("pipe");
+    opentracing.finish();
+}
+
+sub opentracing_synth {
+    opentracing.cache_result("synth");
+    opentracing.finish();
+    set resp.filters += " opentracing";
+}
+
+# The "opentracing" delivery filter reads the status actually sent (after 304/206 conversion)
+# and then steps aside; it never touches the body.
+sub opentracing_deliver {
+    opentracing.finish();
+    set resp.filters += " opentracing";
+}
+
+sub opentracing_backend_fetch {
+    opentracing.trace_backend();
+}
+
+sub opentracing_backend_response {
+    opentracing.finish();
+}
+
+sub opentracing_backend_error {
+    opentracing.finish();
+}
