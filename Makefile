@@ -1,0 +1,53 @@
+# vmod-opentracing: `make test` builds and runs every test, `make demo` shows traced requests.
+# Every target finds (or builds) the Varnish it needs through scripts/varnish.sh.
+
+SHELL := /bin/bash
+VARNISH_ENV = eval "$$(bash scripts/varnish.sh --env)"
+CARGO_TEST = $(if $(shell command -v cargo-nextest),nextest run --no-fail-fast,test --no-fail-fast)
+
+.PHONY: all varnish env deps build test test-unit test-vtc test-e2e demo check-vcl clean
+
+all: build
+
+## Varnish >= 7.5 with development files (installed or built once, then reused).
+varnish:
+	@bash scripts/varnish.sh
+
+## Print the shell exports pointing at the Varnish in use: eval "$(make -s env)"
+env:
+	@bash scripts/varnish.sh --env
+
+## Tools the demo and the tests run besides Varnish (python3 for the demo backend).
+deps: varnish
+	@bash scripts/deps.sh
+
+## The VMOD (debug build, target/debug/libvmod_opentracing.so) and its API.md.
+build: varnish
+	@$(VARNISH_ENV) && cargo build
+
+## Everything: Rust unit tests, end-to-end tests against real varnishd, every .vtc suite.
+test: deps build
+	@$(VARNISH_ENV) && cargo $(CARGO_TEST)
+	@$(VARNISH_ENV) && bash scripts/run-vtc.sh
+	@$(VARNISH_ENV) && bash scripts/check-vcl.sh
+
+test-unit: build
+	@$(VARNISH_ENV) && cargo $(CARGO_TEST) --lib
+
+test-e2e: deps build
+	@$(VARNISH_ENV) && cargo $(CARGO_TEST) --test e2e
+
+test-vtc: build
+	@$(VARNISH_ENV) && bash scripts/run-vtc.sh $(VTC)
+
+## Every example VCL and README snippet compiles (varnishd -C).
+check-vcl: build
+	@$(VARNISH_ENV) && bash scripts/check-vcl.sh
+
+## Start varnishd + a demo backend, send a few requests, print the traces, stop everything.
+demo: deps build
+	@$(VARNISH_ENV) && bash scripts/demo.sh
+
+clean:
+	cargo clean
+	rm -rf demo-output

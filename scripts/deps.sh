@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need besides Varnish and Rust: python3 (demo backend,
+# trace printer). Quiet when everything is there.
+set -euo pipefail
+missing=()
+command -v python3 >/dev/null || missing+=(python3)
+command -v curl >/dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "deps.sh: installing ${missing[*]}" >&2
+    as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
