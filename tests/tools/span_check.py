@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Asserts how many spans of an OTLP/JSON-lines file match some conditions (for .vtc tests).
+
+usage: span_check.py FILE COUNT [COND ...]
+COND is FIELD=VALUE or FIELD!=VALUE, FIELD one of: kind (server, client, internal), name,
+traceId, spanId, parentSpanId ("" for a root), status (unset, ok, error), event (a span event
+name that must be present), or any attribute key (compared as text).
+Prints the matching spans; exits 1 when the count differs.
+"""
+import json
+import sys
+
+KINDS = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
+STATUS = {0: "unset", 1: "ok", 2: "error"}
+
+
+def spans(path):
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                for rs in json.loads(line)["resourceSpans"]:
+                    for ss in rs["scopeSpans"]:
+                        yield from ss["spans"]
+
+
+def field(span, name):
+    if name == "kind":
+        return KINDS.get(span.get("kind"), "?")
+    if name == "status":
+        return STATUS.get(span.get("status", {}).get("code", 0), "?")
+    if name == "event":
+        return [e["name"] for e in span.get("events", [])]
+    if name in ("name", "traceId", "spanId", "parentSpanId"):
+        return span.get(name, "")
+    for a in span.get("attributes", []):
+        if a["key"] == name:
+            v = a["value"]
+            return str(next(iter(v.values())))
+    return None
+
+
+def matches(span, cond):
+    neg = "!=" in cond
+    key, value = cond.split("!=" if neg else "=", 1)
+    actual = field(span, key)
+    ok = (value in actual) if isinstance(actual, list) else (actual == value)
+    return ok != neg
+
+
+def main():
+    path, count, conds = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    found = [s for s in spans(path) if all(matches(s, c) for c in conds)]
+    for s in found:
+        print(json.dumps(s, sort_keys=True))
+    if len(found) != count:
+        print(f"span_check: expected {count} spans matching {conds}, found {len(found)}", file=sys.stderr)
+        sys.exit(1)
+    print(f"span_check: {count} spans match {conds}")
+
+
+if __name__ == "__main__":
+    main()
