@@ -48,7 +48,7 @@ fn assert_times(s: &Span) {
 fn assert_within(inner: &Span, outer: &Span) {
     assert!(
         outer.start <= inner.start && inner.end <= outer.end,
-        "span {} [{}, {}] not within {} [{}, {}]",
+        "span {inner:#?} not within {outer:#?}:\n{} [{}, {}] vs {} [{}, {}]",
         inner.span_id,
         inner.start,
         inner.end,
