@@ -9,7 +9,7 @@ if [ $# -gt 0 ]; then files=("$@"); else mapfile -t files < <(find tests/vtc -na
 [ ${#files[@]} -gt 0 ] || { echo "run-vtc.sh: no .vtc files found" >&2; exit 2; }
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-varnishtest -k -j 2 -t 120 \
+varnishtest -k -j 2 -t 60 \
     -D vmod="$so" -D vmoddir="$(dirname "$so")" -D vcldir="$PWD/vcl" -D repo="$PWD" \
     "${files[@]}" >"$log" 2>&1
 status=$?

@@ -202,13 +202,16 @@ pub fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
-/// Varnish keeps times as `double` seconds since the epoch; VSL prints them truncated to whole
-/// microseconds. Converting the same way makes our times comparable to `varnishlog` exactly.
+/// Varnish keeps times as `double` seconds since the epoch. VSL prints a timestamp as
+/// `floor(t)` seconds and `floor(t * 1e6) % 1000000` microseconds (the `Ta6` macro of
+/// `cache_shmlog.c`); converting the same way makes our times equal to `varnishlog`'s.
 pub fn vtim_to_unix_nano(t: f64) -> u64 {
     if !(t.is_finite() && t > 0.0) {
         return 0;
     }
-    ((t * 1e6).floor() as u64) * 1000
+    let seconds = t.floor() as u64;
+    let micros = ((t * 1e6).floor() as u64) % 1_000_000;
+    seconds * 1_000_000_000 + micros * 1000
 }
 
 #[cfg(test)]
@@ -246,8 +249,10 @@ mod tests {
     }
 
     #[test]
-    fn vtim_conversion_truncates_to_microseconds_like_vsl() {
-        assert_eq!(vtim_to_unix_nano(1_700_000_000.123_456_9), 1_700_000_000_123_456_000);
+    fn vtim_conversion_matches_what_vsl_prints() {
+        // t * 1e6 rounds to ...457.0 in f64, and Varnish prints .123457 too
+        assert_eq!(vtim_to_unix_nano(1_700_000_000.123_456_9), 1_700_000_000_123_457_000);
+        assert_eq!(vtim_to_unix_nano(1_700_000_000.5), 1_700_000_000_500_000_000);
         assert_eq!(vtim_to_unix_nano(f64::NAN), 0);
         assert_eq!(vtim_to_unix_nano(-1.0), 0);
     }

@@ -109,6 +109,9 @@ impl Drop for TempDir {
         if std::env::var("E2E_KEEP").map(|v| v == "1").unwrap_or(false) {
             eprintln!("E2E_KEEP=1: keeping {}", self.path.display());
         } else {
+            if std::thread::panicking() {
+                eprintln!("(set E2E_KEEP=1 to keep the test directory: VCL, varnishd output, VSL, spans)");
+            }
             let _ = fs::remove_dir_all(&self.path);
         }
     }
@@ -373,6 +376,9 @@ impl Varnish {
 
 impl Drop for Varnish {
     fn drop(&mut self) {
+        if std::thread::panicking() && self.child.is_some() {
+            let _ = fs::write(self.vsl_file(), self.vsl());
+        }
         if let Some(mut child) = self.child.take() {
             terminate(&mut child, Duration::from_secs(5));
         }
