@@ -13,7 +13,7 @@ use crate::propagation::traceparent;
 use crate::span::{vtim_to_unix_nano, SpanKind, Value};
 use crate::trace::{self, outgoing_traceparent, Parent};
 use crate::varnish::task::{self, EsiParent, TaskState};
-use crate::varnish::{http, log, method, vxid_of};
+use crate::varnish::{http, log, method};
 
 /// Attribute keys longer than this are refused (OpenTelemetry sets no limit; a VCL typo that
 /// builds a key from a header should not produce kilobyte keys).
@@ -41,7 +41,11 @@ pub fn trace_request(ctx: &mut Ctx) {
     let started = if esi_level == 0 {
         trace::start(
             SpanKind::Server,
-            Parent::Headers { traceparent: &own.traceparent, tracestate: &own.tracestate, too_many_fields: own.too_many },
+            Parent::Headers {
+                traceparent: &own.traceparent,
+                tracestate: &own.tracestate,
+                too_many_fields: own.too_many,
+            },
             true,
         )
     } else {
@@ -57,7 +61,11 @@ pub fn trace_request(ctx: &mut Ctx) {
             ),
             None => trace::start(
                 SpanKind::Internal,
-                Parent::Headers { traceparent: &top.traceparent, tracestate: &top.tracestate, too_many_fields: top.too_many },
+                Parent::Headers {
+                    traceparent: &top.traceparent,
+                    tracestate: &top.tracestate,
+                    too_many_fields: top.too_many,
+                },
                 false,
             ),
         }
@@ -71,7 +79,7 @@ pub fn trace_request(ctx: &mut Ctx) {
     let mut record = started.record;
     let (method, url) = unsafe { http::request_line(req.http) };
     record.start_unix_nano = vtim_to_unix_nano(req.t_first.0);
-    record.vxid = vxid_of(ctx.raw.vsl);
+    record.vxid = task::current_vxid(ctx);
     record.name = if esi_level > 0 { format!("ESI {method}").into() } else { span_name(&method).into() };
     record.set_str("http.request.method", method);
     record.set_str("url.path", trace::url_path(&url));
@@ -105,7 +113,11 @@ pub fn trace_backend(ctx: &mut Ctx) {
     let fields = unsafe { http::trace_fields(bo.bereq) };
     let started = trace::start(
         SpanKind::Client,
-        Parent::Headers { traceparent: &fields.traceparent, tracestate: &fields.tracestate, too_many_fields: fields.too_many },
+        Parent::Headers {
+            traceparent: &fields.traceparent,
+            tracestate: &fields.tracestate,
+            too_many_fields: fields.too_many,
+        },
         false,
     );
     if let Some(why) = started.restarted_because {
@@ -114,7 +126,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
     let mut record = started.record;
     let (method, url) = unsafe { http::request_line(bo.bereq) };
     record.start_unix_nano = vtim_to_unix_nano(bo.t_first.0);
-    record.vxid = vxid_of(ctx.raw.vsl);
+    record.vxid = task::current_vxid(ctx);
     record.name = span_name(&method).into();
     record.set_str("http.request.method", method);
     record.set_str("url.path", trace::url_path(&url));
@@ -151,7 +163,10 @@ pub fn finish(ctx: &mut Ctx) {
         }
         method::BACKEND_ERROR => state.fetch_failed = true,
         method::PIPE => state.record.set_str("varnish.cache_result", "pipe"),
-        _ => log::vcl(ctx, "finish() is for vcl_deliver, vcl_synth, vcl_pipe, vcl_backend_response and vcl_backend_error; ignored"),
+        _ => log::vcl(
+            ctx,
+            "finish() is for vcl_deliver, vcl_synth, vcl_pipe, vcl_backend_response and vcl_backend_error; ignored",
+        ),
     }
 }
 

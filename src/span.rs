@@ -249,6 +249,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::excessive_precision)]
     fn vtim_conversion_matches_what_vsl_prints() {
         // t * 1e6 rounds to ...457.0 in f64, and Varnish prints .123457 too
         assert_eq!(vtim_to_unix_nano(1_700_000_000.123_456_9), 1_700_000_000_123_457_000);

@@ -130,7 +130,11 @@ mod tests {
 
     #[test]
     fn too_many_fields_restart_the_trace() {
-        let s = start(SpanKind::Server, Parent::Headers { traceparent: &[TP], tracestate: &[], too_many_fields: true }, true);
+        let s = start(
+            SpanKind::Server,
+            Parent::Headers { traceparent: &[TP], tracestate: &[], too_many_fields: true },
+            true,
+        );
         assert!(s.restarted_because.is_some());
     }
 

@@ -55,15 +55,18 @@ impl ExportConfig {
             Some("console") | Some("stdout") => Sink::Stdout,
             Some("none") => Sink::None,
             Some(other) => {
-                return Err(format!(
-                    "OTEL_TRACES_EXPORTER={other:?} is not supported (use file, stdout or none)"
-                ))
+                return Err(format!("OTEL_TRACES_EXPORTER={other:?} is not supported (use file, stdout or none)"))
             }
         };
         let number = |k: &str, default: usize| -> Result<usize, String> {
             match var(k) {
                 None => Ok(default),
-                Some(v) => v.trim().parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{k}={v:?} is not a positive integer")),
+                Some(v) => v
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("{k}={v:?} is not a positive integer")),
             }
         };
         let queue_size = number("OTEL_BSP_MAX_QUEUE_SIZE", 2048)?;

@@ -16,10 +16,8 @@ pub struct Resource {
 
 impl Resource {
     pub fn from_env() -> Self {
-        let service = std::env::var("OTEL_SERVICE_NAME")
-            .ok()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "varnish".to_owned());
+        let service =
+            std::env::var("OTEL_SERVICE_NAME").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "varnish".to_owned());
         let mut attributes = vec![
             ("service.name".to_owned(), service),
             ("telemetry.sdk.name".to_owned(), "vmod-opentracing".to_owned()),
@@ -46,7 +44,9 @@ fn any_value(v: &Value) -> Json {
         Value::Int(i) => json!({ "intValue": i.to_string() }),
         Value::Float(f) if f.is_finite() => json!({ "doubleValue": f }),
         // JSON has no NaN/Infinity; the proto3 JSON mapping spells them as strings.
-        Value::Float(f) => json!({ "doubleValue": if f.is_nan() { "NaN" } else if *f > 0.0 { "Infinity" } else { "-Infinity" } }),
+        Value::Float(f) => {
+            json!({ "doubleValue": if f.is_nan() { "NaN" } else if *f > 0.0 { "Infinity" } else { "-Infinity" } })
+        }
         Value::Bool(b) => json!({ "boolValue": b }),
     }
 }
@@ -74,27 +74,18 @@ pub fn span(r: &SpanRecord) -> Json {
     s.insert("kind".into(), json!(r.kind.otlp()));
     s.insert("startTimeUnixNano".into(), json!(r.start_unix_nano.to_string()));
     s.insert("endTimeUnixNano".into(), json!(r.end_unix_nano.to_string()));
-    s.insert(
-        "attributes".into(),
-        key_values(r.attributes.iter().map(|a| (a.key.as_ref(), any_value(&a.value)))),
-    );
+    s.insert("attributes".into(), key_values(r.attributes.iter().map(|a| (a.key.as_ref(), any_value(&a.value)))));
     if r.dropped_attributes > 0 {
         s.insert("droppedAttributesCount".into(), json!(r.dropped_attributes));
     }
     if !r.events.is_empty() {
-        let events: Vec<Json> = r
-            .events
-            .iter()
-            .map(|e| json!({ "timeUnixNano": e.time_unix_nano.to_string(), "name": e.name }))
-            .collect();
+        let events: Vec<Json> =
+            r.events.iter().map(|e| json!({ "timeUnixNano": e.time_unix_nano.to_string(), "name": e.name })).collect();
         s.insert("events".into(), Json::Array(events));
     }
     if !r.links.is_empty() {
-        let links: Vec<Json> = r
-            .links
-            .iter()
-            .map(|l| json!({ "traceId": l.trace_id.to_hex(), "spanId": l.span_id.to_hex() }))
-            .collect();
+        let links: Vec<Json> =
+            r.links.iter().map(|l| json!({ "traceId": l.trace_id.to_hex(), "spanId": l.span_id.to_hex() })).collect();
         s.insert("links".into(), Json::Array(links));
     }
     let mut status = Map::new();
@@ -130,12 +121,7 @@ mod tests {
     use crate::span::{SpanKind, StatusCode};
 
     fn sample() -> SpanRecord {
-        let mut r = SpanRecord::new(
-            SpanKind::Server,
-            TraceId([0xab; 16]),
-            SpanId([0x01; 8]),
-            Some(SpanId([0x02; 8])),
-        );
+        let mut r = SpanRecord::new(SpanKind::Server, TraceId([0xab; 16]), SpanId([0x01; 8]), Some(SpanId([0x02; 8])));
         r.parent_is_remote = true;
         r.name = "GET".into();
         r.start_unix_nano = 1_700_000_000_000_001_000;
@@ -148,7 +134,8 @@ mod tests {
 
     #[test]
     fn encodes_ids_enums_and_int64_per_otlp_json_rules() {
-        let line = export_request(&Resource { attributes: vec![("service.name".into(), "varnish".into())] }, &[sample()]);
+        let line =
+            export_request(&Resource { attributes: vec![("service.name".into(), "varnish".into())] }, &[sample()]);
         assert!(!line.contains('\n'));
         let v: Json = serde_json::from_str(&line).unwrap();
         let span = &v["resourceSpans"][0]["scopeSpans"][0]["spans"][0];

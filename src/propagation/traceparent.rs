@@ -201,11 +201,7 @@ pub fn parse_value(value: &[u8]) -> Result<ParentContext, Invalid> {
         return Err(Invalid::ZeroSpanId);
     }
 
-    Ok(ParentContext {
-        trace_id,
-        span_id,
-        flags: flags[0],
-    })
+    Ok(ParentContext { trace_id, span_id, flags: flags[0] })
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -248,10 +244,8 @@ mod tests {
     use super::*;
 
     const VALID: &str = "00-12345678901234567890123456789012-1234567890123456-01";
-    const TRACE_ID: [u8; 16] = [
-        0x12, 0x34, 0x56, 0x78, 0x90, 0x12, 0x34, 0x56, 0x78, 0x90, 0x12, 0x34, 0x56, 0x78, 0x90,
-        0x12,
-    ];
+    const TRACE_ID: [u8; 16] =
+        [0x12, 0x34, 0x56, 0x78, 0x90, 0x12, 0x34, 0x56, 0x78, 0x90, 0x12, 0x34, 0x56, 0x78, 0x90, 0x12];
     const SPAN_ID: [u8; 8] = [0x12, 0x34, 0x56, 0x78, 0x90, 0x12, 0x34, 0x56];
 
     fn one(s: &str) -> Result<Option<ParentContext>, Invalid> {
@@ -323,10 +317,7 @@ mod tests {
 
     #[test]
     fn v00_trailing_data_is_invalid() {
-        assert_eq!(
-            err("00-12345678901234567890123456789012-1234567890123456-01."),
-            Invalid::TrailingData
-        );
+        assert_eq!(err("00-12345678901234567890123456789012-1234567890123456-01."), Invalid::TrailingData);
         assert_eq!(
             err("00-12345678901234567890123456789012-1234567890123456-01-what-the-future-will-be-like"),
             Invalid::TrailingData
@@ -345,16 +336,11 @@ mod tests {
 
     #[test]
     fn future_version_with_extra_data() {
-        let ctx = ok(
-            "cc-12345678901234567890123456789012-1234567890123456-01-what-the-future-will-be-like",
-        );
+        let ctx = ok("cc-12345678901234567890123456789012-1234567890123456-01-what-the-future-will-be-like");
         assert_eq!(ctx.trace_id, TRACE_ID);
         assert_eq!(ctx.span_id, SPAN_ID);
         // A lone trailing '-' is also "-" followed by (empty) future data.
-        assert_eq!(
-            ok("01-12345678901234567890123456789012-1234567890123456-01-").trace_id,
-            TRACE_ID
-        );
+        assert_eq!(ok("01-12345678901234567890123456789012-1234567890123456-01-").trace_id, TRACE_ID);
     }
 
     #[test]
@@ -364,10 +350,7 @@ mod tests {
             Invalid::TrailingData
         );
         // A third flags digit is not a delimiter either.
-        assert_eq!(
-            err("cc-12345678901234567890123456789012-1234567890123456-011"),
-            Invalid::TrailingData
-        );
+        assert_eq!(err("cc-12345678901234567890123456789012-1234567890123456-011"), Invalid::TrailingData);
     }
 
     #[test]
@@ -378,235 +361,127 @@ mod tests {
 
     #[test]
     fn future_version_still_validates_prefix() {
-        assert_eq!(
-            err("cc-00000000000000000000000000000000-1234567890123456-01"),
-            Invalid::ZeroTraceId
-        );
-        assert_eq!(
-            err("cc-12345678901234567890123456789012-1234567890123456-0g-x"),
-            Invalid::Flags
-        );
+        assert_eq!(err("cc-00000000000000000000000000000000-1234567890123456-01"), Invalid::ZeroTraceId);
+        assert_eq!(err("cc-12345678901234567890123456789012-1234567890123456-0g-x"), Invalid::Flags);
     }
 
     // --- test_traceparent_version_0xff -----------------------------------
 
     #[test]
     fn version_ff_is_invalid() {
-        assert_eq!(
-            err("ff-12345678901234567890123456789012-1234567890123456-01"),
-            Invalid::Version
-        );
-        assert_eq!(
-            err("ff-12345678901234567890123456789012-1234567890123456-01-x"),
-            Invalid::Version
-        );
+        assert_eq!(err("ff-12345678901234567890123456789012-1234567890123456-01"), Invalid::Version);
+        assert_eq!(err("ff-12345678901234567890123456789012-1234567890123456-01-x"), Invalid::Version);
     }
 
     // --- test_traceparent_version_illegal_characters ---------------------
 
     #[test]
     fn version_illegal_characters() {
-        assert_eq!(
-            err(".0-12345678901234567890123456789012-1234567890123456-01"),
-            Invalid::Version
-        );
-        assert_eq!(
-            err("0.-12345678901234567890123456789012-1234567890123456-01"),
-            Invalid::Version
-        );
-        assert_eq!(
-            err("0g-12345678901234567890123456789012-1234567890123456-01"),
-            Invalid::Version
-        );
+        assert_eq!(err(".0-12345678901234567890123456789012-1234567890123456-01"), Invalid::Version);
+        assert_eq!(err("0.-12345678901234567890123456789012-1234567890123456-01"), Invalid::Version);
+        assert_eq!(err("0g-12345678901234567890123456789012-1234567890123456-01"), Invalid::Version);
     }
 
     // --- test_traceparent_version_too_long / too_short -------------------
 
     #[test]
     fn version_too_long() {
-        assert_eq!(
-            err("000-12345678901234567890123456789012-1234567890123456-01"),
-            Invalid::Delimiter
-        );
-        assert_eq!(
-            err("0000-12345678901234567890123456789012-1234567890123456-01"),
-            Invalid::Delimiter
-        );
+        assert_eq!(err("000-12345678901234567890123456789012-1234567890123456-01"), Invalid::Delimiter);
+        assert_eq!(err("0000-12345678901234567890123456789012-1234567890123456-01"), Invalid::Delimiter);
     }
 
     #[test]
     fn version_too_short() {
-        assert_eq!(
-            err("0-12345678901234567890123456789012-1234567890123456-01"),
-            Invalid::Length
-        );
+        assert_eq!(err("0-12345678901234567890123456789012-1234567890123456-01"), Invalid::Length);
     }
 
     // --- uppercase ---------------------------------------------------------
 
     #[test]
     fn uppercase_is_invalid() {
-        assert_eq!(
-            err("0A-12345678901234567890123456789012-1234567890123456-01"),
-            Invalid::Uppercase
-        );
-        assert_eq!(
-            err("00-1234567890123456789012345678901A-1234567890123456-01"),
-            Invalid::Uppercase
-        );
-        assert_eq!(
-            err("00-12345678901234567890123456789012-123456789012345F-01"),
-            Invalid::Uppercase
-        );
-        assert_eq!(
-            err("00-12345678901234567890123456789012-1234567890123456-0A"),
-            Invalid::Uppercase
-        );
-        assert_eq!(
-            err("00-ABCDEF78901234567890123456789012-1234567890123456-01"),
-            Invalid::Uppercase
-        );
+        assert_eq!(err("0A-12345678901234567890123456789012-1234567890123456-01"), Invalid::Uppercase);
+        assert_eq!(err("00-1234567890123456789012345678901A-1234567890123456-01"), Invalid::Uppercase);
+        assert_eq!(err("00-12345678901234567890123456789012-123456789012345F-01"), Invalid::Uppercase);
+        assert_eq!(err("00-12345678901234567890123456789012-1234567890123456-0A"), Invalid::Uppercase);
+        assert_eq!(err("00-ABCDEF78901234567890123456789012-1234567890123456-01"), Invalid::Uppercase);
     }
 
     // --- test_traceparent_trace_id_* ---------------------------------------
 
     #[test]
     fn trace_id_all_zero() {
-        assert_eq!(
-            err("00-00000000000000000000000000000000-1234567890123456-01"),
-            Invalid::ZeroTraceId
-        );
+        assert_eq!(err("00-00000000000000000000000000000000-1234567890123456-01"), Invalid::ZeroTraceId);
     }
 
     #[test]
     fn trace_id_illegal_characters() {
-        assert_eq!(
-            err("00-.2345678901234567890123456789012-1234567890123456-01"),
-            Invalid::Hex
-        );
-        assert_eq!(
-            err("00-1234567890123456789012345678901.-1234567890123456-01"),
-            Invalid::Hex
-        );
-        assert_eq!(
-            err("00-1234567890123456789012345678901g-1234567890123456-01"),
-            Invalid::Hex
-        );
+        assert_eq!(err("00-.2345678901234567890123456789012-1234567890123456-01"), Invalid::Hex);
+        assert_eq!(err("00-1234567890123456789012345678901.-1234567890123456-01"), Invalid::Hex);
+        assert_eq!(err("00-1234567890123456789012345678901g-1234567890123456-01"), Invalid::Hex);
     }
 
     #[test]
     fn trace_id_too_long() {
-        assert_eq!(
-            err("00-123456789012345678901234567890123-1234567890123456-01"),
-            Invalid::Delimiter
-        );
+        assert_eq!(err("00-123456789012345678901234567890123-1234567890123456-01"), Invalid::Delimiter);
     }
 
     #[test]
     fn trace_id_too_short() {
-        assert_eq!(
-            err("00-1234567890123456789012345678901-1234567890123456-01"),
-            Invalid::Length
-        );
+        assert_eq!(err("00-1234567890123456789012345678901-1234567890123456-01"), Invalid::Length);
     }
 
     // --- test_traceparent_parent_id_* --------------------------------------
 
     #[test]
     fn parent_id_all_zero() {
-        assert_eq!(
-            err("00-12345678901234567890123456789012-0000000000000000-01"),
-            Invalid::ZeroSpanId
-        );
+        assert_eq!(err("00-12345678901234567890123456789012-0000000000000000-01"), Invalid::ZeroSpanId);
     }
 
     #[test]
     fn parent_id_illegal_characters() {
-        assert_eq!(
-            err("00-12345678901234567890123456789012-.234567890123456-01"),
-            Invalid::Hex
-        );
-        assert_eq!(
-            err("00-12345678901234567890123456789012-123456789012345.-01"),
-            Invalid::Hex
-        );
+        assert_eq!(err("00-12345678901234567890123456789012-.234567890123456-01"), Invalid::Hex);
+        assert_eq!(err("00-12345678901234567890123456789012-123456789012345.-01"), Invalid::Hex);
     }
 
     #[test]
     fn parent_id_too_long() {
-        assert_eq!(
-            err("00-12345678901234567890123456789012-12345678901234567-01"),
-            Invalid::Delimiter
-        );
+        assert_eq!(err("00-12345678901234567890123456789012-12345678901234567-01"), Invalid::Delimiter);
     }
 
     #[test]
     fn parent_id_too_short() {
-        assert_eq!(
-            err("00-12345678901234567890123456789012-123456789012345-01"),
-            Invalid::Length
-        );
+        assert_eq!(err("00-12345678901234567890123456789012-123456789012345-01"), Invalid::Length);
     }
 
     // --- test_traceparent_trace_flags_* ------------------------------------
 
     #[test]
     fn trace_flags_illegal_characters() {
-        assert_eq!(
-            err("00-12345678901234567890123456789012-1234567890123456-.0"),
-            Invalid::Flags
-        );
-        assert_eq!(
-            err("00-12345678901234567890123456789012-1234567890123456-0."),
-            Invalid::Flags
-        );
-        assert_eq!(
-            err("00-12345678901234567890123456789012-1234567890123456-0x"),
-            Invalid::Flags
-        );
+        assert_eq!(err("00-12345678901234567890123456789012-1234567890123456-.0"), Invalid::Flags);
+        assert_eq!(err("00-12345678901234567890123456789012-1234567890123456-0."), Invalid::Flags);
+        assert_eq!(err("00-12345678901234567890123456789012-1234567890123456-0x"), Invalid::Flags);
     }
 
     #[test]
     fn trace_flags_too_long() {
-        assert_eq!(
-            err("00-12345678901234567890123456789012-1234567890123456-001"),
-            Invalid::TrailingData
-        );
+        assert_eq!(err("00-12345678901234567890123456789012-1234567890123456-001"), Invalid::TrailingData);
     }
 
     #[test]
     fn trace_flags_too_short() {
-        assert_eq!(
-            err("00-12345678901234567890123456789012-1234567890123456-1"),
-            Invalid::Length
-        );
+        assert_eq!(err("00-12345678901234567890123456789012-1234567890123456-1"), Invalid::Length);
     }
 
     // --- delimiters ----------------------------------------------------------
 
     #[test]
     fn wrong_delimiters() {
-        assert_eq!(
-            err("00_12345678901234567890123456789012-1234567890123456-01"),
-            Invalid::Delimiter
-        );
-        assert_eq!(
-            err("00-12345678901234567890123456789012_1234567890123456-01"),
-            Invalid::Delimiter
-        );
-        assert_eq!(
-            err("00-12345678901234567890123456789012-1234567890123456_01"),
-            Invalid::Delimiter
-        );
-        assert_eq!(
-            err("00 12345678901234567890123456789012 1234567890123456 01"),
-            Invalid::Delimiter
-        );
+        assert_eq!(err("00_12345678901234567890123456789012-1234567890123456-01"), Invalid::Delimiter);
+        assert_eq!(err("00-12345678901234567890123456789012_1234567890123456-01"), Invalid::Delimiter);
+        assert_eq!(err("00-12345678901234567890123456789012-1234567890123456_01"), Invalid::Delimiter);
+        assert_eq!(err("00 12345678901234567890123456789012 1234567890123456 01"), Invalid::Delimiter);
         // Delimiter shifted: short trace-id padded by a long parent-id.
-        assert_eq!(
-            err("00-1234567890123456789012345678901-21234567890123456-01"),
-            Invalid::Delimiter
-        );
+        assert_eq!(err("00-1234567890123456789012345678901-21234567890123456-01"), Invalid::Delimiter);
     }
 
     // --- test_traceparent_ows_handling --------------------------------------
@@ -637,10 +512,7 @@ mod tests {
         }
         assert!(parse(&[b"\xa000-12345678901234567890123456789012-1234567890123456-01"]).is_err());
         // Whitespace inside is never stripped.
-        assert_eq!(
-            err("00-12345678901234567890123456789012 -1234567890123456-01"),
-            Invalid::Delimiter
-        );
+        assert_eq!(err("00-12345678901234567890123456789012 -1234567890123456-01"), Invalid::Delimiter);
     }
 
     #[test]
@@ -723,10 +595,7 @@ mod tests {
     #[test]
     fn format_known_value() {
         assert_eq!(&format(&TRACE_ID, &SPAN_ID, 1), VALID.as_bytes());
-        assert_eq!(
-            &format(&[0xab; 16], &[0xcd; 8], 0xff),
-            b"00-abababababababababababababababab-cdcdcdcdcdcdcdcd-ff"
-        );
+        assert_eq!(&format(&[0xab; 16], &[0xcd; 8], 0xff), b"00-abababababababababababababababab-cdcdcdcdcdcdcdcd-ff");
     }
 
     #[test]
@@ -749,14 +618,7 @@ mod tests {
             let flags = next() as u8;
             let out = format(&trace_id, &span_id, flags);
             let ctx = parse(&[&out]).unwrap().unwrap();
-            assert_eq!(
-                ctx,
-                ParentContext {
-                    trace_id,
-                    span_id,
-                    flags
-                }
-            );
+            assert_eq!(ctx, ParentContext { trace_id, span_id, flags });
             assert_eq!(ctx.format(), out);
         }
     }
@@ -766,9 +628,7 @@ mod tests {
         let ctx = ok(VALID);
         assert_eq!(&ctx.format(), VALID.as_bytes());
         // A future version is re-emitted as version 00 without the extra data.
-        let ctx = ok(
-            "cc-12345678901234567890123456789012-1234567890123456-01-what-the-future-will-be-like",
-        );
+        let ctx = ok("cc-12345678901234567890123456789012-1234567890123456-01-what-the-future-will-be-like");
         assert_eq!(&ctx.format(), VALID.as_bytes());
     }
 

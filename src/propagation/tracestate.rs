@@ -85,9 +85,7 @@ fn is_nblk_chr(b: u8) -> bool {
 pub fn is_valid_key(key: &[u8]) -> bool {
     match key.iter().position(|&b| b == b'@') {
         None => match key {
-            [first, rest @ ..] => {
-                is_lcalpha(*first) && rest.len() <= 255 && rest.iter().all(|&b| is_key_char(b))
-            }
+            [first, rest @ ..] => is_lcalpha(*first) && rest.len() <= 255 && rest.iter().all(|&b| is_key_char(b)),
             [] => false,
         },
         Some(at) => {
@@ -101,9 +99,7 @@ pub fn is_valid_key(key: &[u8]) -> bool {
                 [] => false,
             };
             let system_ok = match system {
-                [first, rest @ ..] => {
-                    is_lcalpha(*first) && rest.len() <= 13 && rest.iter().all(|&b| is_key_char(b))
-                }
+                [first, rest @ ..] => is_lcalpha(*first) && rest.len() <= 13 && rest.iter().all(|&b| is_key_char(b)),
                 [] => false,
             };
             tenant_ok && system_ok
@@ -116,9 +112,7 @@ pub fn is_valid_key(key: &[u8]) -> bool {
 pub fn is_valid_value(value: &[u8]) -> bool {
     match value {
         [rest @ .., last] => {
-            is_nblk_chr(*last)
-                && rest.len() <= 255
-                && rest.iter().all(|&b| b == b' ' || is_nblk_chr(b))
+            is_nblk_chr(*last) && rest.len() <= 255 && rest.iter().all(|&b| b == b' ' || is_nblk_chr(b))
         }
         [] => false,
     }
@@ -160,10 +154,7 @@ pub fn combine(fields: &[&[u8]]) -> Result<Option<String>, TraceStateInvalid> {
             if n == MAX_MEMBERS {
                 return Err(TraceStateInvalid::TooManyMembers);
             }
-            let eq = member
-                .iter()
-                .position(|&b| b == b'=')
-                .ok_or(TraceStateInvalid::MissingEquals)?;
+            let eq = member.iter().position(|&b| b == b'=').ok_or(TraceStateInvalid::MissingEquals)?;
             let (key, value) = (&member[..eq], &member[eq + 1..]);
             if !is_valid_key(key) {
                 return Err(TraceStateInvalid::Key);
@@ -171,10 +162,7 @@ pub fn combine(fields: &[&[u8]]) -> Result<Option<String>, TraceStateInvalid> {
             if !is_valid_value(value) {
                 return Err(TraceStateInvalid::Value);
             }
-            let duplicate = members[..n]
-                .iter()
-                .zip(&key_lens[..n])
-                .any(|(m, &kl)| m.get(..kl) == Some(key));
+            let duplicate = members[..n].iter().zip(&key_lens[..n]).any(|(m, &kl)| m.get(..kl) == Some(key));
             if duplicate {
                 return Err(TraceStateInvalid::DuplicateKey);
             }
@@ -240,8 +228,7 @@ mod tests {
 
     /// Looks a key up in a normalised value, like the harness does.
     fn get<'a>(s: &'a str, key: &str) -> Option<&'a str> {
-        s.split(',')
-            .find_map(|m| m.strip_prefix(key)?.strip_prefix('='))
+        s.split(',').find_map(|m| m.strip_prefix(key)?.strip_prefix('='))
     }
 
     // --- basics / test_tracestate_included_traceparent_included ----------
@@ -274,10 +261,7 @@ mod tests {
 
     #[test]
     fn multiple_fields_combined_in_order() {
-        assert_eq!(
-            some(&["foo=1,bar=2", "rojo=1,congo=2", "baz=3"]),
-            "foo=1,bar=2,rojo=1,congo=2,baz=3"
-        );
+        assert_eq!(some(&["foo=1,bar=2", "rojo=1,congo=2", "baz=3"]), "foo=1,bar=2,rojo=1,congo=2,baz=3");
     }
 
     #[test]
@@ -299,20 +283,13 @@ mod tests {
 
     #[test]
     fn similar_keys_are_not_duplicates() {
-        assert_eq!(
-            some(&["foo=1,fo=2,foob=3,f@o=4"]),
-            "foo=1,fo=2,foob=3,f@o=4"
-        );
+        assert_eq!(some(&["foo=1,fo=2,foob=3,f@o=4"]), "foo=1,fo=2,foob=3,f@o=4");
     }
 
     // --- test_tracestate_all_allowed_characters --------------------------------
 
     fn all_value_chars() -> String {
-        (0x20u8..=0x2b)
-            .chain(0x2d..=0x3c)
-            .chain(0x3e..=0x7e)
-            .map(char::from)
-            .collect()
+        (0x20u8..=0x2b).chain(0x2d..=0x3c).chain(0x3e..=0x7e).map(char::from).collect()
     }
 
     #[test]
@@ -337,14 +314,8 @@ mod tests {
 
     #[test]
     fn ows_handling() {
-        assert_eq!(
-            some(&["foo=1 \t , \t bar=2, \t baz=3"]),
-            "foo=1,bar=2,baz=3"
-        );
-        assert_eq!(
-            some(&["foo=1\t \t,\t \tbar=2,\t \tbaz=3"]),
-            "foo=1,bar=2,baz=3"
-        );
+        assert_eq!(some(&["foo=1 \t , \t bar=2, \t baz=3"]), "foo=1,bar=2,baz=3");
+        assert_eq!(some(&["foo=1\t \t,\t \tbar=2,\t \tbaz=3"]), "foo=1,bar=2,baz=3");
         for f in [" foo=1", "\tfoo=1", "foo=1 ", "foo=1\t", "\t foo=1 \t"] {
             assert_eq!(some(&[f]), "foo=1", "{f:?}");
         }
@@ -395,31 +366,18 @@ mod tests {
     // --- test_tracestate_member_count_limit ----------------------------------------
 
     fn bars(range: core::ops::RangeInclusive<u32>) -> String {
-        range
-            .map(|i| format!("bar{i:02}={i:02}"))
-            .collect::<Vec<_>>()
-            .join(",")
+        range.map(|i| format!("bar{i:02}={i:02}")).collect::<Vec<_>>().join(",")
     }
 
     #[test]
     fn member_count_limit() {
-        let s = some(&[
-            &bars(1..=10),
-            &bars(11..=20),
-            &bars(21..=30),
-            &bars(31..=32),
-        ]);
+        let s = some(&[&bars(1..=10), &bars(11..=20), &bars(21..=30), &bars(31..=32)]);
         assert_eq!(s.split(',').count(), 32);
         assert_eq!(get(&s, "bar01"), Some("01"));
         assert_eq!(get(&s, "bar32"), Some("32"));
 
         assert_eq!(
-            err(&[
-                &bars(1..=10),
-                &bars(11..=20),
-                &bars(21..=30),
-                &bars(31..=33)
-            ]),
+            err(&[&bars(1..=10), &bars(11..=20), &bars(21..=30), &bars(31..=33)]),
             TraceStateInvalid::TooManyMembers
         );
     }
@@ -496,10 +454,7 @@ mod tests {
         ] {
             assert_eq!(err(&[f]), TraceStateInvalid::NonPrintable, "{f:?}");
         }
-        assert_eq!(
-            combine(&[b"foo=\xff"]),
-            Err(TraceStateInvalid::NonPrintable)
-        );
+        assert_eq!(combine(&[b"foo=\xff"]), Err(TraceStateInvalid::NonPrintable));
         // In a later field too, and in an otherwise empty member.
         assert_eq!(err(&["foo=1", "\r"]), TraceStateInvalid::NonPrintable);
         assert_eq!(err(&["foo=1, \n ,bar=2"]), TraceStateInvalid::NonPrintable);
@@ -554,10 +509,7 @@ mod tests {
         let joined = [short[0].as_str(), &long1, &short[1], &long2, &short[2]].join(",");
         assert_eq!(joined.len(), 539);
         let s = some(&[&joined]);
-        assert_eq!(
-            s,
-            [short[0].as_str(), &long1, &short[1], &short[2]].join(",")
-        );
+        assert_eq!(s, [short[0].as_str(), &long1, &short[1], &short[2]].join(","));
         assert!(s.len() <= MAX_LEN);
     }
 
@@ -589,9 +541,7 @@ mod tests {
         assert!(is_valid_key("a".repeat(256).as_bytes()));
         assert!(!is_valid_key("a".repeat(257).as_bytes()));
         assert!(is_valid_key(b"0@a"));
-        assert!(is_valid_key(
-            format!("{}@{}", "0".repeat(241), "a".repeat(14)).as_bytes()
-        ));
+        assert!(is_valid_key(format!("{}@{}", "0".repeat(241), "a".repeat(14)).as_bytes()));
         assert!(!is_valid_key(b""));
         assert!(!is_valid_key(b"@"));
         assert!(!is_valid_key(b"a@"));
@@ -676,14 +626,8 @@ mod tests {
             match combine(&refs) {
                 Ok(Some(s)) => {
                     accepted += 1;
-                    let input_members: usize = refs
-                        .iter()
-                        .map(|f| {
-                            f.split(|&b| b == b',')
-                                .filter(|m| !trim_ows(m).is_empty())
-                                .count()
-                        })
-                        .sum();
+                    let input_members: usize =
+                        refs.iter().map(|f| f.split(|&b| b == b',').filter(|m| !trim_ows(m).is_empty()).count()).sum();
                     if s.split(',').count() < input_members {
                         truncated += 1;
                     }

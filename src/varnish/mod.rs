@@ -23,7 +23,9 @@ pub mod method {
 }
 
 /// The transaction ID of a log handle, without the client/backend marker bits.
-pub fn vxid_of(vsl: *const ffi::vsl_log) -> u64 {
-    // SAFETY: Varnish hands us either NULL or a valid vsl_log for the current task.
-    unsafe { vsl.as_ref().map_or(0, |v| v.wid.vxid & ffi::VSL_IDENTMASK) }
+///
+/// # Safety
+/// `vsl` must be NULL or a valid `vsl_log` (Varnish hands us one per task).
+pub unsafe fn vxid_of(vsl: *const ffi::vsl_log) -> u64 {
+    vsl.as_ref().map_or(0, |v| v.wid.vxid & ffi::VSL_IDENTMASK)
 }

@@ -89,7 +89,7 @@ pub fn install<'a>(ctx: &Ctx, state: Box<TaskState>) -> Result<&'a mut TaskState
         if !p.priv_.is_null() && std::ptr::eq(p.methods, &METHODS) {
             // Replace (should not happen: callers check `current` first); close the old one.
             let old = Box::from_raw(p.priv_.cast::<TaskState>());
-            close_orphan(old, ClosedBy::TaskEnd);
+            close_orphan(*old, ClosedBy::TaskEnd);
         }
         p.priv_ = Box::into_raw(state).cast();
         p.methods = &METHODS;
@@ -108,7 +108,8 @@ fn task_address(ctx: &Ctx) -> Option<usize> {
 }
 
 pub fn current_vxid(ctx: &Ctx) -> u64 {
-    vxid_of(ctx.raw.vsl)
+    // SAFETY: ctx->vsl is NULL or the running task's log.
+    unsafe { vxid_of(ctx.raw.vsl) }
 }
 
 /// `struct req_step` of `cache/cache_varnishd.h`, not in varnish-sys's bindings. Stable since
@@ -141,15 +142,15 @@ unsafe extern "C" fn task_fini(ctx: *const ffi::vrt_ctx, p: *mut c_void) {
         // SAFETY: `p` is the Box we installed; Varnish calls fini exactly once per install.
         let state = unsafe { Box::from_raw(p.cast::<TaskState>()) };
         let Some(ctx) = (unsafe { ctx.as_ref() }) else {
-            close_orphan(state, ClosedBy::TaskEnd);
+            close_orphan(*state, ClosedBy::TaskEnd);
             return;
         };
         if unsafe { is_rollback(ctx) } {
             let address = if !ctx.req.is_null() { ctx.req as usize } else { ctx.bo as usize };
-            stash(address, vxid_of(ctx.vsl), state);
+            stash(address, unsafe { vxid_of(ctx.vsl) }, state);
             return;
         }
-        let record = unsafe { complete(ctx, state) };
+        let record = unsafe { complete(ctx, *state) };
         if record.sampled() {
             pipeline::submit(record);
         }
@@ -160,8 +161,8 @@ unsafe extern "C" fn task_fini(ctx: *const ffi::vrt_ctx, p: *mut c_void) {
 ///
 /// # Safety
 /// `ctx` must be the context of the task's final fini.
-unsafe fn complete(ctx: &ffi::vrt_ctx, state: Box<TaskState>) -> Box<SpanRecord> {
-    let TaskState { mut record, status_sent, status_vcl, fetch_failed, .. } = *state;
+unsafe fn complete(ctx: &ffi::vrt_ctx, state: TaskState) -> Box<SpanRecord> {
+    let TaskState { mut record, status_sent, status_vcl, fetch_failed, .. } = state;
     record.closed_by = ClosedBy::TaskEnd;
     if let Some(req) = ctx.req.as_ref() {
         record.end_unix_nano = vtim_to_unix_nano(req.t_prev.0);
@@ -214,7 +215,7 @@ pub fn set_status(record: &mut SpanRecord, status: u16) {
 }
 
 /// Closes a record that lost its task (no end data): its end is now.
-fn close_orphan(state: Box<TaskState>, how: ClosedBy) {
+fn close_orphan(state: TaskState, how: ClosedBy) {
     let mut record = state.record;
     record.closed_by = how;
     record.end_unix_nano = now_unix_nano().max(record.start_unix_nano);
@@ -225,9 +226,7 @@ fn close_orphan(state: Box<TaskState>, how: ClosedBy) {
 }
 
 fn now_unix_nano() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 // ---- the rollback stash -------------------------------------------------------------------
@@ -257,7 +256,7 @@ fn stash(address: usize, vxid: u64, state: Box<TaskState>) {
     };
     if let Some(old) = evicted {
         STATS.spans_closed_by_deadline.fetch_add(1, Relaxed);
-        close_orphan(old.state, ClosedBy::Deadline);
+        close_orphan(*old.state, ClosedBy::Deadline);
     }
 }
 

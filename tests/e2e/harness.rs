@@ -154,12 +154,7 @@ impl Backend {
         let stdout = child.stdout.take().unwrap();
         let mut reader = BufReader::new(stdout);
         let n = reader.read_line(&mut line).unwrap_or(0);
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse::<u16>().ok())
-            .filter(|&p| n > 0 && p != 0);
+        let port = line.trim().rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).filter(|&p| n > 0 && p != 0);
         let Some(port) = port else {
             let _ = child.kill();
             let _ = child.wait();
@@ -261,15 +256,10 @@ impl Varnish {
             .env("OTEL_TRACES_EXPORTER", "file")
             .env("OTEL_BSP_SCHEDULE_DELAY", "50")
             .env("OTEL_SERVICE_NAME", name);
-        let child = cmd.spawn().expect("spawn varnishd (is Varnish on PATH? eval \"$(bash scripts/varnish.sh --env)\")");
-        let mut v = Varnish {
-            child: Some(child),
-            name: name.to_owned(),
-            port: 0,
-            workdir,
-            spans_file,
-            dir: dir.to_owned(),
-        };
+        let child =
+            cmd.spawn().expect("spawn varnishd (is Varnish on PATH? eval \"$(bash scripts/varnish.sh --env)\")");
+        let mut v =
+            Varnish { child: Some(child), name: name.to_owned(), port: 0, workdir, spans_file, dir: dir.to_owned() };
         v.port = v.wait_ready(Duration::from_secs(60));
         v
     }
@@ -296,10 +286,8 @@ impl Varnish {
                 if out.status.success() {
                     let text = String::from_utf8_lossy(&out.stdout);
                     // "a0 127.0.0.1 40123"
-                    let port = text
-                        .lines()
-                        .filter_map(|l| l.split_whitespace().last()?.parse::<u16>().ok())
-                        .find(|&p| p != 0);
+                    let port =
+                        text.lines().filter_map(|l| l.split_whitespace().last()?.parse::<u16>().ok()).find(|&p| p != 0);
                     if let Some(p) = port {
                         // And it answers HTTP.
                         if TcpStream::connect(("127.0.0.1", p)).is_ok() {
@@ -496,11 +484,8 @@ pub struct Span {
 
 impl fmt::Debug for Span {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let attrs: BTreeMap<_, _> = self
-            .attributes
-            .iter()
-            .map(|(k, v)| (k.as_str(), format!("{:?}", v.value.as_ref().unwrap())))
-            .collect();
+        let attrs: BTreeMap<_, _> =
+            self.attributes.iter().map(|(k, v)| (k.as_str(), format!("{:?}", v.value.as_ref().unwrap()))).collect();
         f.debug_struct("Span")
             .field("service", &self.service)
             .field("name", &self.name)
@@ -544,9 +529,22 @@ impl Span {
 
 /// The field names the OTLP JSON encoding allows on each object we check (lowerCamelCase).
 const SPAN_FIELDS: &[&str] = &[
-    "traceId", "spanId", "traceState", "parentSpanId", "flags", "name", "kind", "startTimeUnixNano",
-    "endTimeUnixNano", "attributes", "droppedAttributesCount", "events", "droppedEventsCount", "links",
-    "droppedLinksCount", "status",
+    "traceId",
+    "spanId",
+    "traceState",
+    "parentSpanId",
+    "flags",
+    "name",
+    "kind",
+    "startTimeUnixNano",
+    "endTimeUnixNano",
+    "attributes",
+    "droppedAttributesCount",
+    "events",
+    "droppedEventsCount",
+    "links",
+    "droppedLinksCount",
+    "status",
 ];
 const EVENT_FIELDS: &[&str] = &["timeUnixNano", "name", "attributes", "droppedAttributesCount"];
 const KV_FIELDS: &[&str] = &["key", "value"];

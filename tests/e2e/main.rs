@@ -29,10 +29,7 @@ fn in_trace<'a>(spans: &'a [Span], trace: &str) -> Vec<&'a Span> {
 }
 
 fn children<'a>(spans: &'a [Span], parent: &Span) -> Vec<&'a Span> {
-    spans
-        .iter()
-        .filter(|s| s.parent_span_id == parent.span_id && s.trace_id == parent.trace_id)
-        .collect()
+    spans.iter().filter(|s| s.parent_span_id == parent.span_id && s.trace_id == parent.trace_id).collect()
 }
 
 fn the_one<'a>(v: Vec<&'a Span>, what: &str, all: &[Span]) -> &'a Span {
@@ -70,7 +67,7 @@ fn backend_tp(r: &BackendRequest) -> TraceParent {
     parse_traceparent(raw).unwrap_or_else(|| panic!("backend received an invalid traceparent {raw:?}: {r:#?}"))
 }
 
-/// 1. Client -> Varnish -> backend: the SERVER span continues the caller's trace, the CLIENT span
+/// Case 1: Client -> Varnish -> backend: the SERVER span continues the caller's trace, the CLIENT span
 /// is its child, and the backend is told about the CLIENT span.
 #[test]
 fn client_varnish_backend() {
@@ -121,7 +118,7 @@ fn client_varnish_backend() {
     assert_eq!(reqs[0].tracestate.as_deref(), Some("congo=t61rcWkgMzE"), "{reqs:#?}");
 }
 
-/// 2. A miss fetches (one CLIENT span), the following hit does not.
+/// Case 2: A miss fetches (one CLIENT span), the following hit does not.
 #[test]
 fn hit_vs_miss() {
     let dir = TempDir::new("hit_vs_miss");
@@ -139,7 +136,8 @@ fn hit_vs_miss() {
     let spans = v.stop();
     assert_eq!(spans.len(), 3, "{spans:#?}");
 
-    let miss = the_one(in_trace(&spans, &t1).into_iter().filter(|s| s.kind == KIND_SERVER).collect(), "SERVER of 1st", &spans);
+    let miss =
+        the_one(in_trace(&spans, &t1).into_iter().filter(|s| s.kind == KIND_SERVER).collect(), "SERVER of 1st", &spans);
     assert_eq!(miss.parent_span_id, PARENT);
     assert_eq!(miss.attr_str("varnish.cache_result"), Some("miss"), "{miss:#?}");
     assert_eq!(miss.attr_int("http.response.status_code"), Some(200));
@@ -160,7 +158,7 @@ fn hit_vs_miss() {
     assert_eq!(backend_tp(&reqs[0]), TraceParent { trace_id: t1, span_id: fetch.span_id.clone(), flags: "01".into() });
 }
 
-/// 3. ESI: the fragment is an INTERNAL span under the page's SERVER span; each has its fetch.
+/// Case 3: ESI: the fragment is an INTERNAL span under the page's SERVER span; each has its fetch.
 #[test]
 fn esi() {
     let dir = TempDir::new("esi");
@@ -216,7 +214,7 @@ fn esi() {
     }
 }
 
-/// 4. A stale object served in grace triggers a background fetch: its CLIENT span belongs to the
+/// Case 4: A stale object served in grace triggers a background fetch: its CLIENT span belongs to the
 /// request that triggered it.
 #[test]
 fn background_fetch_in_grace() {
@@ -240,12 +238,14 @@ fn background_fetch_in_grace() {
     let spans = v.stop();
     assert_eq!(spans.len(), 4, "{spans:#?}");
 
-    let s1 = the_one(in_trace(&spans, &t1).into_iter().filter(|s| s.kind == KIND_SERVER).collect(), "1st SERVER", &spans);
+    let s1 =
+        the_one(in_trace(&spans, &t1).into_iter().filter(|s| s.kind == KIND_SERVER).collect(), "1st SERVER", &spans);
     assert_eq!(s1.attr_str("varnish.cache_result"), Some("miss"));
     let f1 = the_one(children(&spans, s1), "1st fetch", &spans);
     assert_eq!(f1.kind, KIND_CLIENT);
 
-    let s2 = the_one(in_trace(&spans, &t2).into_iter().filter(|s| s.kind == KIND_SERVER).collect(), "2nd SERVER", &spans);
+    let s2 =
+        the_one(in_trace(&spans, &t2).into_iter().filter(|s| s.kind == KIND_SERVER).collect(), "2nd SERVER", &spans);
     assert_eq!(s2.parent_span_id, PARENT);
     assert_eq!(s2.attr_str("varnish.cache_result"), Some("hit"), "served from grace: {s2:#?}");
     assert_eq!(s2.attr_int("http.response.status_code"), Some(200));
@@ -263,7 +263,7 @@ fn background_fetch_in_grace() {
     assert_eq!(backend_tp(&reqs[1]), TraceParent { trace_id: t2, span_id: bg.span_id.clone(), flags: "01".into() });
 }
 
-/// 5. A restart continues the same SERVER span; both fetches are its children.
+/// Case 5: A restart continues the same SERVER span; both fetches are its children.
 #[test]
 fn restart_stays_on_one_span() {
     let dir = TempDir::new("restart_stays_on_one_span");
@@ -311,7 +311,7 @@ fn restart_stays_on_one_span() {
     assert_eq!(reqs[1].traceparent.as_deref(), Some(tp(&trace, &f200.span_id, "01").as_str()));
 }
 
-/// 6. Edge -> shield -> backend: one trace through both tiers.
+/// Case 6: Edge -> shield -> backend: one trace through both tiers.
 #[test]
 fn two_tiers() {
     let dir = TempDir::new("two_tiers");
@@ -359,7 +359,7 @@ fn two_tiers() {
     assert_eq!(reqs[0].tracestate.as_deref(), Some("k=v"));
 }
 
-/// 7. An invalid (uppercase hex) traceparent starts a new trace; the request still succeeds.
+/// Case 7: An invalid (uppercase hex) traceparent starts a new trace; the request still succeeds.
 #[test]
 fn invalid_traceparent_restarts_trace() {
     let dir = TempDir::new("invalid_traceparent_restarts_trace");
@@ -384,10 +384,13 @@ fn invalid_traceparent_restarts_trace() {
     let reqs = be.requests();
     assert_eq!(reqs.len(), 1, "{reqs:#?}");
     let got = backend_tp(&reqs[0]);
-    assert_eq!(got, TraceParent { trace_id: server.trace_id.clone(), span_id: client.span_id.clone(), flags: "01".into() });
+    assert_eq!(
+        got,
+        TraceParent { trace_id: server.trace_id.clone(), span_id: client.span_id.clone(), flags: "01".into() }
+    );
 }
 
-/// 8. An unsampled request (flags 00) exports nothing but still propagates its trace.
+/// Case 8: An unsampled request (flags 00) exports nothing but still propagates its trace.
 #[test]
 fn unsampled_propagates_without_export() {
     let dir = TempDir::new("unsampled_propagates_without_export");
@@ -420,7 +423,7 @@ fn unsampled_propagates_without_export() {
     assert_ne!(got2.span_id, got.span_id);
 }
 
-/// 9. Two traceparent header fields make the context invalid: a new trace is started.
+/// Case 9: Two traceparent header fields make the context invalid: a new trace is started.
 #[test]
 fn duplicate_traceparent_restarts() {
     let dir = TempDir::new("duplicate_traceparent_restarts");
@@ -446,5 +449,8 @@ fn duplicate_traceparent_restarts() {
     assert_eq!(reqs.len(), 1, "{reqs:#?}");
     // Exactly one traceparent field reaches the backend (the script joins repeats with ", ").
     let got = backend_tp(&reqs[0]);
-    assert_eq!(got, TraceParent { trace_id: server.trace_id.clone(), span_id: client.span_id.clone(), flags: "01".into() });
+    assert_eq!(
+        got,
+        TraceParent { trace_id: server.trace_id.clone(), span_id: client.span_id.clone(), flags: "01".into() }
+    );
 }
