@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VARNISH_ENV = eval "$$(bash scripts/varnish.sh --env)"
 CARGO_TEST = $(if $(shell command -v cargo-nextest),nextest run --no-fail-fast,test --no-fail-fast)
 
-.PHONY: all varnish env deps build test test-unit test-vtc test-e2e demo check-vcl clean
+.PHONY: all varnish env deps build test test-unit test-vtc test-e2e demo check-vcl stats clean
 
 all: build
 
@@ -47,6 +47,10 @@ check-vcl: build
 ## Start varnishd + a demo backend, send a few requests, print the traces, stop everything.
 demo: deps build
 	@$(VARNISH_ENV) && bash scripts/demo.sh
+
+## The module's counters of a running varnishd (N=<instance name or workdir> for a non-default one).
+stats: varnish
+	@$(VARNISH_ENV) && varnishstat -1 -f 'OPENTRACING.*' $(if $(N),-n $(N))
 
 clean:
 	cargo clean

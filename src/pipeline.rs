@@ -5,9 +5,11 @@
 //! any worker thread and only takes the read side of a lock, never held across I/O.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
+use varnish::{Vsc, VscMetric};
 
 use crate::export::{ExportConfig, ExportJob, Sink};
 use crate::span::SpanRecord;
@@ -17,7 +19,8 @@ use crate::worker::Worker;
 /// Varnish's default `cli_timeout` of 60 s.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Counters of the pipeline, process-wide.
+/// Counters of the pipeline, process-wide. Updated with relaxed atomics on any thread, and
+/// copied by the exporter thread into the VSC segment (`varnishstat -f 'OPENTRACING.*'`).
 #[derive(Default)]
 pub struct Stats {
     pub spans_started: AtomicU64,
@@ -44,7 +47,72 @@ pub static STATS: Stats = Stats {
     stop_timeouts: AtomicU64::new(0),
 };
 
+/// The counters as varnishstat shows them.
+#[derive(VscMetric)]
+#[repr(C)]
+pub struct Counters {
+    /// Spans started (sampled or not)
+    #[counter]
+    spans_started: AtomicU64,
+    /// Finished sampled spans handed to the exporter
+    #[counter]
+    spans_submitted: AtomicU64,
+    /// Spans written by the exporter
+    #[counter]
+    spans_exported: AtomicU64,
+    /// Spans dropped: export queue full, no pipeline, or a failed write
+    #[counter]
+    spans_dropped: AtomicU64,
+    /// Failed export writes
+    #[counter]
+    export_failures: AtomicU64,
+    /// Batches written
+    #[counter]
+    export_batches: AtomicU64,
+    /// Spans closed by the deadline after a rollback left them without a task
+    #[counter]
+    spans_closed_by_deadline: AtomicU64,
+    /// Exporter stops that did not finish within the deadline
+    #[counter]
+    stop_timeouts: AtomicU64,
+    /// Spans waiting in the export queue
+    #[gauge]
+    queue_depth: AtomicU64,
+}
+
+impl Counters {
+    /// Copies the process-wide counters (called from the exporter thread's tick).
+    pub fn publish(&self, queue_depth: usize) {
+        let copy = |to: &AtomicU64, from: &AtomicU64| to.store(from.load(Relaxed), Relaxed);
+        copy(&self.spans_started, &STATS.spans_started);
+        copy(&self.spans_submitted, &STATS.spans_submitted);
+        copy(&self.spans_exported, &STATS.spans_exported);
+        copy(&self.spans_dropped, &STATS.spans_dropped);
+        copy(&self.export_failures, &STATS.export_failures);
+        copy(&self.export_batches, &STATS.batches);
+        copy(&self.spans_closed_by_deadline, &STATS.spans_closed_by_deadline);
+        copy(&self.stop_timeouts, &STATS.stop_timeouts);
+        self.queue_depth.store(queue_depth as u64, Relaxed);
+    }
+}
+
+/// The VSC segment, shared by the CLI thread (which creates and destroys it) and the exporter
+/// thread (which writes it).
+pub struct SharedCounters(Vsc<Counters>);
+
+// SAFETY: the segment is shared memory that Varnish never moves; we only write it with atomics.
+unsafe impl Send for SharedCounters {}
+unsafe impl Sync for SharedCounters {}
+
+impl std::ops::Deref for SharedCounters {
+    type Target = Counters;
+    fn deref(&self) -> &Counters {
+        &self.0
+    }
+}
+
 struct Lifecycle {
+    counters: Option<Arc<SharedCounters>>,
     warm_vcls: usize,
     sink: Option<Sink>,
     exit_hook: bool,
@@ -71,7 +139,7 @@ extern "C" fn drain_at_exit() {
 /// How long process exit may wait for queued spans to be written.
 pub const EXIT_DEADLINE: Duration = Duration::from_secs(2);
 
-static LIFECYCLE: Mutex<Lifecycle> = Mutex::new(Lifecycle { warm_vcls: 0, sink: None, exit_hook: false });
+static LIFECYCLE: Mutex<Lifecycle> = Mutex::new(Lifecycle { counters: None, warm_vcls: 0, sink: None, exit_hook: false });
 static EXPORTER: RwLock<Option<Worker<Box<SpanRecord>>>> = RwLock::new(None);
 
 /// A VCL became warm. Starts the pipeline if it is the first. Returns a message for the log.
@@ -80,7 +148,9 @@ pub fn vcl_warm() -> Result<String, String> {
     if life.warm_vcls == 0 {
         let cfg = ExportConfig::from_env()?;
         let sink = cfg.sink.clone();
-        let job = ExportJob::new(cfg.clone()).map_err(|e| format!("cannot open the span output {sink:?}: {e}"))?;
+        // One segment per loaded copy of the library, created on the CLI thread as VRT requires.
+        let counters = life.counters.get_or_insert_with(|| Arc::new(SharedCounters(Vsc::new("OPENTRACING", "")))).clone();
+        let job = ExportJob::new(cfg.clone(), Some(counters)).map_err(|e| format!("cannot open the span output {sink:?}: {e}"))?;
         let worker = Worker::spawn("otel-export", cfg.queue_size, Duration::from_millis(50), job)
             .map_err(|e| format!("cannot start the exporter thread: {e}"))?;
         *EXPORTER.write() = Some(worker);
@@ -109,6 +179,10 @@ pub fn vcl_cold() -> String {
                 "pipeline stopped".to_owned()
             } else {
                 STATS.stop_timeouts.fetch_add(1, Relaxed);
+                // The exporter may still write the segment: never destroy it under its feet.
+                if let Some(c) = &life.counters {
+                    std::mem::forget(Arc::clone(c));
+                }
                 format!("pipeline stop timed out after {STOP_DEADLINE:?}; exporter left to finish")
             }
         }

@@ -14,8 +14,9 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 /// What a worker does with its messages.
 pub trait Job<M>: Send + 'static {
     fn handle(&mut self, msg: M);
-    /// Called at least every `tick` while the worker runs (flush timers, deadline sweeps).
-    fn tick(&mut self);
+    /// Called at least every `tick` while the worker runs (flush timers, deadline sweeps), with
+    /// the number of messages waiting.
+    fn tick(&mut self, queued: usize);
     /// Called once after the channel is closed and drained, before the thread exits.
     fn finish(&mut self);
 }
@@ -44,7 +45,7 @@ impl<M: Send + 'static> Worker<M> {
                         Err(RecvTimeoutError::Disconnected) => break,
                     }
                     if Instant::now() >= next_tick {
-                        job.tick();
+                        job.tick(rx.len());
                         next_tick = Instant::now() + tick;
                     }
                 }
@@ -103,7 +104,7 @@ mod tests {
             std::thread::sleep(self.delay);
             self.seen.fetch_add(1, Ordering::SeqCst);
         }
-        fn tick(&mut self) {}
+        fn tick(&mut self, _queued: usize) {}
         fn finish(&mut self) {
             self.finished.fetch_add(1, Ordering::SeqCst);
         }

@@ -8,7 +8,8 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::pipeline::STATS;
+use crate::pipeline::{SharedCounters, STATS};
+use std::sync::Arc;
 use crate::span::SpanRecord;
 use crate::worker::Job;
 use otlp_json::Resource;
@@ -91,6 +92,7 @@ enum Output {
 /// The exporter job: collects spans into batches and writes each batch as one line.
 pub struct ExportJob {
     cfg: ExportConfig,
+    counters: Option<Arc<SharedCounters>>,
     out: Output,
     batch: Vec<SpanRecord>,
     oldest: Option<Instant>,
@@ -99,13 +101,13 @@ pub struct ExportJob {
 impl ExportJob {
     /// Opens the output now, on the CLI thread, so a bad path fails the VCL load with a message
     /// instead of losing spans later.
-    pub fn new(cfg: ExportConfig) -> io::Result<Self> {
+    pub fn new(cfg: ExportConfig, counters: Option<Arc<SharedCounters>>) -> io::Result<Self> {
         let out = match &cfg.sink {
             Sink::File(p) => Output::File(OpenOptions::new().create(true).append(true).open(p)?),
             Sink::Stdout => Output::Stdout,
             Sink::None => Output::Discard,
         };
-        Ok(ExportJob { batch: Vec::with_capacity(cfg.batch_size), cfg, out, oldest: None })
+        Ok(ExportJob { batch: Vec::with_capacity(cfg.batch_size), cfg, counters, out, oldest: None })
     }
 
     fn flush(&mut self) {
@@ -152,7 +154,10 @@ impl Job<Box<SpanRecord>> for ExportJob {
         }
     }
 
-    fn tick(&mut self) {
+    fn tick(&mut self, queued: usize) {
+        if let Some(c) = &self.counters {
+            c.publish(queued);
+        }
         // Records parked by a rollback and never taken back are closed here (see varnish::task).
         for span in crate::varnish::task::sweep_stash() {
             self.handle(span);
@@ -164,5 +169,8 @@ impl Job<Box<SpanRecord>> for ExportJob {
 
     fn finish(&mut self) {
         self.flush();
+        if let Some(c) = &self.counters {
+            c.publish(0);
+        }
     }
 }
