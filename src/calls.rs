@@ -8,8 +8,9 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use varnish::vcl::Ctx;
 
-use crate::pipeline::STATS;
+use crate::pipeline::{self, STATS};
 use crate::propagation::traceparent;
+use crate::sampling;
 use crate::span::{vtim_to_unix_nano, SpanKind, Value};
 use crate::trace::{self, outgoing_traceparent, Parent};
 use crate::varnish::task::{self, EsiParent, TaskState};
@@ -20,6 +21,9 @@ use crate::varnish::{http, log, method};
 pub const MAX_KEY_LEN: usize = 255;
 
 pub fn trace_request(ctx: &mut Ctx) {
+    if pipeline::disabled() {
+        return;
+    }
     // SAFETY: ctx->req is NULL or the request whose VCL is running, for the whole call.
     let Some(req) = (unsafe { ctx.raw.req.as_ref() }) else {
         log::vcl(ctx, "trace_request() is for client subroutines (vcl_recv); ignored");
@@ -36,6 +40,7 @@ pub fn trace_request(ctx: &mut Ctx) {
         return;
     }
     let esi_level = req.esi_level;
+    let sampler = sampling::active();
     // SAFETY: the header tables of the running request stay valid during this call.
     let own = unsafe { http::trace_fields(req.http) };
     let started = if esi_level == 0 {
@@ -47,6 +52,7 @@ pub fn trace_request(ctx: &mut Ctx) {
                 too_many_fields: own.too_many,
             },
             true,
+            &sampler,
         )
     } else {
         // ESI: the sub-request holds the client's original headers; the parent is the request
@@ -58,6 +64,7 @@ pub fn trace_request(ctx: &mut Ctx) {
                 SpanKind::Internal,
                 Parent::Local { trace_id: p.trace_id, span_id: p.span_id, flags: p.flags, tracestate: None },
                 false,
+                &sampler,
             ),
             None => trace::start(
                 SpanKind::Internal,
@@ -67,6 +74,7 @@ pub fn trace_request(ctx: &mut Ctx) {
                     too_many_fields: top.too_many,
                 },
                 false,
+                &sampler,
             ),
         }
     };
@@ -96,6 +104,9 @@ pub fn trace_request(ctx: &mut Ctx) {
 }
 
 pub fn trace_backend(ctx: &mut Ctx) {
+    if pipeline::disabled() {
+        return;
+    }
     // SAFETY: ctx->bo is NULL or the fetch whose VCL is running, for the whole call.
     let Some(bo) = (unsafe { ctx.raw.bo.as_ref() }) else {
         log::vcl(ctx, "trace_backend() is for backend subroutines (vcl_backend_fetch); ignored");
@@ -119,6 +130,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
             too_many_fields: fields.too_many,
         },
         false,
+        &sampling::active(),
     );
     if let Some(why) = started.restarted_because {
         log::vcl(ctx, format!("invalid bereq traceparent ({why}): starting a new trace"));

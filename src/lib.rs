@@ -11,6 +11,7 @@ pub mod export;
 pub mod ids;
 pub mod pipeline;
 pub mod propagation;
+pub mod sampling;
 pub mod span;
 pub mod trace;
 pub mod varnish;
@@ -113,7 +114,7 @@ mod opentracing {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match event {
             Event::Load => {
                 vdp.register::<StatusFilter>();
-                crate::export::ExportConfig::from_env().map(|_| ())
+                pipeline::check_settings()
             }
             Event::Warm => pipeline::vcl_warm().map(crate::varnish::log::global),
             Event::Cold => {

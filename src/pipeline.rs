@@ -4,7 +4,7 @@
 //! Threading: `vcl_warm`/`vcl_cold` run on the CLI thread, serialised by Varnish. `submit` runs on
 //! any worker thread and only takes the read side of a lock, never held across I/O.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use varnish::{Vsc, VscMetric};
 
 use crate::export::{ExportConfig, ExportJob, Sink};
+use crate::sampling::{self, Sampler};
 use crate::span::SpanRecord;
 use crate::worker::Worker;
 
@@ -139,18 +140,49 @@ extern "C" fn drain_at_exit() {
 /// How long process exit may wait for queued spans to be written.
 pub const EXIT_DEADLINE: Duration = Duration::from_secs(2);
 
-static LIFECYCLE: Mutex<Lifecycle> = Mutex::new(Lifecycle { counters: None, warm_vcls: 0, sink: None, exit_hook: false });
+static LIFECYCLE: Mutex<Lifecycle> =
+    Mutex::new(Lifecycle { counters: None, warm_vcls: 0, sink: None, exit_hook: false });
 static EXPORTER: RwLock<Option<Worker<Box<SpanRecord>>>> = RwLock::new(None);
+
+/// `OTEL_SDK_DISABLED=true`: the module does nothing at all; trace headers pass through as the
+/// client sent them.
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+pub fn disabled() -> bool {
+    DISABLED.load(Relaxed)
+}
+
+/// Checks every setting read from the environment (at `vcl.load`, so a bad one fails the load).
+pub fn check_settings() -> Result<(), String> {
+    ExportConfig::from_env()?;
+    Sampler::from_env()?;
+    sdk_disabled_from_env()?;
+    Ok(())
+}
+
+fn sdk_disabled_from_env() -> Result<bool, String> {
+    match std::env::var("OTEL_SDK_DISABLED").ok().as_deref().map(str::trim) {
+        None | Some("") => Ok(false),
+        Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
+        Some(v) if v.eq_ignore_ascii_case("false") => Ok(false),
+        Some(v) => Err(format!("OTEL_SDK_DISABLED={v:?} is neither true nor false")),
+    }
+}
 
 /// A VCL became warm. Starts the pipeline if it is the first. Returns a message for the log.
 pub fn vcl_warm() -> Result<String, String> {
     let mut life = LIFECYCLE.lock();
     if life.warm_vcls == 0 {
+        let sampler = Sampler::from_env()?;
+        DISABLED.store(sdk_disabled_from_env()?, Relaxed);
+        sampling::set_active(sampler);
         let cfg = ExportConfig::from_env()?;
         let sink = cfg.sink.clone();
         // One segment per loaded copy of the library, created on the CLI thread as VRT requires.
-        let counters = life.counters.get_or_insert_with(|| Arc::new(SharedCounters(Vsc::new("OPENTRACING", "")))).clone();
-        let job = ExportJob::new(cfg.clone(), Some(counters)).map_err(|e| format!("cannot open the span output {sink:?}: {e}"))?;
+        let counters =
+            life.counters.get_or_insert_with(|| Arc::new(SharedCounters(Vsc::new("OPENTRACING", "")))).clone();
+        let job = ExportJob::new(cfg.clone(), Some(counters))
+            .map_err(|e| format!("cannot open the span output {sink:?}: {e}"))?;
         let worker = Worker::spawn("otel-export", cfg.queue_size, Duration::from_millis(50), job)
             .map_err(|e| format!("cannot start the exporter thread: {e}"))?;
         *EXPORTER.write() = Some(worker);

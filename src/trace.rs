@@ -1,12 +1,13 @@
 //! Starting spans: turning the incoming trace context into a new span record and the context we
 //! send on. Plain Rust over byte slices, so every rule is unit-tested without Varnish.
 //!
-//! Sampling (first version): parent-based, always on for new traces, as the SDK default
-//! `parentbased_always_on`. An unsampled parent gives an unsampled span: it is not exported, but
-//! its context still propagates with the sampled flag unset.
+//! Sampling is decided here, once, by the sampler passed in (`sampling`; by default
+//! `parentbased_always_on`). An unsampled span is not exported, but its context still propagates
+//! with the sampled flag unset.
 
 use crate::ids::{SpanId, TraceId};
 use crate::propagation::{traceparent, tracestate};
+use crate::sampling::Sampler;
 use crate::span::{SpanKind, SpanRecord};
 
 /// Only the sampled flag is defined by W3C Trace Context Level 1; unknown bits are not forwarded.
@@ -29,7 +30,7 @@ pub struct Started {
     pub tracestate_dropped_because: Option<&'static str>,
 }
 
-pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool) -> Started {
+pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &Sampler) -> Started {
     let mut restarted_because = None;
     let mut tracestate_dropped_because = None;
     let span_id = SpanId::random();
@@ -41,7 +42,7 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool) -> Started
                 Ok(Some(ctx)) => {
                     record = Box::new(SpanRecord::new(kind, TraceId(ctx.trace_id), span_id, Some(SpanId(ctx.span_id))));
                     record.parent_is_remote = remote_parent;
-                    record.flags = ctx.flags & FORWARDED_FLAGS;
+                    record.flags = u8::from(sampler.decide(&record.trace_id, Some(ctx.sampled())));
                     // tracestate is only meaningful with a valid traceparent.
                     match tracestate::combine(ts) {
                         Ok(state) => record.tracestate = state,
@@ -50,14 +51,17 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool) -> Started
                 }
                 Ok(None) => {
                     record = Box::new(SpanRecord::new(kind, TraceId::random(), span_id, None));
+                    record.flags = u8::from(sampler.decide(&record.trace_id, None));
                 }
                 Err(e) => {
                     restarted_because = Some(e.as_str());
                     record = Box::new(SpanRecord::new(kind, TraceId::random(), span_id, None));
+                    record.flags = u8::from(sampler.decide(&record.trace_id, None));
                 }
             }
         }
         Parent::Local { trace_id, span_id: parent_id, flags, tracestate } => {
+            // A child of our own span shares its decision: one trace, one decision.
             record = Box::new(SpanRecord::new(kind, trace_id, span_id, Some(parent_id)));
             record.flags = flags & FORWARDED_FLAGS;
             record.tracestate = tracestate;
@@ -84,6 +88,10 @@ mod tests {
     use super::*;
 
     const TP: &[u8] = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    fn start(kind: SpanKind, parent: Parent<'_>, remote: bool) -> Started {
+        super::start(kind, parent, remote, &Sampler::default())
+    }
 
     fn headers<'a>(tp: &'a [&'a [u8]], ts: &'a [&'a [u8]]) -> Parent<'a> {
         Parent::Headers { traceparent: tp, tracestate: ts, too_many_fields: false }
@@ -163,6 +171,21 @@ mod tests {
         );
         assert_eq!(s.record.trace_id, TraceId([7; 16]));
         assert_eq!(s.record.parent_span_id, Some(SpanId([8; 8])));
+        assert!(!s.record.sampled());
+    }
+
+    #[test]
+    fn the_sampler_decides_new_traces_and_the_flag_follows() {
+        let off = Sampler::from_env_values(Some("parentbased_always_off"), None).unwrap();
+        let s = super::start(SpanKind::Server, headers(&[], &[]), true, &off);
+        assert!(!s.record.sampled());
+        assert!(outgoing_traceparent(&s.record)[..55].ends_with(b"-00"));
+        // ...while a sampled parent is still followed
+        let s = super::start(SpanKind::Server, headers(&[TP], &[]), true, &off);
+        assert!(s.record.sampled());
+        // a non-parent-based sampler overrides the parent's flag
+        let always_off = Sampler::from_env_values(Some("always_off"), None).unwrap();
+        let s = super::start(SpanKind::Server, headers(&[TP], &[]), true, &always_off);
         assert!(!s.record.sampled());
     }
 

@@ -9,11 +9,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::pipeline::{SharedCounters, STATS};
-use std::sync::Arc;
 use crate::span::SpanRecord;
 use crate::worker::Job;
 use otlp_json::Resource;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 /// Where finished spans are written.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,196 @@
+//! Head sampling, decided once when a span starts, configured like the OpenTelemetry SDK
+//! (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`; default `parentbased_always_on`).
+//!
+//! The decision is the sampled flag of the span's context: it is what the backends receive, and
+//! an unsampled span is never exported. The active sampler lives in atomics, so reading it on the
+//! request path costs two relaxed loads and no lock.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+
+use crate::ids::TraceId;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Root {
+    AlwaysOn,
+    AlwaysOff,
+    /// Samples traces whose ID falls below the ratio (same rule as the OpenTelemetry SDKs, so
+    /// every tier with the same ratio makes the same decision for a trace).
+    Ratio(f64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampler {
+    pub root: Root,
+    /// Follow the parent's sampled flag when there is a parent (the `parentbased_*` samplers).
+    pub parent_based: bool,
+}
+
+impl Default for Sampler {
+    fn default() -> Self {
+        Sampler { root: Root::AlwaysOn, parent_based: true }
+    }
+}
+
+impl Sampler {
+    /// Parses the SDK's environment variables. Unknown names are errors (for `vcl.load`).
+    pub fn from_env_values(name: Option<&str>, arg: Option<&str>) -> Result<Self, String> {
+        let ratio = || -> Result<f64, String> {
+            match arg.map(str::trim).filter(|a| !a.is_empty()) {
+                None => Ok(1.0),
+                Some(a) => a
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| (0.0..=1.0).contains(r))
+                    .ok_or_else(|| format!("OTEL_TRACES_SAMPLER_ARG={a:?} is not a ratio between 0 and 1")),
+            }
+        };
+        let (root, parent_based) = match name.map(str::trim).filter(|n| !n.is_empty()) {
+            None | Some("parentbased_always_on") => (Root::AlwaysOn, true),
+            Some("parentbased_always_off") => (Root::AlwaysOff, true),
+            Some("parentbased_traceidratio") => (Root::Ratio(ratio()?), true),
+            Some("always_on") => (Root::AlwaysOn, false),
+            Some("always_off") => (Root::AlwaysOff, false),
+            Some("traceidratio") => (Root::Ratio(ratio()?), false),
+            Some(other) => return Err(format!("OTEL_TRACES_SAMPLER={other:?} is not supported")),
+        };
+        Ok(Sampler { root, parent_based })
+    }
+
+    pub fn from_env() -> Result<Self, String> {
+        let name = std::env::var("OTEL_TRACES_SAMPLER").ok();
+        let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok();
+        Self::from_env_values(name.as_deref(), arg.as_deref())
+    }
+
+    /// `parent_sampled` is `Some(flag)` when the span has a valid parent context.
+    pub fn decide(&self, trace_id: &TraceId, parent_sampled: Option<bool>) -> bool {
+        if let (true, Some(flag)) = (self.parent_based, parent_sampled) {
+            return flag;
+        }
+        match self.root {
+            Root::AlwaysOn => true,
+            Root::AlwaysOff => false,
+            Root::Ratio(r) => ratio_keeps(r, trace_id),
+        }
+    }
+}
+
+fn ratio_bound(ratio: f64) -> u64 {
+    (ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64
+}
+
+/// The rule of the OpenTelemetry SDKs' TraceIdRatioBased sampler: the low 8 bytes of the trace
+/// ID, shifted right by one, compared with `ratio * 2^63`.
+fn ratio_keeps(ratio: f64, trace_id: &TraceId) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let low = u64::from_be_bytes(trace_id.0[8..16].try_into().unwrap_or([0; 8]));
+    (low >> 1) < ratio_bound(ratio)
+}
+
+// ---- the process-wide active sampler ------------------------------------------------------
+
+const ROOT_ON: u8 = 0;
+const ROOT_OFF: u8 = 1;
+const ROOT_RATIO: u8 = 2;
+const PARENT_BASED: u8 = 0x10;
+
+static ACTIVE_KIND: AtomicU8 = AtomicU8::new(ROOT_ON | PARENT_BASED);
+static ACTIVE_RATIO_BITS: AtomicU64 = AtomicU64::new(0);
+
+/// Installs the sampler (CLI thread, when the pipeline starts).
+pub fn set_active(s: Sampler) {
+    let (root, bits) = match s.root {
+        Root::AlwaysOn => (ROOT_ON, 0),
+        Root::AlwaysOff => (ROOT_OFF, 0),
+        Root::Ratio(r) => (ROOT_RATIO, r.to_bits()),
+    };
+    ACTIVE_RATIO_BITS.store(bits, Relaxed);
+    ACTIVE_KIND.store(root | if s.parent_based { PARENT_BASED } else { 0 }, Relaxed);
+}
+
+/// The sampler in force (any thread).
+pub fn active() -> Sampler {
+    let kind = ACTIVE_KIND.load(Relaxed);
+    let root = match kind & 0x0f {
+        ROOT_OFF => Root::AlwaysOff,
+        ROOT_RATIO => Root::Ratio(f64::from_bits(ACTIVE_RATIO_BITS.load(Relaxed))),
+        _ => Root::AlwaysOn,
+    };
+    Sampler { root, parent_based: kind & PARENT_BASED != 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tid(low: u64) -> TraceId {
+        let mut b = [0u8; 16];
+        b[0] = 1;
+        b[8..].copy_from_slice(&low.to_be_bytes());
+        TraceId(b)
+    }
+
+    #[test]
+    fn default_is_parentbased_always_on() {
+        let s = Sampler::from_env_values(None, None).unwrap();
+        assert_eq!(s, Sampler::default());
+        assert!(s.decide(&tid(5), None));
+        assert!(s.decide(&tid(5), Some(true)));
+        assert!(!s.decide(&tid(5), Some(false)), "an unsampled parent is never forced to sampled");
+    }
+
+    #[test]
+    fn non_parent_based_samplers_ignore_the_parent() {
+        let on = Sampler::from_env_values(Some("always_on"), None).unwrap();
+        assert!(on.decide(&tid(5), Some(false)));
+        let off = Sampler::from_env_values(Some("always_off"), None).unwrap();
+        assert!(!off.decide(&tid(5), Some(true)));
+        let pb_off = Sampler::from_env_values(Some("parentbased_always_off"), None).unwrap();
+        assert!(pb_off.decide(&tid(5), Some(true)));
+        assert!(!pb_off.decide(&tid(5), None));
+    }
+
+    #[test]
+    fn ratio_follows_the_sdk_rule_at_the_boundary() {
+        let s = Sampler::from_env_values(Some("traceidratio"), Some("0.5")).unwrap();
+        // bound = 2^62; low >> 1 must be below it
+        assert!(s.decide(&tid((1u64 << 63) - 2), None));
+        assert!(!s.decide(&tid(1u64 << 63), None));
+        let zero = Sampler::from_env_values(Some("traceidratio"), Some("0")).unwrap();
+        assert!(!zero.decide(&tid(0), None));
+        let one = Sampler::from_env_values(Some("traceidratio"), Some("1")).unwrap();
+        assert!(one.decide(&tid(u64::MAX), None));
+    }
+
+    #[test]
+    fn ratio_samples_about_the_requested_share_of_random_traces() {
+        let s = Sampler::from_env_values(Some("parentbased_traceidratio"), Some("0.1")).unwrap();
+        let n = 100_000;
+        let kept = (0..n).filter(|_| s.decide(&TraceId::random(), None)).count();
+        // 10% of 100k: the binomial standard deviation is ~95, so +-1000 cannot fail by chance.
+        assert!((9_000..11_000).contains(&kept), "kept {kept}");
+        // with a parent, the parent decides
+        assert!(s.decide(&tid(u64::MAX), Some(true)));
+    }
+
+    #[test]
+    fn bad_settings_name_the_variable() {
+        let e = Sampler::from_env_values(Some("sometimes"), None).unwrap_err();
+        assert!(e.contains("OTEL_TRACES_SAMPLER"));
+        let e = Sampler::from_env_values(Some("traceidratio"), Some("1.5")).unwrap_err();
+        assert!(e.contains("OTEL_TRACES_SAMPLER_ARG"));
+        let e = Sampler::from_env_values(Some("traceidratio"), Some("abc")).unwrap_err();
+        assert!(e.contains("OTEL_TRACES_SAMPLER_ARG"));
+    }
+
+    #[test]
+    fn active_sampler_round_trips_through_the_atomics() {
+        let s = Sampler { root: Root::Ratio(0.25), parent_based: false };
+        set_active(s);
+        assert_eq!(active(), s);
+        set_active(Sampler::default());
+        assert_eq!(active(), Sampler::default());
+    }
+}
