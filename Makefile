@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VARNISH_ENV = eval "$$(bash scripts/varnish.sh --env)"
 CARGO_TEST = $(if $(shell command -v cargo-nextest),nextest run --no-fail-fast,test --no-fail-fast)
 
-.PHONY: all varnish env deps build test test-unit test-vtc test-e2e demo check-vcl stats clean
+.PHONY: all varnish env deps build release bench test test-unit test-vtc test-e2e demo check-vcl stats clean
 
 all: build
 
@@ -24,6 +24,15 @@ deps: varnish
 ## The VMOD (debug build, target/debug/libvmod_opentracing.so) and its API.md.
 build: varnish
 	@$(VARNISH_ENV) && cargo build
+
+## The optimised, stripped VMOD (target/release/libvmod_opentracing.so).
+release: varnish
+	@$(VARNISH_ENV) && cargo build --release
+
+## Overhead against plain Varnish with wrk (bench/run.py; results in bench/results/).
+bench: varnish release
+	@bash scripts/deps.sh bench
+	@$(VARNISH_ENV) && python3 bench/run.py
 
 ## Everything: Rust unit tests, end-to-end tests against real varnishd, every .vtc suite.
 test: deps build

@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""make bench: the cost of tracing, measured side by side with plain Varnish.
+
+One varnishd per configuration (all from the same Varnish and the same VCL, with or without the
+module), a second varnishd as a fast synthetic origin, and wrk on loopback. Configurations are
+run in short, interleaved, shuffled rounds so that machine drift hits all of them alike; each
+round's requests per second are divided by the baseline's of the same round, and we report the
+median and the spread of those ratios, plus latency, varnishd CPU time per request (from /proc),
+peak RSS, and spans exported vs dropped.
+
+Environment: BENCH_ROUNDS (default 8), BENCH_SECONDS per run (2), BENCH_CONNECTIONS (10),
+BENCH_WORKLOADS (hit,pass), BENCH_CONFIGS (all), BENCH_OUT (bench/results).
+"""
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SO_DIR = os.path.join(REPO, "target", "release")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "8"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "2"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "10"))
+WORKLOADS = os.environ.get("BENCH_WORKLOADS", "hit,pass").split(",")
+OUT = os.environ.get("BENCH_OUT", os.path.join(REPO, "bench", "results"))
+
+# name -> (uses the module, environment of varnishd)
+CONFIGS = {
+    "baseline": (False, {}),
+    "disabled": (True, {"OTEL_SDK_DISABLED": "true"}),
+    "sampled_0": (True, {"OTEL_TRACES_SAMPLER": "always_off"}),
+    "sampled_1pct": (True, {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}),
+    "sampled_10pct": (True, {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}),
+    "sampled_100pct": (True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}),
+}
+if os.environ.get("BENCH_CONFIGS"):
+    wanted = os.environ["BENCH_CONFIGS"].split(",")
+    CONFIGS = {k: v for k, v in CONFIGS.items() if k in wanted or k == "baseline"}
+
+# The budget of issue 6 (cache hits): ratio to baseline at least this, p99 added at most 50 us.
+BUDGET = {"sampled_100pct": 0.95, "sampled_1pct": 0.99}
+
+ORIGIN_VCL = """vcl 4.1;
+backend none none;
+sub vcl_recv { return (synth(200)); }
+sub vcl_synth {
+    set resp.http.Cache-Control = "max-age=3600";
+    synthetic({"%s"});
+    return (deliver);
+}
+""" % ("x" * 1024)
+
+PROXY_VCL = """vcl 4.1;
+%(module)s
+backend origin { .host = "127.0.0.1"; .port = "%(origin_port)d"; }
+sub vcl_recv {
+    if (req.url ~ "^/pass") { return (pass); }
+}
+"""
+MODULE_LINES = 'import opentracing;\ninclude "opentracing.vcl";'
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw).stdout
+
+
+class Varnishd:
+    def __init__(self, name, workdir, vcl, env=None, cpu=None):
+        self.name, self.port = name, free_port()
+        self.dir = os.path.join(workdir, name)
+        os.makedirs(self.dir)
+        vcl_file = os.path.join(self.dir, "main.vcl")
+        with open(vcl_file, "w") as f:
+            f.write(vcl)
+        vmod_path = SO_DIR + ":" + sh("pkg-config", "--variable=vmoddir", "varnishapi").strip()
+        cmd = ["varnishd", "-F", "-j", "none", "-n", self.dir + "/n", "-a", f"127.0.0.1:{self.port}",
+               "-f", vcl_file, "-s", "malloc,256m", "-p", f"vmod_path={vmod_path}",
+               "-p", f"vcl_path={REPO}/vcl", "-p", "thread_pool_min=20", "-p", "thread_pools=1"]
+        if cpu is not None and shutil.which("taskset"):
+            cmd = ["taskset", "-c", str(cpu)] + cmd
+        full_env = dict(os.environ, OPENTRACING_SPANS_FILE="/dev/null", **(env or {}))
+        self.log = open(os.path.join(self.dir, "varnishd.out"), "w")
+        self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self):
+        for _ in range(200):
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"bench: varnishd {self.name} exited; see {self.log.name}")
+                time.sleep(0.05)
+        raise SystemExit(f"bench: varnishd {self.name} does not answer")
+
+    def child_pid(self):
+        out = sh("pgrep", "-P", str(self.proc.pid), "cache-main").split()
+        return int(out[0])
+
+    def cpu_seconds(self):
+        with open(f"/proc/{self.child_pid()}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime, all threads
+
+    def peak_rss_kib(self):
+        with open(f"/proc/{self.child_pid()}/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+
+    def counters(self):
+        try:
+            out = json.loads(sh("varnishstat", "-n", self.dir + "/n", "-1", "-j", "-f", "OPENTRACING.*"))
+        except subprocess.CalledProcessError:
+            return {}
+        counters = out.get("counters", out)
+        return {k.split(".", 1)[1]: v["value"] for k, v in counters.items() if k.startswith("OPENTRACING.")}
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def wrk(port, path, seconds, cpu):
+    cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{path}"]
+    if cpu is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(cpu)] + cmd
+    out = sh(*cmd)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    lat = {}
+    for pct, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        lat[pct] = float(value) * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
+    return {"rps": rps, "requests": total, "errors": int(errors.group(1)) if errors else 0,
+            "p50_us": lat.get("50"), "p99_us": lat.get("99")}
+
+
+def spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def versions():
+    vd = subprocess.run(["varnishd", "-V"], capture_output=True, text=True)
+    v = {"varnishd": (vd.stdout + vd.stderr).strip().splitlines()[0],
+         "wrk": "", "rustc": sh("rustc", "--version").strip(), "kernel": platform.release(),
+         "cpus": os.cpu_count(), "cpu_model": ""}
+    try:
+        v["wrk"] = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    except (IndexError, OSError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            v["cpu_model"] = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    try:
+        v["commit"] = sh("git", "-C", REPO, "rev-parse", "--short", "HEAD").strip()
+    except (subprocess.CalledProcessError, OSError):
+        v["commit"] = "unknown"
+    return v
+
+
+def main():
+    try:
+        versions_ = versions()
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"bench: {e}")
+    workdir = tempfile.mkdtemp(prefix="vmod-opentracing-bench-")
+    # varnishd under test on CPU 0, wrk on CPU 1; the origin floats.
+    cpus = os.cpu_count() or 1
+    vcpu, wcpu = (0, 1) if cpus >= 2 else (None, None)
+    servers = []
+    try:
+        origin = Varnishd("origin", workdir, ORIGIN_VCL)
+        servers.append(origin)
+        proxies = {}
+        for name, (module, env) in CONFIGS.items():
+            vcl = PROXY_VCL % {"module": MODULE_LINES if module else "", "origin_port": origin.port}
+            proxies[name] = Varnishd(name, workdir, vcl, env, cpu=vcpu)
+            servers.append(proxies[name])
+        paths = {"hit": "/hit", "pass": "/pass"}
+        for p in proxies.values():  # warm: the object is cached, connections open
+            wrk(p.port, paths["hit"], 1, wcpu)
+            wrk(p.port, paths["pass"], 1, wcpu)
+        runs = {w: {c: [] for c in CONFIGS} for w in WORKLOADS}
+        rng = random.Random(42)
+        started = time.time()
+        for rnd in range(ROUNDS):
+            for w in WORKLOADS:
+                order = list(CONFIGS)
+                rng.shuffle(order)
+                for c in order:
+                    p = proxies[c]
+                    cpu0 = p.cpu_seconds()
+                    r = wrk(p.port, paths[w], SECONDS, wcpu)
+                    r["cpu_us_per_req"] = (p.cpu_seconds() - cpu0) * 1e6 / max(r["requests"], 1)
+                    r["round"] = rnd
+                    runs[w][c].append(r)
+            print(f"bench: round {rnd + 1}/{ROUNDS} done ({time.time() - started:.0f} s)", file=sys.stderr)
+        counters = {c: proxies[c].counters() for c in CONFIGS}
+        rss = {c: proxies[c].peak_rss_kib() for c in CONFIGS}
+    finally:
+        for s in servers:
+            s.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    summary = {}
+    for w in WORKLOADS:
+        base = runs[w]["baseline"]
+        summary[w] = {}
+        for c in CONFIGS:
+            rs = runs[w][c]
+            ratios = [r["rps"] / b["rps"] for r, b in zip(rs, base)]
+            p99_added = [r["p99_us"] - b["p99_us"] for r, b in zip(rs, base) if r["p99_us"] and b["p99_us"]]
+            summary[w][c] = {
+                "rps": spread([r["rps"] for r in rs]),
+                "ratio": spread(ratios),
+                "p50_us": statistics.median([r["p50_us"] for r in rs if r["p50_us"]]),
+                "p99_us": statistics.median([r["p99_us"] for r in rs if r["p99_us"]]),
+                "p99_added_us": statistics.median(p99_added) if p99_added else None,
+                "cpu_us_per_req": spread([r["cpu_us_per_req"] for r in rs]),
+                "errors": sum(r["errors"] for r in rs),
+                "peak_rss_kib": rss[c],
+                "spans_exported": counters[c].get("spans_exported"),
+                "spans_dropped": counters[c].get("spans_dropped"),
+            }
+    verdicts = budget_verdicts(summary)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    result = {"when": stamp, "machine": versions_, "method": {
+        "rounds": ROUNDS, "seconds_per_run": SECONDS, "connections": CONNECTIONS,
+        "wrk_threads": 1, "pinning": "varnishd under test on CPU 0, wrk on CPU 1" if vcpu is not None else "none",
+        "exporter": "OTLP/JSON lines to /dev/null (file exporter)"},
+        "summary": summary, "budget": verdicts, "runs": runs}
+    os.makedirs(OUT, exist_ok=True)
+    md = markdown(result)
+    for name in (f"{stamp}.json", "latest.json"):
+        with open(os.path.join(OUT, name), "w") as f:
+            json.dump(result, f, indent=1)
+    for name in (f"{stamp}.md", "latest.md"):
+        with open(os.path.join(OUT, name), "w") as f:
+            f.write(md)
+    print(md)
+    print(f"bench: results in {OUT}/{stamp}.md and .json", file=sys.stderr)
+
+
+def budget_verdicts(summary):
+    out = {}
+    hit = summary.get("hit", {})
+    for c, floor_ in BUDGET.items():
+        if c in hit:
+            ratio = hit[c]["ratio"]["median"]
+            ok = ratio >= floor_
+            if c == "sampled_100pct" and hit[c]["p99_added_us"] is not None:
+                ok = ok and hit[c]["p99_added_us"] <= 50
+            out[c] = {"ratio_median": ratio, "floor": floor_, "p99_added_us": hit[c]["p99_added_us"],
+                      "within_budget": ok}
+    if "disabled" in hit:
+        # "No difference beyond the run-to-run spread": 1.0 lies within the disabled ratios' spread.
+        r = hit["disabled"]["ratio"]
+        out["disabled"] = {"ratio_median": r["median"], "spread": [r["min"], r["max"]],
+                           "within_budget": r["min"] <= 1.0 <= r["max"]}
+    return out
+
+
+def markdown(res):
+    m, meth = res["machine"], res["method"]
+    lines = [f"# Benchmark {res['when']}", "",
+             f"Commit {m.get('commit')}, {m['varnishd']}, {m['wrk']}, {m['rustc']}, "
+             f"{m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}.", "",
+             f"Method: {meth['rounds']} interleaved rounds x {meth['seconds_per_run']} s per configuration and "
+             f"workload, wrk -t1 -c{meth['connections']}, {meth['pinning']}; exporter: {meth['exporter']}. "
+             "Ratio = requests/s divided by the baseline's in the same round: median [min-max].", ""]
+    for w, rows in res["summary"].items():
+        lines += [f"## Workload: {w}", "",
+                  "| configuration | req/s (median) | ratio to baseline | p50 us | p99 us | p99 added us "
+                  "| varnishd CPU us/req | peak RSS MiB | spans exported | dropped |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for c, s in rows.items():
+            r = s["ratio"]
+            cpu = s["cpu_us_per_req"]
+            added = "" if s["p99_added_us"] is None or c == "baseline" else f"{s['p99_added_us']:+.0f}"
+            lines.append(
+                f"| {c} | {s['rps']['median']:.0f} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] "
+                f"| {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {cpu['median']:.1f} "
+                f"| {s['peak_rss_kib'] / 1024:.0f} | {s['spans_exported'] if s['spans_exported'] is not None else '-'} "
+                f"| {s['spans_dropped'] if s['spans_dropped'] is not None else '-'} |")
+        lines.append("")
+    lines += ["## Budget (cache hits)", ""]
+    for c, v in res["budget"].items():
+        verdict = "within budget" if v["within_budget"] else "OVER BUDGET"
+        lines.append(f"- {c}: ratio {v['ratio_median']:.3f} ({verdict})")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
