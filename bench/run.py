@@ -141,6 +141,34 @@ class Varnishd:
         self.log.close()
 
 
+def perf_available():
+    if not shutil.which("perf"):
+        return False
+    r = subprocess.run(["perf", "stat", "-x,", "-e", "instructions:u,instructions:k", "true"],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and "not supported" not in r.stderr
+
+
+class InstructionCounter:
+    """Counts the instructions the varnishd child executes (user + kernel) while it runs: an
+    exact, noise-free second signal next to wall-clock throughput on a shared machine."""
+
+    def __init__(self, pid):
+        self.proc = subprocess.Popen(["perf", "stat", "-x,", "-e", "instructions:u,instructions:k", "-p", str(pid)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.05)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=10)
+        counts = {}
+        for line in err.splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2].startswith("instructions") and fields[0].isdigit():
+                counts[fields[2]] = int(fields[0])
+        return counts.get("instructions:u"), counts.get("instructions:k")
+
+
 def wrk(port, path, seconds, cpu):
     cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{path}"]
     if cpu is not None and shutil.which("taskset"):
@@ -204,6 +232,7 @@ def main():
             wrk(p.port, paths["hit"], 1, wcpu)
             wrk(p.port, paths["pass"], 1, wcpu)
         runs = {w: {c: [] for c in CONFIGS} for w in WORKLOADS}
+        use_perf = perf_available()
         rng = random.Random(42)
         started = time.time()
         for rnd in range(ROUNDS):
@@ -218,6 +247,17 @@ def main():
                     r["round"] = rnd
                     runs[w][c].append(r)
             print(f"bench: round {rnd + 1}/{ROUNDS} done ({time.time() - started:.0f} s)", file=sys.stderr)
+        # A separate, untimed pass counts instructions (perf slows what it watches, so the timed
+        # rounds run without it): user space, where our code runs, and kernel.
+        instructions = {w: {} for w in WORKLOADS}
+        if use_perf:
+            for w in WORKLOADS:
+                for c in CONFIGS:
+                    counter = InstructionCounter(proxies[c].child_pid())
+                    r = wrk(proxies[c].port, paths[w], SECONDS, wcpu)
+                    user, kernel = counter.stop()
+                    n = max(r["requests"], 1)
+                    instructions[w][c] = {"user": user / n, "kernel": kernel / n} if user else None
         counters = {c: proxies[c].counters() for c in CONFIGS}
         rss = {c: proxies[c].peak_rss_kib() for c in CONFIGS}
     finally:
@@ -240,6 +280,7 @@ def main():
                 "p99_us": statistics.median([r["p99_us"] for r in rs if r["p99_us"]]),
                 "p99_added_us": statistics.median(p99_added) if p99_added else None,
                 "cpu_us_per_req": spread([r["cpu_us_per_req"] for r in rs]),
+                "instructions_per_req": instructions[w].get(c),
                 "errors": sum(r["errors"] for r in rs),
                 "peak_rss_kib": rss[c],
                 "spans_exported": counters[c].get("spans_exported"),
@@ -294,15 +335,20 @@ def markdown(res):
     for w, rows in res["summary"].items():
         lines += [f"## Workload: {w}", "",
                   "| configuration | req/s (median) | ratio to baseline | p50 us | p99 us | p99 added us "
-                  "| varnishd CPU us/req | peak RSS MiB | spans exported | dropped |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| varnishd CPU us/req | user instructions/req | added | kernel instr./req | peak RSS MiB | spans exported | dropped |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        base_ins = rows["baseline"]["instructions_per_req"]
         for c, s in rows.items():
             r = s["ratio"]
             cpu = s["cpu_us_per_req"]
             added = "" if s["p99_added_us"] is None or c == "baseline" else f"{s['p99_added_us']:+.0f}"
+            ins = s["instructions_per_req"]
+            ins_txt = f"{ins['user']:.0f}" if ins else "-"
+            kernel_txt = f"{ins['kernel']:.0f}" if ins else "-"
+            ins_added = f"{ins['user'] - base_ins['user']:+.0f}" if ins and base_ins and c != "baseline" else ""
             lines.append(
                 f"| {c} | {s['rps']['median']:.0f} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] "
-                f"| {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {cpu['median']:.1f} "
+                f"| {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {cpu['median']:.1f} | {ins_txt} | {ins_added} | {kernel_txt} "
                 f"| {s['peak_rss_kib'] / 1024:.0f} | {s['spans_exported'] if s['spans_exported'] is not None else '-'} "
                 f"| {s['spans_dropped'] if s['spans_dropped'] is not None else '-'} |")
         lines.append("")

@@ -35,8 +35,6 @@ pub fn trace_request(ctx: &mut Ctx) {
             state.repeats_seen = req.restarts;
             state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.restart");
         }
-        // A rollback restores the client's headers: put ours back.
-        unsafe { write_context(req.http, state) };
         return;
     }
     let esi_level = req.esi_level;
@@ -85,18 +83,25 @@ pub fn trace_request(ctx: &mut Ctx) {
         log::vcl(ctx, format!("invalid tracestate ({why}): dropped"));
     }
     let mut record = started.record;
-    let (method, url) = unsafe { http::request_line(req.http) };
     record.start_unix_nano = vtim_to_unix_nano(req.t_first.0);
     record.vxid = task::current_vxid(ctx);
-    record.name = if esi_level > 0 { format!("ESI {method}").into() } else { span_name(&method).into() };
-    record.set_str("http.request.method", method);
-    record.set_str("url.path", trace::url_path(&url));
-    if esi_level > 0 {
-        record.set_int("varnish.esi_level", i64::from(esi_level));
+    // An unsampled span is never exported: it only carries the context, so skip the rest.
+    if record.sampled() {
+        let (method, url) = unsafe { http::request_line(req.http) };
+        record.name = if esi_level > 0 { format!("ESI {method}").into() } else { span_name(&method).into() };
+        // A fresh record: `add` skips the search for an existing key.
+        let path = trace::url_path(&url).to_owned();
+        record.add("http.request.method", Value::Str(method));
+        record.add("url.path", Value::Str(path));
+        if esi_level > 0 {
+            record.add("varnish.esi_level", Value::Int(i64::from(esi_level)));
+        }
     }
+    // The context is written into the request only when it goes to a backend (see
+    // `cache_result`): a cache hit, the common case, never pays for the header.
     let mut state = TaskState::new(record);
     state.repeats_seen = req.restarts;
-    unsafe { write_context(req.http, &state) };
+    state.had_tracestate = !own.tracestate.is_empty();
     STATS.spans_started.fetch_add(1, Relaxed);
     if task::install(ctx, state).is_err() {
         log::vcl(ctx, "out of workspace: span not recorded");
@@ -136,14 +141,18 @@ pub fn trace_backend(ctx: &mut Ctx) {
         log::vcl(ctx, format!("invalid bereq traceparent ({why}): starting a new trace"));
     }
     let mut record = started.record;
-    let (method, url) = unsafe { http::request_line(bo.bereq) };
     record.start_unix_nano = vtim_to_unix_nano(bo.t_first.0);
     record.vxid = task::current_vxid(ctx);
-    record.name = span_name(&method).into();
-    record.set_str("http.request.method", method);
-    record.set_str("url.path", trace::url_path(&url));
+    if record.sampled() {
+        let (method, url) = unsafe { http::request_line(bo.bereq) };
+        record.name = span_name(&method).into();
+        let path = trace::url_path(&url).to_owned();
+        record.add("http.request.method", Value::Str(method));
+        record.add("url.path", Value::Str(path));
+    }
     let mut state = TaskState::new(record);
     state.repeats_seen = bo.retries;
+    state.had_tracestate = !fields.tracestate.is_empty();
     unsafe { write_context(bo.bereq, &state) };
     STATS.spans_started.fetch_add(1, Relaxed);
     if task::install(ctx, state).is_err() {
@@ -153,9 +162,15 @@ pub fn trace_backend(ctx: &mut Ctx) {
 
 /// Records what the end of a VCL phase knows: the response status VCL sees, a failed fetch,
 /// and, in `vcl_deliver`, this request as the parent of its ESI sub-requests.
-pub fn finish(ctx: &mut Ctx) {
+///
+/// Returns true when the status Varnish will send may differ from the one VCL sees (a
+/// conditional or range request, answered 304 or 206 after `vcl_deliver`) and the span is
+/// sampled: the include then adds the `opentracing` delivery filter, which reads the final
+/// status. Other requests skip the filter and its cost.
+pub fn finish(ctx: &mut Ctx) -> bool {
     let m = ctx.raw.method;
-    let Some(state) = task::current(ctx) else { return };
+    let Some(state) = task::current(ctx) else { return false };
+    let mut want_filter = false;
     match m {
         method::DELIVER | method::SYNTH => {
             // SAFETY: in vcl_deliver/vcl_synth ctx->req and its resp are valid.
@@ -169,6 +184,8 @@ pub fn finish(ctx: &mut Ctx) {
             }
             let r = &state.record;
             task::publish_esi_parent(level, EsiParent { trace_id: r.trace_id, span_id: r.span_id, flags: r.flags });
+            // SAFETY: ctx->req is valid in vcl_deliver/vcl_synth.
+            want_filter = r.sampled() && status == 200 && unsafe { http::is_conditional((*ctx.raw.req).http) };
         }
         method::BACKEND_RESPONSE => {
             state.status_vcl = Some(unsafe { http::status(ctx.raw.http_beresp.0) });
@@ -180,21 +197,64 @@ pub fn finish(ctx: &mut Ctx) {
             "finish() is for vcl_deliver, vcl_synth, vcl_pipe, vcl_backend_response and vcl_backend_error; ignored",
         ),
     }
+    want_filter
 }
 
 /// Records how the cache served the request. `synth` never replaces an earlier result (a
 /// `return (synth())` from `vcl_hit` is still a hit).
+///
+/// It is also where the span's context is written into what goes to the backend, because the
+/// include calls it exactly where a fetch follows: `miss` and `pass` (the bereq is built from
+/// the req after them), `pipe` (the bereq exists already), and a `hit` on a stale object (a
+/// background fetch starts when `vcl_hit` returns).
 pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
-    if ctx.raw.req.is_null() {
+    // SAFETY: ctx->req is NULL or the running request.
+    let Some(req) = (unsafe { ctx.raw.req.as_ref() }) else {
         log::vcl(ctx, "cache_result() is for client subroutines; ignored");
         return;
-    }
+    };
+    let m = ctx.raw.method;
+    let now = ctx.raw.now.0;
+    let bereq = ctx.raw.http_bereq.0;
     let Some(state) = task::current(ctx) else { return };
-    let result = result.to_string_lossy();
-    if result == "synth" && state.record.get("varnish.cache_result").is_some() {
+    let target = match m {
+        method::MISS | method::PASS => req.http,
+        method::PIPE => bereq,
+        // SAFETY: in vcl_hit req->objcore is the object found.
+        method::HIT if unsafe { is_stale(req, now) } => req.http,
+        _ => std::ptr::null_mut(),
+    };
+    if !target.is_null() {
+        // SAFETY: a header table of the running task.
+        unsafe { write_context(target, state) };
+    }
+    if !state.record.sampled() {
         return;
     }
-    state.record.set("varnish.cache_result", Value::Str(result.into_owned()));
+    let result = result.to_bytes();
+    if result == b"synth" && state.record.get("varnish.cache_result").is_some() {
+        return;
+    }
+    let value = match result {
+        b"hit" => "hit".to_owned(),
+        b"miss" => "miss".to_owned(),
+        b"pass" => "pass".to_owned(),
+        other => String::from_utf8_lossy(other).into_owned(),
+    };
+    state.record.set("varnish.cache_result", Value::Str(value));
+}
+
+/// Whether the object found by a hit is past its TTL (served in grace, with a background fetch).
+///
+/// # Safety
+/// `req` must be the running request, in `vcl_hit`.
+unsafe fn is_stale(req: &varnish::ffi::req, now: f64) -> bool {
+    let Some(oc) = req.objcore.as_ref() else { return false };
+    let mut ttl = f64::from(oc.ttl);
+    if req.d_ttl.0 >= 0.0 && req.d_ttl.0 < ttl {
+        ttl = req.d_ttl.0;
+    }
+    oc.t_origin.0 + ttl <= now
 }
 
 pub fn tag(ctx: &mut Ctx, key: &CStr, value: &CStr) {
@@ -207,6 +267,9 @@ pub fn tag(ctx: &mut Ctx, key: &CStr, value: &CStr) {
         log::vcl(ctx, "tag() before trace_request()/trace_backend() in this task; ignored");
         return;
     };
+    if !state.record.sampled() {
+        return; // never exported
+    }
     state.record.set(key.into_owned(), Value::Str(value.to_string_lossy().into_owned()));
 }
 
@@ -247,14 +310,14 @@ fn span_name(method: &str) -> &'static str {
 /// `hp` must be NULL or a writable `struct http` of the running task.
 unsafe fn write_context(hp: *mut varnish::ffi::http, state: &TaskState) {
     let tp = outgoing_traceparent(&state.record);
-    http::force(hp, http::H_TRACEPARENT, CStr::from_bytes_with_nul_unchecked(&tp));
+    http::force(hp, http::H_TRACEPARENT, &tp[..55]);
     match &state.record.tracestate {
+        // Validated printable ASCII (propagation::tracestate), at most 512 bytes.
         Some(ts) => {
-            // Validated printable ASCII without NUL (propagation::tracestate), so this succeeds.
-            if let Ok(v) = std::ffi::CString::new(ts.as_str()) {
-                http::force(hp, http::H_TRACESTATE, &v);
-            }
+            http::force(hp, http::H_TRACESTATE, ts.as_bytes());
         }
-        None => http::unset(hp, http::H_TRACESTATE),
+        // An invalid incoming tracestate must not travel on; none at all needs no work.
+        None if state.had_tracestate => http::unset(hp, http::H_TRACESTATE),
+        None => {}
     }
 }

@@ -74,8 +74,12 @@ mod opentracing {
     /// `vcl_deliver`, `vcl_synth` and `vcl_backend_response`, a failed fetch in
     /// `vcl_backend_error`, a pipe in `vcl_pipe`. The span itself ends when Varnish has finished
     /// the task (response sent, body fetched), with Varnish's own timestamps.
-    pub fn finish(ctx: &mut Ctx) {
-        guarded(ctx, "finish", (), calls::finish);
+    ///
+    /// Returns true in `vcl_deliver`/`vcl_synth` when the status sent may still change after VCL
+    /// (a conditional or range request may become 304 or 206): the include then adds the
+    /// `opentracing` delivery filter, which reads the final status and steps aside.
+    pub fn finish(ctx: &mut Ctx) -> bool {
+        guarded(ctx, "finish", false, calls::finish)
     }
 
     /// Sets the attribute `key` to `value` on the current span (the request's span on the client

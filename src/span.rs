@@ -138,7 +138,7 @@ impl SpanRecord {
             name: Cow::Borrowed("HTTP"),
             start_unix_nano: 0,
             end_unix_nano: 0,
-            attributes: Vec::with_capacity(12),
+            attributes: Vec::new(),
             dropped_attributes: 0,
             events: Vec::new(),
             links: Vec::new(),
@@ -164,7 +164,23 @@ impl SpanRecord {
         if let Some(existing) = self.attributes.iter_mut().find(|a| a.key == key) {
             existing.value = value;
         } else if self.attributes.len() < MAX_ATTRIBUTES {
+            if self.attributes.capacity() == 0 {
+                // Allocated on first use: unsampled spans never pay for it.
+                self.attributes.reserve_exact(12);
+            }
             self.attributes.push(Attribute { key, value });
+        } else {
+            self.dropped_attributes += 1;
+        }
+    }
+
+    /// Appends an attribute the caller knows is not set yet (our own keys, set once): no search.
+    pub fn add(&mut self, key: &'static str, value: Value) {
+        if self.attributes.len() < MAX_ATTRIBUTES {
+            if self.attributes.capacity() == 0 {
+                self.attributes.reserve_exact(12);
+            }
+            self.attributes.push(Attribute { key: Cow::Borrowed(key), value });
         } else {
             self.dropped_attributes += 1;
         }

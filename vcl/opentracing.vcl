@@ -48,20 +48,22 @@ sub opentracing_pass {
 
 sub opentracing_pipe {
     opentracing.cache_result("pipe");
-    opentracing.finish();
 }
 
 sub opentracing_synth {
     opentracing.cache_result("synth");
-    opentracing.finish();
-    set resp.filters += " opentracing";
+    if (opentracing.finish()) {
+        set resp.filters += " opentracing";
+    }
 }
 
-# The "opentracing" delivery filter reads the status actually sent (after 304/206 conversion)
-# and then steps aside; it never touches the body.
+# For conditional and range requests, the status sent can still become 304 or 206 after
+# vcl_deliver: then the "opentracing" delivery filter reads the status actually sent and steps
+# aside (it never touches the body).
 sub opentracing_deliver {
-    opentracing.finish();
-    set resp.filters += " opentracing";
+    if (opentracing.finish()) {
+        set resp.filters += " opentracing";
+    }
 }
 
 sub opentracing_backend_fetch {

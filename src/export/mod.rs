@@ -36,6 +36,7 @@ pub struct ExportConfig {
 }
 
 pub const DEFAULT_FILE: &str = "opentracing-spans.jsonl";
+pub const DEFAULT_QUEUE_SIZE: usize = 16384;
 
 impl ExportConfig {
     /// Reads the `OTEL_*` variables of the varnishd process. An unknown exporter name is an error
@@ -70,7 +71,10 @@ impl ExportConfig {
                     .ok_or_else(|| format!("{k}={v:?} is not a positive integer")),
             }
         };
-        let queue_size = number("OTEL_BSP_MAX_QUEUE_SIZE", 2048)?;
+        // Not the SDK's 2048: the exporter drains every EXPORT_TICK and shares the CPUs with
+        // Varnish's workers, which can delay it; 2048 dropped a quarter of the spans at 60k
+        // spans/s in `make bench` (docs/performance.md). 16384 spans are at most ~8 MB.
+        let queue_size = number("OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_QUEUE_SIZE)?;
         let batch_size = number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)?.min(queue_size);
         let flush_ms = number("OTEL_BSP_SCHEDULE_DELAY", 200)?;
         Ok(ExportConfig {
@@ -96,6 +100,8 @@ pub struct ExportJob {
     out: Output,
     batch: Vec<SpanRecord>,
     oldest: Option<Instant>,
+    /// The encoding buffer, reused from batch to batch.
+    line: String,
 }
 
 impl ExportJob {
@@ -107,7 +113,7 @@ impl ExportJob {
             Sink::Stdout => Output::Stdout,
             Sink::None => Output::Discard,
         };
-        Ok(ExportJob { batch: Vec::with_capacity(cfg.batch_size), cfg, counters, out, oldest: None })
+        Ok(ExportJob { batch: Vec::with_capacity(cfg.batch_size), cfg, counters, out, oldest: None, line: String::new() })
     }
 
     fn flush(&mut self) {
@@ -118,7 +124,9 @@ impl ExportJob {
         let result = match &mut self.out {
             Output::Discard => Ok(()),
             out => {
-                let mut line = otlp_json::export_request(&self.cfg.resource, &self.batch);
+                let line = &mut self.line;
+                line.clear();
+                otlp_json::write_export_request(line, &self.cfg.resource, &self.batch);
                 line.push('\n');
                 // One write per batch: with O_APPEND, lines from two library copies never interleave.
                 match out {

@@ -4,8 +4,6 @@
 //! as lowercase hex strings, lowerCamelCase field names, enums as integers, 64-bit integers as
 //! decimal strings. Runs on the exporter thread only, never on a Varnish worker.
 
-use serde_json::{json, Map, Value as Json};
-
 use crate::span::{SpanRecord, Value};
 
 /// What describes this process in every export (OTLP `Resource`).
@@ -38,80 +36,226 @@ pub const SCOPE_NAME: &str = "vmod-opentracing";
 const HAS_IS_REMOTE: u32 = 0x100;
 const IS_REMOTE: u32 = 0x200;
 
-fn any_value(v: &Value) -> Json {
-    match v {
-        Value::Str(s) => json!({ "stringValue": s }),
-        Value::Int(i) => json!({ "intValue": i.to_string() }),
-        Value::Float(f) if f.is_finite() => json!({ "doubleValue": f }),
-        // JSON has no NaN/Infinity; the proto3 JSON mapping spells them as strings.
-        Value::Float(f) => {
-            json!({ "doubleValue": if f.is_nan() { "NaN" } else if *f > 0.0 { "Infinity" } else { "-Infinity" } })
-        }
-        Value::Bool(b) => json!({ "boolValue": b }),
+// The encoder writes JSON text directly into a reused buffer: no intermediate values, no
+// allocation per span once the buffer has grown (it runs for every exported span).
+
+fn string(out: &mut String, s: &str) {
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        // The common case: nothing to escape, one copy.
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+        return;
     }
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            out.push_str(&format!("\\u{b:04x}"));
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
 }
 
-fn key_values<'a>(pairs: impl Iterator<Item = (&'a str, Json)>) -> Json {
-    Json::Array(pairs.map(|(k, v)| json!({ "key": k, "value": v })).collect())
+fn hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    out.push('"');
 }
 
-pub fn span(r: &SpanRecord) -> Json {
-    let mut s = Map::new();
-    s.insert("traceId".into(), json!(r.trace_id.to_hex()));
-    s.insert("spanId".into(), json!(r.span_id.to_hex()));
+fn number(out: &mut String, n: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+fn float(out: &mut String, f: f64) {
+    use std::fmt::Write;
+    let _ = write!(out, "{f}");
+}
+
+/// A 64-bit integer as the proto3 JSON mapping wants it: a decimal string.
+fn int64(out: &mut String, n: impl itoa::Integer) {
+    out.push('"');
+    number(out, n);
+    out.push('"');
+}
+
+fn any_value(out: &mut String, v: &Value) {
+    match v {
+        Value::Str(s) => {
+            out.push_str("{\"stringValue\":");
+            string(out, s);
+        }
+        Value::Int(i) => {
+            out.push_str("{\"intValue\":");
+            int64(out, *i);
+        }
+        // JSON has no NaN/Infinity; the proto3 JSON mapping spells them as strings.
+        Value::Float(f) if f.is_nan() => out.push_str("{\"doubleValue\":\"NaN\""),
+        Value::Float(f) if f.is_infinite() => {
+            out.push_str(if *f > 0.0 { "{\"doubleValue\":\"Infinity\"" } else { "{\"doubleValue\":\"-Infinity\"" })
+        }
+        Value::Float(f) => {
+            out.push_str("{\"doubleValue\":");
+            float(out, *f);
+        }
+        Value::Bool(b) => {
+            out.push_str("{\"boolValue\":");
+            out.push_str(if *b { "true" } else { "false" });
+        }
+    }
+    out.push('}');
+}
+
+fn key_value(out: &mut String, key: &str, value: &Value) {
+    out.push_str("{\"key\":");
+    string(out, key);
+    out.push_str(",\"value\":");
+    any_value(out, value);
+    out.push('}');
+}
+
+/// One span, as an OTLP/JSON `Span` object.
+pub fn write_span(out: &mut String, r: &SpanRecord) {
+    out.push_str("{\"traceId\":");
+    hex(out, &r.trace_id.0);
+    out.push_str(",\"spanId\":");
+    hex(out, &r.span_id.0);
     if let Some(ts) = &r.tracestate {
-        s.insert("traceState".into(), json!(ts));
+        out.push_str(",\"traceState\":");
+        string(out, ts);
     }
     if let Some(p) = r.parent_span_id {
-        s.insert("parentSpanId".into(), json!(p.to_hex()));
+        out.push_str(",\"parentSpanId\":");
+        hex(out, &p.0);
     }
     let mut flags = u32::from(r.flags) | HAS_IS_REMOTE;
     if r.parent_is_remote {
         flags |= IS_REMOTE;
     }
-    s.insert("flags".into(), json!(flags));
-    s.insert("name".into(), json!(r.name));
-    s.insert("kind".into(), json!(r.kind.otlp()));
-    s.insert("startTimeUnixNano".into(), json!(r.start_unix_nano.to_string()));
-    s.insert("endTimeUnixNano".into(), json!(r.end_unix_nano.to_string()));
-    s.insert("attributes".into(), key_values(r.attributes.iter().map(|a| (a.key.as_ref(), any_value(&a.value)))));
+    out.push_str(",\"flags\":");
+    number(out, flags);
+    out.push_str(",\"name\":");
+    string(out, &r.name);
+    out.push_str(",\"kind\":");
+    number(out, r.kind.otlp());
+    out.push_str(",\"startTimeUnixNano\":");
+    int64(out, r.start_unix_nano);
+    out.push_str(",\"endTimeUnixNano\":");
+    int64(out, r.end_unix_nano);
+    out.push_str(",\"attributes\":[");
+    for (i, a) in r.attributes.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        key_value(out, &a.key, &a.value);
+    }
+    out.push(']');
     if r.dropped_attributes > 0 {
-        s.insert("droppedAttributesCount".into(), json!(r.dropped_attributes));
+        out.push_str(",\"droppedAttributesCount\":");
+        number(out, r.dropped_attributes);
     }
     if !r.events.is_empty() {
-        let events: Vec<Json> =
-            r.events.iter().map(|e| json!({ "timeUnixNano": e.time_unix_nano.to_string(), "name": e.name })).collect();
-        s.insert("events".into(), Json::Array(events));
+        out.push_str(",\"events\":[");
+        for (i, e) in r.events.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str("{\"timeUnixNano\":");
+            int64(out, e.time_unix_nano);
+            out.push_str(",\"name\":");
+            string(out, &e.name);
+            out.push('}');
+        }
+        out.push(']');
     }
     if !r.links.is_empty() {
-        let links: Vec<Json> =
-            r.links.iter().map(|l| json!({ "traceId": l.trace_id.to_hex(), "spanId": l.span_id.to_hex() })).collect();
-        s.insert("links".into(), Json::Array(links));
+        out.push_str(",\"links\":[");
+        for (i, l) in r.links.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str("{\"traceId\":");
+            hex(out, &l.trace_id.0);
+            out.push_str(",\"spanId\":");
+            hex(out, &l.span_id.0);
+            out.push('}');
+        }
+        out.push(']');
     }
-    let mut status = Map::new();
+    out.push_str(",\"status\":{");
+    let mut first = true;
     if let Some(m) = &r.status_message {
-        status.insert("message".into(), json!(m));
+        out.push_str("\"message\":");
+        string(out, m);
+        first = false;
     }
     if r.status.otlp() != 0 {
-        status.insert("code".into(), json!(r.status.otlp()));
+        if !first {
+            out.push(',');
+        }
+        out.push_str("\"code\":");
+        number(out, r.status.otlp());
     }
-    s.insert("status".into(), Json::Object(status));
-    Json::Object(s)
+    out.push_str("}}");
 }
 
-/// Encodes one batch as a single line (no trailing newline).
+/// Appends one batch as a single line (no trailing newline) to `out`.
+pub fn write_export_request(out: &mut String, resource: &Resource, spans: &[SpanRecord]) {
+    out.push_str("{\"resourceSpans\":[{\"resource\":{\"attributes\":[");
+    for (i, (k, v)) in resource.attributes.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"key\":");
+        string(out, k);
+        out.push_str(",\"value\":{\"stringValue\":");
+        string(out, v);
+        out.push_str("}}");
+    }
+    out.push_str("]},\"scopeSpans\":[{\"scope\":{\"name\":");
+    string(out, SCOPE_NAME);
+    out.push_str(",\"version\":");
+    string(out, env!("CARGO_PKG_VERSION"));
+    out.push_str("},\"spans\":[");
+    for (i, span) in spans.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_span(out, span);
+    }
+    out.push_str("]}]}]}");
+}
+
+/// One batch as a single line (no trailing newline).
 pub fn export_request(resource: &Resource, spans: &[SpanRecord]) -> String {
-    let attrs = key_values(resource.attributes.iter().map(|(k, v)| (k.as_str(), json!({ "stringValue": v }))));
-    let body = json!({
-        "resourceSpans": [{
-            "resource": { "attributes": attrs },
-            "scopeSpans": [{
-                "scope": { "name": SCOPE_NAME, "version": env!("CARGO_PKG_VERSION") },
-                "spans": spans.iter().map(span).collect::<Vec<_>>(),
-            }],
-        }],
-    });
-    body.to_string()
+    let mut out = String::with_capacity(512 + spans.len() * 600);
+    write_export_request(&mut out, resource, spans);
+    out
+}
+
+/// One span as a JSON value (tests and tools).
+pub fn span(r: &SpanRecord) -> serde_json::Value {
+    let mut out = String::new();
+    write_span(&mut out, r);
+    serde_json::from_str(&out).unwrap_or(serde_json::Value::Null)
 }
 
 #[cfg(test)]
@@ -137,7 +281,7 @@ mod tests {
         let line =
             export_request(&Resource { attributes: vec![("service.name".into(), "varnish".into())] }, &[sample()]);
         assert!(!line.contains('\n'));
-        let v: Json = serde_json::from_str(&line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let span = &v["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
         assert_eq!(span["traceId"], "abababababababababababababababab");
         assert_eq!(span["spanId"], "0101010101010101");
@@ -150,6 +294,24 @@ mod tests {
         assert_eq!(span["attributes"][0]["value"]["intValue"], "503");
         assert_eq!(span["attributes"][1]["value"]["stringValue"], "/a\"b");
         assert_eq!(v["resourceSpans"][0]["resource"]["attributes"][0]["value"]["stringValue"], "varnish");
+    }
+
+    #[test]
+    fn strings_are_escaped_and_non_finite_floats_spelled_out() {
+        let mut r = sample();
+        r.set_str("q", "a\"b\\c\nd\u{1}é");
+        r.set("f", Value::Float(f64::NAN));
+        r.set("g", Value::Float(1.5));
+        r.set("b", Value::Bool(true));
+        r.status_message = Some("bad \"thing\"".into());
+        let v = span(&r);
+        let attr = |k: &str| v["attributes"].as_array().unwrap().iter().find(|a| a["key"] == k).unwrap()["value"].clone();
+        assert_eq!(attr("q")["stringValue"], "a\"b\\c\nd\u{1}é");
+        assert_eq!(attr("f")["doubleValue"], "NaN");
+        assert_eq!(attr("g")["doubleValue"], 1.5);
+        assert_eq!(attr("b")["boolValue"], true);
+        assert_eq!(v["status"]["message"], "bad \"thing\"");
+        assert_eq!(v["status"]["code"], 2);
     }
 
     #[test]

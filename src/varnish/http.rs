@@ -57,6 +57,10 @@ pub unsafe fn trace_fields<'a>(hp: *const ffi::http) -> TraceFields<'a> {
             continue;
         }
         let field = std::slice::from_raw_parts(t.b.cast::<u8>(), t.e.offset_from(t.b) as usize);
+        // Most fields are neither: reject them on two bytes before comparing names.
+        if field.len() < 11 || (field[0] | 0x20) != b't' || (field[10] != b':' && field.get(11) != Some(&b':')) {
+            continue;
+        }
         if let Some(v) = value_of(field, b"traceparent") {
             push(&mut out.traceparent, v, &mut out.too_many);
         } else if let Some(v) = value_of(field, b"tracestate") {
@@ -66,15 +70,33 @@ pub unsafe fn trace_fields<'a>(hp: *const ffi::http) -> TraceFields<'a> {
     out
 }
 
-/// Replaces every field of `hdr` with one field holding `value`.
+/// Replaces every field of `hdr` with one field holding `value`. The header line is assembled
+/// here and copied once into the task's workspace (`http_ForceHeader` would format it with
+/// printf, a measurable cost per request). Returns false when the workspace is full; the header
+/// is then left as it was.
 ///
 /// # Safety
 /// `hp` must be a valid, writable `struct http` of the current task; `value` must hold only
 /// characters valid in a header value (we only write what we generated or validated).
-pub unsafe fn force(hp: *mut ffi::http, hdr: &CStr, value: &CStr) {
-    if !hp.is_null() {
-        ffi::http_ForceHeader(hp, hdr.as_ptr(), value.as_ptr());
+pub unsafe fn force(hp: *mut ffi::http, hdr: &CStr, value: &[u8]) -> bool {
+    let Some(h) = hp.as_mut() else { return false };
+    // "name:" from the hdr_t (after its length byte), a space, the value, a NUL.
+    let name = &hdr.to_bytes()[1..];
+    let mut line = [0u8; 1024];
+    let len = name.len() + 1 + value.len();
+    if len + 1 > line.len() {
+        return false;
     }
+    line[..name.len()].copy_from_slice(name);
+    line[name.len()] = b' ';
+    line[name.len() + 1..len].copy_from_slice(value);
+    let copy = ffi::WS_Copy(h.ws, line.as_ptr().cast(), (len + 1) as std::ffi::c_int);
+    if copy.is_null() {
+        return false;
+    }
+    ffi::http_Unset(hp, hdr.as_ptr());
+    ffi::http_SetHeader(hp, copy.cast());
+    true
 }
 
 /// Removes every field of `hdr`.
@@ -85,6 +107,23 @@ pub unsafe fn unset(hp: *mut ffi::http, hdr: &CStr) {
     if !hp.is_null() {
         ffi::http_Unset(hp, hdr.as_ptr());
     }
+}
+
+const H_IF_NONE_MATCH: &CStr = c"\x0eIf-None-Match:";
+const H_IF_MODIFIED_SINCE: &CStr = c"\x12If-Modified-Since:";
+const H_RANGE: &CStr = c"\x06Range:";
+
+/// Whether the request may be answered 304 or 206 instead of the 200 VCL sees.
+///
+/// # Safety
+/// `hp` must be NULL or a valid `struct http`.
+pub unsafe fn is_conditional(hp: *const ffi::http) -> bool {
+    if hp.is_null() {
+        return false;
+    }
+    [H_IF_NONE_MATCH, H_IF_MODIFIED_SINCE, H_RANGE]
+        .iter()
+        .any(|h| ffi::http_GetHdr(hp, h.as_ptr(), std::ptr::null_mut()) != 0)
 }
 
 /// The status code of `hp` (0 when there is none).
@@ -127,9 +166,52 @@ mod tests {
         assert_eq!(value_of(b"trace", b"tracestate"), None);
     }
 
+    /// A `struct http` over the given header lines, as Varnish lays it out.
+    fn with_headers(lines: &[&'static [u8]], test: impl FnOnce(*const ffi::http)) {
+        let mut hd: Vec<ffi::txt> = vec![ffi::txt { b: std::ptr::null(), e: std::ptr::null() }; ffi::HTTP_HDR_FIRST as usize];
+        for l in lines {
+            hd.push(ffi::txt { b: l.as_ptr().cast(), e: unsafe { l.as_ptr().add(l.len()) }.cast() });
+        }
+        // SAFETY: an all-zero `struct http` is valid plain data; we only set what is read.
+        let mut hp: ffi::http = unsafe { std::mem::zeroed() };
+        hp.hd = hd.as_mut_ptr();
+        hp.nhd = hd.len() as u16;
+        test(&hp);
+    }
+
+    #[test]
+    fn trace_fields_finds_every_field_of_both_headers_in_order() {
+        let lines: &[&'static [u8]] = &[
+            b"Host: example.com",
+            b"transfer-en",
+            b"tracestate",
+            b"traceparent: 00-a",
+            b"TRACESTATE: a=1",
+            b"x: y",
+            b"tracestate:b=2",
+            b"Traceparent:00-b",
+        ];
+        with_headers(lines, |hp| {
+            let f = unsafe { trace_fields(hp) };
+            assert_eq!(f.traceparent, vec![&b" 00-a"[..], &b"00-b"[..]]);
+            assert_eq!(f.tracestate, vec![&b" a=1"[..], &b"b=2"[..]]);
+            assert!(!f.too_many);
+        });
+    }
+
+    #[test]
+    fn too_many_fields_are_flagged() {
+        let lines: Vec<&'static [u8]> = (0..MAX_FIELDS + 1).map(|_| &b"traceparent: x"[..]).collect();
+        with_headers(&lines, |hp| {
+            let f = unsafe { trace_fields(hp) };
+            assert_eq!(f.traceparent.len(), MAX_FIELDS);
+            assert!(f.too_many);
+        });
+    }
+
     #[test]
     fn hdr_t_constants_carry_their_length() {
-        for h in [H_TRACEPARENT, H_TRACESTATE] {
+        for h in [H_TRACEPARENT, H_TRACESTATE, H_IF_NONE_MATCH, H_IF_MODIFIED_SINCE, H_RANGE] {
             let b = h.to_bytes();
             assert_eq!(b[0] as usize, b.len() - 1);
             assert!(b.ends_with(b":"));

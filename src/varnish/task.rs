@@ -41,11 +41,21 @@ pub struct TaskState {
     pub fetch_failed: bool,
     /// Restarts (client) or retries (backend) already recorded as span events.
     pub repeats_seen: u32,
+    /// The incoming request had `tracestate` fields (which must be replaced or removed when the
+    /// context is written).
+    pub had_tracestate: bool,
 }
 
 impl TaskState {
     pub fn new(record: Box<SpanRecord>) -> Box<Self> {
-        Box::new(TaskState { record, status_sent: None, status_vcl: None, fetch_failed: false, repeats_seen: 0 })
+        Box::new(TaskState {
+            record,
+            status_sent: None,
+            status_vcl: None,
+            fetch_failed: false,
+            repeats_seen: 0,
+            had_tracestate: false,
+        })
     }
 }
 
@@ -150,9 +160,9 @@ unsafe extern "C" fn task_fini(ctx: *const ffi::vrt_ctx, p: *mut c_void) {
             stash(address, unsafe { vxid_of(ctx.vsl) }, state);
             return;
         }
-        let record = unsafe { complete(ctx, *state) };
-        if record.sampled() {
-            pipeline::submit(record);
+        // An unsampled span only carried the context: nothing to complete or export.
+        if state.record.sampled() {
+            pipeline::submit(unsafe { complete(ctx, *state) });
         }
     });
 }
