@@ -23,7 +23,7 @@ pub enum Parent<'a> {
 
 /// A new span and what to tell the operator about the incoming context.
 pub struct Started {
-    pub record: Box<SpanRecord>,
+    pub record: SpanRecord,
     /// Why the incoming context was not used (the trace was restarted), for a VSL line.
     pub restarted_because: Option<&'static str>,
     /// Why the incoming `tracestate` was dropped, for a VSL line.
@@ -40,7 +40,7 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &
             let parsed = if too_many_fields { Err(traceparent::Invalid::Repeated) } else { traceparent::parse(tp) };
             match parsed {
                 Ok(Some(ctx)) => {
-                    record = Box::new(SpanRecord::new(kind, TraceId(ctx.trace_id), span_id, Some(SpanId(ctx.span_id))));
+                    record = SpanRecord::new(kind, TraceId(ctx.trace_id), span_id, Some(SpanId(ctx.span_id)));
                     record.parent_is_remote = remote_parent;
                     record.flags = u8::from(sampler.decide(&record.trace_id, Some(ctx.sampled())));
                     // tracestate is only meaningful with a valid traceparent.
@@ -50,19 +50,19 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &
                     }
                 }
                 Ok(None) => {
-                    record = Box::new(SpanRecord::new(kind, TraceId::random(), span_id, None));
+                    record = SpanRecord::new(kind, TraceId::random(), span_id, None);
                     record.flags = u8::from(sampler.decide(&record.trace_id, None));
                 }
                 Err(e) => {
                     restarted_because = Some(e.as_str());
-                    record = Box::new(SpanRecord::new(kind, TraceId::random(), span_id, None));
+                    record = SpanRecord::new(kind, TraceId::random(), span_id, None);
                     record.flags = u8::from(sampler.decide(&record.trace_id, None));
                 }
             }
         }
         Parent::Local { trace_id, span_id: parent_id, flags, tracestate } => {
             // A child of our own span shares its decision: one trace, one decision.
-            record = Box::new(SpanRecord::new(kind, trace_id, span_id, Some(parent_id)));
+            record = SpanRecord::new(kind, trace_id, span_id, Some(parent_id));
             record.flags = flags & FORWARDED_FLAGS;
             record.tracestate = tracestate;
         }

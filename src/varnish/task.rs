@@ -32,7 +32,7 @@ use crate::varnish::{http, vxid_of};
 
 /// What we keep for one task.
 pub struct TaskState {
-    pub record: Box<SpanRecord>,
+    pub record: SpanRecord,
     /// Status actually sent, seen by the delivery filter after 304/206 conversion.
     pub status_sent: Option<u16>,
     /// Status VCL saw last (`finish()` in vcl_deliver/vcl_synth/vcl_backend_response).
@@ -47,15 +47,15 @@ pub struct TaskState {
 }
 
 impl TaskState {
-    pub fn new(record: Box<SpanRecord>) -> Box<Self> {
-        Box::new(TaskState {
+    pub fn new(record: SpanRecord) -> Self {
+        TaskState {
             record,
             status_sent: None,
             status_vcl: None,
             fetch_failed: false,
             repeats_seen: 0,
             had_tracestate: false,
-        })
+        }
     }
 }
 
@@ -66,11 +66,38 @@ fn key() -> *const c_void {
     std::ptr::from_ref(&TASK_KEY).cast()
 }
 
-static METHODS: ffi::vmod_priv_methods = ffi::vmod_priv_methods {
+// The state normally lives in the task's workspace (a bump allocation Varnish releases with the
+// task: no malloc/free per request); when the workspace is short, on the heap. Each placement
+// has its own finaliser, so the fini knows how to take the state back.
+static METHODS_WS: ffi::vmod_priv_methods = ffi::vmod_priv_methods {
     magic: ffi::VMOD_PRIV_METHODS_MAGIC,
     type_: c"opentracing span".as_ptr(),
-    fini: Some(task_fini),
+    fini: Some(task_fini_ws),
 };
+static METHODS_HEAP: ffi::vmod_priv_methods = ffi::vmod_priv_methods {
+    magic: ffi::VMOD_PRIV_METHODS_MAGIC,
+    type_: c"opentracing span".as_ptr(),
+    fini: Some(task_fini_heap),
+};
+
+fn is_ours(p: &ffi::vmod_priv) -> bool {
+    !p.priv_.is_null() && (std::ptr::eq(p.methods, &METHODS_WS) || std::ptr::eq(p.methods, &METHODS_HEAP))
+}
+
+/// Moves the state out of its slot (either placement) and clears the slot.
+///
+/// # Safety
+/// `p` must hold our state (`is_ours`).
+unsafe fn take(p: &mut ffi::vmod_priv) -> TaskState {
+    let state = if std::ptr::eq(p.methods, &METHODS_WS) {
+        std::ptr::read(p.priv_.cast::<TaskState>())
+    } else {
+        *Box::from_raw(p.priv_.cast::<TaskState>())
+    };
+    p.priv_ = std::ptr::null_mut();
+    p.methods = std::ptr::null();
+    state
+}
 
 /// The state of the current task, taking it back from the stash after a rollback.
 pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
@@ -79,7 +106,7 @@ pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
     unsafe {
         let p = ffi::VRT_priv_task_get(ctx.raw, key());
         if let Some(p) = p.as_mut() {
-            if !p.priv_.is_null() && std::ptr::eq(p.methods, &METHODS) {
+            if is_ours(p) {
                 return p.priv_.cast::<TaskState>().as_mut();
             }
         }
@@ -88,21 +115,28 @@ pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
         return None;
     }
     let state = take_stashed(task_address(ctx)?, current_vxid(ctx))?;
-    install(ctx, state).ok()
+    install(ctx, *state).ok()
 }
 
-/// Attaches `state` to the current task. Gives it back if the workspace has no room.
-pub fn install<'a>(ctx: &Ctx, state: Box<TaskState>) -> Result<&'a mut TaskState, Box<TaskState>> {
+/// Attaches `state` to the current task. Gives it back if Varnish has no room for the slot.
+pub fn install<'a>(ctx: &Ctx, state: TaskState) -> Result<&'a mut TaskState, TaskState> {
     // SAFETY: as in `current`; we own `state` until Varnish calls our fini with it.
     unsafe {
         let Some(p) = ffi::VRT_priv_task(ctx.raw, key()).as_mut() else { return Err(state) };
-        if !p.priv_.is_null() && std::ptr::eq(p.methods, &METHODS) {
+        if is_ours(p) {
             // Replace (should not happen: callers check `current` first); close the old one.
-            let old = Box::from_raw(p.priv_.cast::<TaskState>());
-            close_orphan(*old, ClosedBy::TaskEnd);
+            close_orphan(take(p), ClosedBy::TaskEnd);
         }
-        p.priv_ = Box::into_raw(state).cast();
-        p.methods = &METHODS;
+        let size = std::mem::size_of::<TaskState>() as std::ffi::c_uint;
+        let mem = ffi::WS_Alloc(ctx.raw.ws, size).cast::<TaskState>();
+        if !mem.is_null() && mem.align_offset(std::mem::align_of::<TaskState>()) == 0 {
+            mem.write(state);
+            p.priv_ = mem.cast();
+            p.methods = &METHODS_WS;
+        } else {
+            p.priv_ = Box::into_raw(Box::new(state)).cast();
+            p.methods = &METHODS_HEAP;
+        }
         Ok(&mut *p.priv_.cast::<TaskState>())
     }
 }
@@ -143,28 +177,38 @@ unsafe fn is_rollback(ctx: &ffi::vrt_ctx) -> bool {
     !step.name.is_null() && CStr::from_ptr(step.name).to_bytes() == b"Req Step vclfail"
 }
 
-unsafe extern "C" fn task_fini(ctx: *const ffi::vrt_ctx, p: *mut c_void) {
+unsafe extern "C" fn task_fini_ws(ctx: *const ffi::vrt_ctx, p: *mut c_void) {
+    if !p.is_null() {
+        // SAFETY: `p` is the workspace slot we wrote in `install`; fini runs once per install,
+        // before Varnish releases or rolls back the workspace.
+        finish_task(ctx, unsafe { std::ptr::read(p.cast::<TaskState>()) });
+    }
+}
+
+unsafe extern "C" fn task_fini_heap(ctx: *const ffi::vrt_ctx, p: *mut c_void) {
+    if !p.is_null() {
+        // SAFETY: `p` is the Box we leaked in `install`; fini runs once per install.
+        finish_task(ctx, *unsafe { Box::from_raw(p.cast::<TaskState>()) });
+    }
+}
+
+fn finish_task(ctx: *const ffi::vrt_ctx, state: TaskState) {
     // A panic must not unwind into varnishd: it would abort the child.
-    let _ = std::panic::catch_unwind(|| {
-        if p.is_null() {
-            return;
-        }
-        // SAFETY: `p` is the Box we installed; Varnish calls fini exactly once per install.
-        let state = unsafe { Box::from_raw(p.cast::<TaskState>()) };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let Some(ctx) = (unsafe { ctx.as_ref() }) else {
-            close_orphan(*state, ClosedBy::TaskEnd);
+            close_orphan(state, ClosedBy::TaskEnd);
             return;
         };
         if unsafe { is_rollback(ctx) } {
             let address = if !ctx.req.is_null() { ctx.req as usize } else { ctx.bo as usize };
-            stash(address, unsafe { vxid_of(ctx.vsl) }, state);
+            stash(address, unsafe { vxid_of(ctx.vsl) }, Box::new(state));
             return;
         }
         // An unsampled span only carried the context: nothing to complete or export.
         if state.record.sampled() {
-            pipeline::submit(unsafe { complete(ctx, *state) });
+            pipeline::submit(unsafe { complete(ctx, state) });
         }
-    });
+    }));
 }
 
 /// Fills in what only the end of the task knows and hands back the finished record.
@@ -210,7 +254,7 @@ unsafe fn complete(ctx: &ffi::vrt_ctx, state: TaskState) -> Box<SpanRecord> {
     if record.end_unix_nano < record.start_unix_nano {
         record.end_unix_nano = record.start_unix_nano;
     }
-    record
+    Box::new(record)
 }
 
 /// `http.response.status_code`, and the span status per the HTTP semantic conventions: 5xx is
@@ -226,7 +270,7 @@ pub fn set_status(record: &mut SpanRecord, status: u16) {
 
 /// Closes a record that lost its task (no end data): its end is now.
 fn close_orphan(state: TaskState, how: ClosedBy) {
-    let mut record = state.record;
+    let mut record = Box::new(state.record);
     record.closed_by = how;
     record.end_unix_nano = now_unix_nano().max(record.start_unix_nano);
     record.set_str("varnish.span.closed_by", how.as_str());
@@ -294,7 +338,7 @@ pub fn sweep_stash() -> Vec<Box<SpanRecord>> {
         .into_iter()
         .filter_map(|e| {
             STATS.spans_closed_by_deadline.fetch_add(1, Relaxed);
-            let mut record = e.state.record;
+            let mut record = Box::new(e.state.record);
             record.closed_by = ClosedBy::Deadline;
             record.end_unix_nano = now_unix_nano().max(record.start_unix_nano);
             record.set_str("varnish.span.closed_by", ClosedBy::Deadline.as_str());
