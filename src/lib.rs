@@ -55,9 +55,11 @@ mod opentracing {
 
     /// Starts the span of a client request (kind SERVER; INTERNAL for an ESI sub-request).
     ///
-    /// Call from `vcl_recv`. Reads the incoming `traceparent`/`tracestate` (W3C Trace Context),
-    /// continues that trace or starts a new one when there is none or it is invalid, and replaces
-    /// `req.http.traceparent` with this span's context, so that backend requests are its children.
+    /// Call from `vcl_recv`. Reads the incoming `traceparent`/`tracestate` (W3C Trace Context) and
+    /// continues that trace, or starts a new one when there is none or it is invalid. The request's
+    /// own headers are left as the client sent them until the request goes to a backend
+    /// (`cache_result` in `vcl_miss`, `vcl_pass`, `vcl_pipe`, or a stale hit): then
+    /// `req.http.traceparent` becomes this span's context, so that the fetch is its child.
     /// Called again after a restart, it stays on the same span and records a `varnish.restart` event.
     pub fn trace_request(ctx: &mut Ctx) {
         guarded(ctx, "trace_request", (), calls::trace_request);
@@ -90,7 +92,9 @@ mod opentracing {
     }
 
     /// Records the cache result (`varnish.cache_result`: hit, miss, pass, pipe, synth) on the
-    /// request's span. The include calls it; `synth` never replaces an earlier result.
+    /// request's span. The include calls it; `synth` never replaces an earlier result. Where a
+    /// backend request follows (miss, pass, pipe, a hit on a stale object that starts a background
+    /// fetch), it also writes the span's context into the request (`bereq` for pipe).
     pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
         guarded(ctx, "cache_result", (), |ctx| calls::cache_result(ctx, result));
     }

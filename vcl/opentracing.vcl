@@ -28,12 +28,13 @@ sub vcl_backend_fetch { call opentracing_backend_fetch; }
 sub vcl_backend_response { call opentracing_backend_response; }
 sub vcl_backend_error { call opentracing_backend_error; }
 
-# Starts (or, after a restart, continues) the request's span and rewrites req.http.traceparent
-# to it, so that backend requests made from this request are its children.
+# Starts (or, after a restart, continues) the request's span.
 sub opentracing_recv {
     opentracing.trace_request();
 }
 
+# cache_result() records the result and, where a fetch follows (miss, pass, pipe, a stale hit),
+# writes the span's context into req.http.traceparent, so that the fetch is its child.
 sub opentracing_hit {
     opentracing.cache_result("hit");
 }
