@@ -105,9 +105,9 @@ impl<M: Send + 'static> Worker<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    use std::time::Instant;
 
     struct Counting {
         seen: Arc<AtomicUsize>,

@@ -113,7 +113,14 @@ impl ExportJob {
             Sink::Stdout => Output::Stdout,
             Sink::None => Output::Discard,
         };
-        Ok(ExportJob { batch: Vec::with_capacity(cfg.batch_size), cfg, counters, out, oldest: None, line: String::new() })
+        Ok(ExportJob {
+            batch: Vec::with_capacity(cfg.batch_size),
+            cfg,
+            counters,
+            out,
+            oldest: None,
+            line: String::new(),
+        })
     }
 
     fn flush(&mut self) {

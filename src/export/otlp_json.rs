@@ -305,7 +305,8 @@ mod tests {
         r.set("b", Value::Bool(true));
         r.status_message = Some("bad \"thing\"".into());
         let v = span(&r);
-        let attr = |k: &str| v["attributes"].as_array().unwrap().iter().find(|a| a["key"] == k).unwrap()["value"].clone();
+        let attr =
+            |k: &str| v["attributes"].as_array().unwrap().iter().find(|a| a["key"] == k).unwrap()["value"].clone();
         assert_eq!(attr("q")["stringValue"], "a\"b\\c\nd\u{1}é");
         assert_eq!(attr("f")["doubleValue"], "NaN");
         assert_eq!(attr("g")["doubleValue"], 1.5);

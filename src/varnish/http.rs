@@ -168,7 +168,8 @@ mod tests {
 
     /// A `struct http` over the given header lines, as Varnish lays it out.
     fn with_headers(lines: &[&'static [u8]], test: impl FnOnce(*const ffi::http)) {
-        let mut hd: Vec<ffi::txt> = vec![ffi::txt { b: std::ptr::null(), e: std::ptr::null() }; ffi::HTTP_HDR_FIRST as usize];
+        let mut hd: Vec<ffi::txt> =
+            vec![ffi::txt { b: std::ptr::null(), e: std::ptr::null() }; ffi::HTTP_HDR_FIRST as usize];
         for l in lines {
             hd.push(ffi::txt { b: l.as_ptr().cast(), e: unsafe { l.as_ptr().add(l.len()) }.cast() });
         }

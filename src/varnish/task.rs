@@ -119,6 +119,8 @@ pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
 }
 
 /// Attaches `state` to the current task. Gives it back if Varnish has no room for the slot.
+// The Err variant is the state itself, handed back by value on a path that practically never runs.
+#[allow(clippy::result_large_err)]
 pub fn install<'a>(ctx: &Ctx, state: TaskState) -> Result<&'a mut TaskState, TaskState> {
     // SAFETY: as in `current`; we own `state` until Varnish calls our fini with it.
     unsafe {
