@@ -103,6 +103,9 @@ pub fn trace_request(ctx: &mut Ctx) {
     state.repeats_seen = req.restarts;
     state.had_tracestate = !own.tracestate.is_empty();
     STATS.spans_started.fetch_add(1, Relaxed);
+    if state.record.sampled() {
+        crate::vsl::tailer::track(state.record.vxid);
+    }
     if task::install(ctx, state).is_err() {
         log::vcl(ctx, "out of workspace: span not recorded");
     }
@@ -155,6 +158,9 @@ pub fn trace_backend(ctx: &mut Ctx) {
     state.had_tracestate = !fields.tracestate.is_empty();
     unsafe { write_context(bo.bereq, &state) };
     STATS.spans_started.fetch_add(1, Relaxed);
+    if state.record.sampled() {
+        crate::vsl::tailer::track(state.record.vxid);
+    }
     if task::install(ctx, state).is_err() {
         log::vcl(ctx, "out of workspace: span not recorded");
     }

@@ -15,6 +15,7 @@ pub mod sampling;
 pub mod span;
 pub mod trace;
 pub mod varnish;
+pub mod vsl;
 pub mod worker;
 
 use ::varnish::vcl::Ctx;

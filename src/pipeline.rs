@@ -39,6 +39,15 @@ pub struct Stats {
     pub spans_closed_by_deadline: AtomicU64,
     /// Exporter threads that did not stop within `STOP_DEADLINE`.
     pub stop_timeouts: AtomicU64,
+    // The VSL tailer's figures (stored by the tailer thread, except where noted).
+    pub vsl_steps: AtomicU64,
+    pub vsl_transactions_matched: AtomicU64,
+    pub vsl_closed_from_log: AtomicU64,
+    pub vsl_closed_by_tailer_backstop: AtomicU64,
+    /// Added by workers whose finished span did not fit in the tailer's queue.
+    pub vsl_closed_by_backstop: AtomicU64,
+    pub vsl_overruns: AtomicU64,
+    pub vsl_pending: AtomicU64,
 }
 
 pub static STATS: Stats = Stats {
@@ -50,6 +59,13 @@ pub static STATS: Stats = Stats {
     batches: AtomicU64::new(0),
     spans_closed_by_deadline: AtomicU64::new(0),
     stop_timeouts: AtomicU64::new(0),
+    vsl_steps: AtomicU64::new(0),
+    vsl_transactions_matched: AtomicU64::new(0),
+    vsl_closed_from_log: AtomicU64::new(0),
+    vsl_closed_by_tailer_backstop: AtomicU64::new(0),
+    vsl_closed_by_backstop: AtomicU64::new(0),
+    vsl_overruns: AtomicU64::new(0),
+    vsl_pending: AtomicU64::new(0),
 };
 
 /// The counters as varnishstat shows them.
@@ -83,6 +99,27 @@ pub struct Counters {
     /// Spans waiting in the export queue
     #[gauge]
     queue_depth: AtomicU64,
+    /// Log entries (transaction batches and single records) the VSL tailer stepped through
+    #[counter]
+    vsl_records: AtomicU64,
+    /// Log transactions that belonged to a traced span
+    #[counter]
+    vsl_transactions_matched: AtomicU64,
+    /// Spans closed with the data of the shared-memory log
+    #[counter]
+    vsl_spans_closed_from_log: AtomicU64,
+    /// Spans closed from their task data because the log did not deliver in time
+    #[counter]
+    vsl_spans_closed_by_backstop: AtomicU64,
+    /// Times the log was overwritten before the tailer read it
+    #[counter]
+    vsl_overruns: AtomicU64,
+    /// Spans waiting for their log data
+    #[gauge]
+    vsl_pending: AtomicU64,
+    /// 1 while the tailer is attached to the log
+    #[gauge]
+    vsl_attached: AtomicU64,
 }
 
 impl Counters {
@@ -98,6 +135,14 @@ impl Counters {
         copy(&self.spans_closed_by_deadline, &STATS.spans_closed_by_deadline);
         copy(&self.stop_timeouts, &STATS.stop_timeouts);
         self.queue_depth.store(queue_depth as u64, Relaxed);
+        copy(&self.vsl_records, &STATS.vsl_steps);
+        copy(&self.vsl_transactions_matched, &STATS.vsl_transactions_matched);
+        copy(&self.vsl_spans_closed_from_log, &STATS.vsl_closed_from_log);
+        let backstop = STATS.vsl_closed_by_tailer_backstop.load(Relaxed) + STATS.vsl_closed_by_backstop.load(Relaxed);
+        self.vsl_spans_closed_by_backstop.store(backstop, Relaxed);
+        copy(&self.vsl_overruns, &STATS.vsl_overruns);
+        copy(&self.vsl_pending, &STATS.vsl_pending);
+        self.vsl_attached.store(u64::from(crate::vsl::tailer::ATTACHED.load(Relaxed)), Relaxed);
     }
 }
 
@@ -132,6 +177,9 @@ extern "C" {
 /// never outlives the code it points to.)
 extern "C" fn drain_at_exit() {
     let _ = std::panic::catch_unwind(|| {
+        if !crate::vsl::tailer::stop(EXIT_DEADLINE) {
+            STATS.stop_timeouts.fetch_add(1, Relaxed);
+        }
         let worker = EXPORTER.write().take();
         if let Some(w) = worker {
             if !w.stop(EXIT_DEADLINE) {
@@ -161,7 +209,17 @@ pub fn check_settings() -> Result<(), String> {
     ExportConfig::from_env()?;
     Sampler::from_env()?;
     sdk_disabled_from_env()?;
+    vsl_enabled()?;
     Ok(())
+}
+
+/// `OPENTRACING_VSL=off` closes spans from their task data alone, without reading the log.
+fn vsl_enabled() -> Result<bool, String> {
+    match std::env::var("OPENTRACING_VSL").ok().as_deref().map(str::trim) {
+        None | Some("") | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(v) => Err(format!("OPENTRACING_VSL={v:?} is neither on nor off")),
+    }
 }
 
 fn sdk_disabled_from_env() -> Result<bool, String> {
@@ -191,6 +249,11 @@ pub fn vcl_warm() -> Result<String, String> {
             .map_err(|e| format!("cannot start the exporter thread: {e}"))?;
         *EXPORTER.write() = Some(worker);
         life.sink = Some(sink);
+        if vsl_enabled()? {
+            // The child's working directory is the instance's -n folder (research §1).
+            let workdir = std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
+            crate::vsl::tailer::start(workdir)?;
+        }
         if !life.exit_hook {
             // SAFETY: registering a plain extern "C" function with the C library.
             life.exit_hook = unsafe { atexit(drain_at_exit) } == 0;
@@ -208,6 +271,10 @@ pub fn vcl_cold() -> String {
         return format!("pipeline kept for {} warm VCLs", life.warm_vcls);
     }
     life.sink = None;
+    // The tailer first: its last tick hands every finished span to the exporter.
+    if !crate::vsl::tailer::stop(STOP_DEADLINE) {
+        STATS.stop_timeouts.fetch_add(1, Relaxed);
+    }
     let worker = EXPORTER.write().take();
     match worker {
         Some(w) => {

@@ -71,7 +71,11 @@ impl StatusCode {
 pub enum ClosedBy {
     #[default]
     Open,
+    /// From the shared-memory log (the normal case when the tailer runs).
+    Log,
+    /// From the task-end data alone (no tailer, or the log did not deliver in time).
     TaskEnd,
+    /// From what was known when a rolled-back task was never resumed.
     Deadline,
 }
 
@@ -79,6 +83,7 @@ impl ClosedBy {
     pub fn as_str(self) -> &'static str {
         match self {
             ClosedBy::Open => "open",
+            ClosedBy::Log => "log",
             ClosedBy::TaskEnd => "task_end",
             ClosedBy::Deadline => "deadline",
         }
@@ -192,6 +197,21 @@ impl SpanRecord {
 
     pub fn set_int(&mut self, key: &'static str, value: i64) {
         self.set(key, Value::Int(value));
+    }
+
+    /// `http.response.status_code`, and the span status per the HTTP semantic conventions: 5xx
+    /// is an error on both kinds, 4xx only on CLIENT spans; below that the status is left unset.
+    pub fn set_http_status(&mut self, status: u16) {
+        self.set("http.response.status_code", Value::Int(i64::from(status)));
+        let error = status >= 500 || (status >= 400 && self.kind == SpanKind::Client);
+        if error {
+            self.status = StatusCode::Error;
+            self.set("error.type", Value::Str(status.to_string()));
+        } else if self.get("error.type").is_some_and(|v| matches!(v, Value::Str(s) if s.parse::<u16>().is_ok())) {
+            // A later, better source (the log) says the status was not an error after all.
+            self.status = StatusCode::Unset;
+            self.attributes.retain(|a| a.key != "error.type");
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

@@ -16,12 +16,30 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 
+/// The worker's side of its channel, for jobs that need to look at waiting messages in the
+/// middle of a tick (the tailer does, before deciding a transaction is not one of ours).
+pub struct Inbox<'a, M>(&'a Receiver<M>);
+
+impl<M> Inbox<'_, M> {
+    pub fn try_next(&self) -> Option<M> {
+        self.0.try_recv().ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// What a worker does with its messages.
 pub trait Job<M>: Send + 'static {
     fn handle(&mut self, msg: M);
-    /// Called at least every `tick` while the worker runs (flush timers, deadline sweeps), with
-    /// the number of messages waiting.
-    fn tick(&mut self, queued: usize);
+    /// Called every `tick` while the worker runs (timed work: flushes, deadline sweeps,
+    /// reading the log), after the waiting messages were handled.
+    fn tick(&mut self, inbox: &Inbox<'_, M>);
     /// Called once after the channel is closed and drained, before the thread exits.
     fn finish(&mut self);
 }
@@ -51,7 +69,7 @@ impl<M: Send + 'static> Worker<M> {
                             Err(TryRecvError::Disconnected) => break 'run,
                         }
                     }
-                    job.tick(rx.len());
+                    job.tick(&Inbox(&rx));
                     // Sleep on the stop channel, not the data channel: sends never wake us.
                     match stop_rx.recv_timeout(tick) {
                         Err(RecvTimeoutError::Timeout) => {}
@@ -120,7 +138,7 @@ mod tests {
             std::thread::sleep(self.delay);
             self.seen.fetch_add(1, Ordering::SeqCst);
         }
-        fn tick(&mut self, _queued: usize) {}
+        fn tick(&mut self, _inbox: &Inbox<'_, u32>) {}
         fn finish(&mut self) {
             self.finished.fetch_add(1, Ordering::SeqCst);
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::pipeline::{SharedCounters, STATS};
 use crate::span::SpanRecord;
-use crate::worker::Job;
+use crate::worker::{Inbox, Job};
 use otlp_json::Resource;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -169,9 +169,9 @@ impl Job<Box<SpanRecord>> for ExportJob {
         }
     }
 
-    fn tick(&mut self, queued: usize) {
+    fn tick(&mut self, inbox: &Inbox<'_, Box<SpanRecord>>) {
         if let Some(c) = &self.counters {
-            c.publish(queued);
+            c.publish(inbox.len());
         }
         // Records parked by a rollback and never taken back are closed here (see varnish::task).
         for span in crate::varnish::task::sweep_stash() {

@@ -9,11 +9,11 @@ pub const PREFIX: &str = "opentracing: ";
 /// (events on the CLI thread).
 pub fn vcl(ctx: &mut Ctx, msg: impl AsRef<str>) {
     let line = format!("{PREFIX}{}", msg.as_ref());
-    let tag = if ctx.raw.vsl.is_null() { LogTag::Debug } else { LogTag::VclLog };
-    ctx.log(tag, line);
+    ctx.log(LogTag::VclLog, line);
 }
 
-/// A record outside any transaction (VCL events on the CLI thread).
+/// A record outside any transaction (VCL events, background threads). Tagged VCL_Log like the
+/// others: Debug records are masked out by Varnish's default `vsl_mask`.
 pub fn global(msg: impl AsRef<str>) {
-    varnish::vcl::log(LogTag::Debug, format!("{PREFIX}{}", msg.as_ref()));
+    varnish::vcl::log(LogTag::VclLog, format!("{PREFIX}{}", msg.as_ref()));
 }

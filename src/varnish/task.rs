@@ -27,7 +27,7 @@ use varnish::vcl::Ctx;
 
 use crate::ids::{SpanId, TraceId};
 use crate::pipeline::{self, STATS};
-use crate::span::{vtim_to_unix_nano, ClosedBy, SpanKind, SpanRecord, StatusCode, Value};
+use crate::span::{vtim_to_unix_nano, ClosedBy, SpanRecord, StatusCode, Value};
 use crate::varnish::{http, vxid_of};
 
 /// What we keep for one task.
@@ -208,7 +208,8 @@ fn finish_task(ctx: *const ffi::vrt_ctx, state: TaskState) {
         }
         // An unsampled span only carried the context: nothing to complete or export.
         if state.record.sampled() {
-            pipeline::submit(unsafe { complete(ctx, state) });
+            let final_vxid = unsafe { vxid_of(ctx.vsl) };
+            crate::vsl::tailer::finished(unsafe { complete(ctx, state) }, final_vxid);
         }
     }));
 }
@@ -229,7 +230,7 @@ unsafe fn complete(ctx: &ffi::vrt_ctx, state: TaskState) -> Box<SpanRecord> {
             record.set_int("varnish.restarts", i64::from(req.restarts));
         }
         if let Some(status) = status_sent.or(status_vcl).filter(|s| *s > 0) {
-            set_status(&mut record, status);
+            record.set_http_status(status);
         }
     } else if let Some(bo) = ctx.bo.as_ref() {
         record.end_unix_nano = vtim_to_unix_nano(bo.t_prev.0);
@@ -249,7 +250,7 @@ unsafe fn complete(ctx: &ffi::vrt_ctx, state: TaskState) -> Box<SpanRecord> {
             record.set_int("http.response.body.size", bo.acct.beresp_bodybytes as i64);
             let status = http::status(bo.beresp);
             if let Some(status) = Some(status).filter(|s| *s > 0).or(status_vcl) {
-                set_status(&mut record, status);
+                record.set_http_status(status);
             }
         }
     }
@@ -257,17 +258,6 @@ unsafe fn complete(ctx: &ffi::vrt_ctx, state: TaskState) -> Box<SpanRecord> {
         record.end_unix_nano = record.start_unix_nano;
     }
     Box::new(record)
-}
-
-/// `http.response.status_code`, and the span status per the HTTP semantic conventions: 5xx is
-/// an error on both kinds, 4xx only on CLIENT spans.
-pub fn set_status(record: &mut SpanRecord, status: u16) {
-    record.set_int("http.response.status_code", i64::from(status));
-    let error = status >= 500 || (status >= 400 && record.kind == SpanKind::Client);
-    if error {
-        record.status = StatusCode::Error;
-        record.set("error.type", Value::Str(status.to_string()));
-    }
 }
 
 /// Closes a record that lost its task (no end data): its end is now.

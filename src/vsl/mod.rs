@@ -1,0 +1,12 @@
+//! Closing spans from the Varnish shared-memory log (VSL).
+//!
+//! - `ffi`: the only `unsafe` VSL code: attaching to the log and stepping through it.
+//! - `record`: parsing copied log records (safe).
+//! - `correlate`: the state machine that matches log records with our spans (pure, tested
+//!   with synthetic records).
+//! - `tailer`: the background worker that ties them together inside varnishd.
+
+pub mod correlate;
+pub mod ffi;
+pub mod record;
+pub mod tailer;

@@ -1,0 +1,270 @@
+//! The tailer: a background worker inside varnishd that reads the instance's own shared-memory
+//! log and closes spans with what Varnish logged (see `correlate`).
+//!
+//! Shape: like every worker here (`worker.rs`). Varnish workers send it `Msg`s without blocking
+//! (`track` when a sampled span starts, `finished` when its task ends); a full queue hands the
+//! finished span straight to the exporter, closed from its task's data. Each tick handles the
+//! messages, reads the log until it is idle, and closes the spans whose log is late.
+//!
+//! Threading: attaching to the log may block (up to `ATTACH_PATIENCE`), so it happens here, on
+//! the tailer thread, never on the CLI thread. Everything else is non-blocking.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+
+use super::correlate::{Correlator, Limits};
+use super::ffi::{tag_number, LogReader, Step};
+use super::record::{records, TagTable};
+use crate::pipeline::{self, STATS};
+use crate::span::{SpanRecord, Value};
+use crate::worker::{Inbox, Job, Worker};
+
+pub enum Msg {
+    /// A sampled span started in transaction `vxid`.
+    Track { vxid: u64 },
+    /// The task of a span ended; `record` holds what the task knew. The span's first VXID is
+    /// `record.vxid`; `final_vxid` is the one it ended with (restarts and retries change it).
+    Finished { record: Box<SpanRecord>, final_vxid: u64 },
+}
+
+/// How often the tailer reads the log: the delay between a transaction's end and its span's
+/// export, and the wake-ups of an idle varnishd (1000/s, each a few microseconds).
+pub const TICK: Duration = Duration::from_millis(1);
+/// Queue between the workers and the tailer.
+pub const QUEUE: usize = 32_768;
+const ATTACH_PATIENCE: u32 = 1;
+const ATTACH_RETRY: Duration = Duration::from_secs(1);
+/// Steps read per tick at most, so that messages and deadlines are looked at in between.
+const STEPS_PER_TICK: usize = 200_000;
+
+static TAILER: RwLock<Option<Worker<Msg>>> = RwLock::new(None);
+/// Whether the log is attached (for the counters and the tests).
+pub static ATTACHED: AtomicBool = AtomicBool::new(false);
+
+/// Starts the tailer (CLI thread, with the pipeline). `workdir` is varnishd's `-n` folder.
+pub fn start(workdir: PathBuf) -> Result<(), String> {
+    let job = TailerJob::new(workdir);
+    let worker =
+        Worker::spawn("otel-vsl", QUEUE, TICK, job).map_err(|e| format!("cannot start the VSL tailer: {e}"))?;
+    *TAILER.write() = Some(worker);
+    Ok(())
+}
+
+/// Stops the tailer within `deadline`; its last tick hands every finished span to the exporter.
+pub fn stop(deadline: Duration) -> bool {
+    let worker = TAILER.write().take();
+    worker.is_none_or(|w| w.stop(deadline))
+}
+
+pub fn is_running() -> bool {
+    TAILER.read().is_some()
+}
+
+/// A sampled span started (any worker thread; never blocks).
+pub fn track(vxid: u64) {
+    if let Some(w) = TAILER.read().as_ref() {
+        let _ = w.try_send(Msg::Track { vxid });
+    }
+}
+
+/// A span's task ended (any worker thread; never blocks). Without a tailer, or when its queue is
+/// full, the span goes to the exporter at once, closed from its task's data.
+pub fn finished(record: Box<SpanRecord>, final_vxid: u64) {
+    let msg = Msg::Finished { record, final_vxid };
+    let rejected = match TAILER.read().as_ref() {
+        Some(w) => match w.try_send(msg) {
+            Ok(()) => return,
+            Err(m) => Some(m),
+        },
+        None => {
+            let Msg::Finished { record, .. } = msg else { return };
+            pipeline::submit(record);
+            return;
+        }
+    };
+    if let Some(Msg::Finished { mut record, .. }) = rejected {
+        STATS.vsl_closed_by_backstop.fetch_add(1, Relaxed);
+        record.set("varnish.span.closed_by", Value::Str("backstop".to_owned()));
+        pipeline::submit(record);
+    }
+}
+
+struct TailerJob {
+    workdir: PathBuf,
+    reader: Option<LogReader>,
+    next_attach: Instant,
+    last_status_check: Instant,
+    attach_error_logged: bool,
+    correlator: Correlator,
+    buf: Vec<u8>,
+    /// Completed spans, boxed as the exporter's queue takes them.
+    #[allow(clippy::vec_box)]
+    done: Vec<Box<SpanRecord>>,
+    steps: u64,
+    overruns: u64,
+}
+
+impl TailerJob {
+    fn new(workdir: PathBuf) -> Self {
+        TailerJob {
+            workdir,
+            reader: None,
+            next_attach: Instant::now(),
+            last_status_check: Instant::now(),
+            attach_error_logged: false,
+            correlator: Correlator::new(TagTable::new(tag_number), Limits::default()),
+            buf: Vec::with_capacity(64 * 1024),
+            done: Vec::new(),
+            steps: 0,
+            overruns: 0,
+        }
+    }
+
+    fn attach(&mut self, now: Instant) {
+        if self.reader.is_some() || now < self.next_attach {
+            return;
+        }
+        match LogReader::attach(&self.workdir, ATTACH_PATIENCE) {
+            Ok(r) => {
+                self.reader = Some(r);
+                ATTACHED.store(true, Relaxed);
+                crate::varnish::log::global(format!("VSL tailer attached to {}", self.workdir.display()));
+                self.attach_error_logged = false;
+            }
+            Err(e) => {
+                self.next_attach = now + ATTACH_RETRY;
+                if !self.attach_error_logged {
+                    // Once per failure streak: spans still close from their task data meanwhile.
+                    crate::varnish::log::global(format!("VSL tailer cannot read the log yet: {e}"));
+                    self.attach_error_logged = true;
+                }
+            }
+        }
+    }
+
+    fn handle_msg(&mut self, msg: Msg, now: Instant) {
+        match msg {
+            Msg::Track { vxid } => self.correlator.track(vxid, now),
+            Msg::Finished { record, final_vxid } => {
+                if let Some(done) = self.correlator.finished(record, final_vxid, now) {
+                    self.done.push(done);
+                }
+            }
+        }
+    }
+
+    /// Reads the log until it is idle (or for `STEPS_PER_TICK` steps).
+    fn read_log(&mut self, inbox: &Inbox<'_, Msg>, now: Instant) {
+        // Taken out for the loop, so that messages can be handled in the middle of it.
+        let Some(mut reader) = self.reader.take() else { return };
+        let mut keep = true;
+        for _ in 0..STEPS_PER_TICK {
+            match reader.step() {
+                Step::Batch { vxid } | Step::Single { vxid } => {
+                    self.steps += 1;
+                    if !self.correlator.wants(vxid) {
+                        // Its `track` may still be in the queue (sent before the transaction
+                        // ended, so before this batch was written): look once more.
+                        if inbox.is_empty() {
+                            continue;
+                        }
+                        while let Some(m) = inbox.try_next() {
+                            self.handle_msg(m, now);
+                        }
+                        if !self.correlator.wants(vxid) {
+                            continue;
+                        }
+                    }
+                    if reader.copy_current(&mut self.buf) {
+                        self.correlator.records(records(&self.buf), &mut self.done);
+                    } else {
+                        // Overwritten while we copied: as good as an overrun.
+                        self.overruns += 1;
+                    }
+                }
+                Step::Idle => {
+                    if now.duration_since(self.last_status_check) >= Duration::from_secs(1) {
+                        self.last_status_check = now;
+                        keep = !reader.restarted();
+                    }
+                    break;
+                }
+                Step::Overrun => {
+                    // The writer lapped us: what it overwrote is lost (those spans will close
+                    // from their task data); go on from the tail.
+                    self.overruns += 1;
+                    keep = reader.reacquire().is_ok();
+                    break;
+                }
+                Step::Abandoned => {
+                    keep = false;
+                    break;
+                }
+            }
+        }
+        if keep {
+            self.reader = Some(reader);
+        } else {
+            self.drop_reader();
+        }
+    }
+
+    fn drop_reader(&mut self) {
+        self.reader = None;
+        ATTACHED.store(false, Relaxed);
+        self.next_attach = Instant::now();
+    }
+
+    fn flush(&mut self) {
+        for span in self.done.drain(..) {
+            pipeline::submit(span);
+        }
+        let s = &self.correlator.stats;
+        STATS.vsl_steps.store(self.steps, Relaxed);
+        STATS.vsl_transactions_matched.store(s.transactions_matched, Relaxed);
+        STATS.vsl_closed_from_log.store(s.closed_from_log, Relaxed);
+        STATS.vsl_closed_by_tailer_backstop.store(s.closed_by_backstop, Relaxed);
+        STATS.vsl_overruns.store(self.overruns, Relaxed);
+        STATS.vsl_pending.store(self.correlator.pending() as u64, Relaxed);
+    }
+}
+
+impl Job<Msg> for TailerJob {
+    fn handle(&mut self, msg: Msg) {
+        self.handle_msg(msg, Instant::now());
+    }
+
+    fn tick(&mut self, inbox: &Inbox<'_, Msg>) {
+        let now = Instant::now();
+        self.attach(now);
+        self.read_log(inbox, now);
+        self.correlator.expire(now, &mut self.done);
+        self.flush();
+    }
+
+    fn finish(&mut self) {
+        // Stopping: read what the log still holds, then close every finished span from what
+        // we have. Nothing that finished is lost.
+        let now = Instant::now();
+        if let Some(reader) = self.reader.as_mut() {
+            for _ in 0..STEPS_PER_TICK {
+                match reader.step() {
+                    Step::Batch { vxid } | Step::Single { vxid } if self.correlator.wants(vxid) => {
+                        if reader.copy_current(&mut self.buf) {
+                            self.correlator.records(records(&self.buf), &mut self.done);
+                        }
+                    }
+                    Step::Batch { .. } | Step::Single { .. } => {}
+                    _ => break,
+                }
+            }
+        }
+        self.correlator.expire(now + Duration::from_secs(3600 * 24), &mut self.done);
+        self.flush();
+        self.reader = None;
+        ATTACHED.store(false, Relaxed);
+    }
+}
