@@ -120,6 +120,22 @@ class Varnishd:
         ticks = os.sysconf("SC_CLK_TCK")
         return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime, all threads
 
+    def thread_cpu_seconds(self, name):
+        """CPU time of the child's threads called `name` (e.g. the VSL tailer, otel-vsl)."""
+        total, ticks = 0, os.sysconf("SC_CLK_TCK")
+        pid = self.child_pid()
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    if f.read().strip() != name:
+                        continue
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / ticks
+            except OSError:
+                pass
+        return total
+
     def peak_rss_kib(self):
         with open(f"/proc/{self.child_pid()}/status") as f:
             return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
@@ -241,9 +257,10 @@ def main():
                 rng.shuffle(order)
                 for c in order:
                     p = proxies[c]
-                    cpu0 = p.cpu_seconds()
+                    cpu0, tailer0 = p.cpu_seconds(), p.thread_cpu_seconds("otel-vsl")
                     r = wrk(p.port, paths[w], SECONDS, wcpu)
                     r["cpu_us_per_req"] = (p.cpu_seconds() - cpu0) * 1e6 / max(r["requests"], 1)
+                    r["tailer_cpu_us_per_req"] = (p.thread_cpu_seconds("otel-vsl") - tailer0) * 1e6 / max(r["requests"], 1)
                     r["round"] = rnd
                     runs[w][c].append(r)
             print(f"bench: round {rnd + 1}/{ROUNDS} done ({time.time() - started:.0f} s)", file=sys.stderr)
@@ -280,6 +297,7 @@ def main():
                 "p99_us": statistics.median([r["p99_us"] for r in rs if r["p99_us"]]),
                 "p99_added_us": statistics.median(p99_added) if p99_added else None,
                 "cpu_us_per_req": spread([r["cpu_us_per_req"] for r in rs]),
+                "tailer_cpu_us_per_req": spread([r["tailer_cpu_us_per_req"] for r in rs]),
                 "instructions_per_req": instructions[w].get(c),
                 "errors": sum(r["errors"] for r in rs),
                 "peak_rss_kib": rss[c],
@@ -335,8 +353,9 @@ def markdown(res):
     for w, rows in res["summary"].items():
         lines += [f"## Workload: {w}", "",
                   "| configuration | req/s (median) | ratio to baseline | p50 us | p99 us | p99 added us "
-                  "| varnishd CPU us/req | user instructions/req | added | kernel instr./req | peak RSS MiB | spans exported | dropped |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| varnishd CPU us/req | of which VSL tailer | user instructions/req | added | kernel instr./req "
+                  "| peak RSS MiB | spans exported | dropped |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         base_ins = rows["baseline"]["instructions_per_req"]
         for c, s in rows.items():
             r = s["ratio"]
@@ -348,7 +367,7 @@ def markdown(res):
             ins_added = f"{ins['user'] - base_ins['user']:+.0f}" if ins and base_ins and c != "baseline" else ""
             lines.append(
                 f"| {c} | {s['rps']['median']:.0f} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] "
-                f"| {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {cpu['median']:.1f} | {ins_txt} | {ins_added} | {kernel_txt} "
+                f"| {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {cpu['median']:.1f} | {s['tailer_cpu_us_per_req']['median']:.2f} | {ins_txt} | {ins_added} | {kernel_txt} "
                 f"| {s['peak_rss_kib'] / 1024:.0f} | {s['spans_exported'] if s['spans_exported'] is not None else '-'} "
                 f"| {s['spans_dropped'] if s['spans_dropped'] is not None else '-'} |")
         lines.append("")

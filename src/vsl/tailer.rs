@@ -41,6 +41,15 @@ const ATTACH_RETRY: Duration = Duration::from_secs(1);
 const STEPS_PER_TICK: usize = 200_000;
 
 static TAILER: RwLock<Option<Worker<Msg>>> = RwLock::new(None);
+
+/// `OPENTRACING_VSL_READ_DELAY_MS`: a pause after every read of the log. For tests only: it makes
+/// the tailer fall behind on purpose, to check that overruns lose no span.
+fn read_delay() -> Duration {
+    std::env::var("OPENTRACING_VSL_READ_DELAY_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_millis)
+}
 /// Whether the log is attached (for the counters and the tests).
 pub static ATTACHED: AtomicBool = AtomicBool::new(false);
 
@@ -105,6 +114,7 @@ struct TailerJob {
     done: Vec<Box<SpanRecord>>,
     steps: u64,
     overruns: u64,
+    read_delay: Duration,
 }
 
 impl TailerJob {
@@ -120,6 +130,7 @@ impl TailerJob {
             done: Vec::new(),
             steps: 0,
             overruns: 0,
+            read_delay: read_delay(),
         }
     }
 
@@ -241,6 +252,9 @@ impl Job<Msg> for TailerJob {
         let now = Instant::now();
         self.attach(now);
         self.read_log(inbox, now);
+        if !self.read_delay.is_zero() {
+            std::thread::sleep(self.read_delay);
+        }
         self.correlator.expire(now, &mut self.done);
         self.flush();
     }
