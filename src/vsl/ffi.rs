@@ -88,10 +88,42 @@ pub enum Step {
     Abandoned,
 }
 
+/// Owns a VSM handle (the mapping of the instance's shared memory).
+struct Vsm(*mut vsm);
+
+impl Drop for Vsm {
+    fn drop(&mut self) {
+        // SAFETY: created by VSM_New, released once.
+        unsafe { VSM_Destroy(&mut self.0) }
+    }
+}
+
+/// Owns a VSL handle (log reading state and errors).
+struct Vsl(*mut VslData);
+
+impl Drop for Vsl {
+    fn drop(&mut self) {
+        // SAFETY: created by VSL_New, released once, after every cursor made from it.
+        unsafe { VSL_Delete(self.0) }
+    }
+}
+
+/// Owns a cursor into the log.
+struct Cursor(*mut VslCursor);
+
+impl Drop for Cursor {
+    fn drop(&mut self) {
+        // SAFETY: created by VSL_CursorVSM, released once.
+        unsafe { VSL_DeleteCursor(self.0) }
+    }
+}
+
+/// A reader of one instance's log. Field order is drop order: the cursor goes before the VSL
+/// handle, which goes before the VSM mapping it reads.
 pub struct LogReader {
-    vsm: *mut vsm,
-    vsl: *mut VslData,
-    cursor: *mut VslCursor,
+    cursor: Cursor,
+    vsl: Vsl,
+    vsm: Vsm,
 }
 
 /// `SLT__Batch` of `vapi/vsl_int.h`: fixed by the log format, not in the name table.
@@ -107,6 +139,22 @@ fn vsm_error(vsm: *const vsm) -> String {
         .unwrap_or_else(|| "unknown error".to_owned())
 }
 
+fn new_cursor(vsl: &Vsl, vsm: &Vsm) -> Result<Cursor, String> {
+    // SAFETY: both handles are live; errors are read from and reset on the VSL handle.
+    unsafe {
+        let c = VSL_CursorVSM(vsl.0, vsm.0, VSL_COPT_TAIL | VSL_COPT_BATCH);
+        if c.is_null() {
+            let msg = VSL_Error(vsl.0)
+                .as_ref()
+                .map(|p| CStr::from_ptr(p).to_string_lossy().into_owned())
+                .unwrap_or_else(|| "no log yet".to_owned());
+            VSL_ResetError(vsl.0);
+            return Err(msg);
+        }
+        Ok(Cursor(c))
+    }
+}
+
 impl LogReader {
     /// Attaches to the log of the Varnish instance whose working directory is `workdir` (inside
     /// varnishd that is the child's current directory). Blocks up to `patience_s` seconds: call
@@ -114,69 +162,51 @@ impl LogReader {
     pub fn attach(workdir: &Path, patience_s: u32) -> Result<Self, String> {
         let dir = CString::new(workdir.as_os_str().as_encoded_bytes()).map_err(|_| "bad workdir".to_owned())?;
         let patience = CString::new(patience_s.to_string()).map_err(|_| "bad patience".to_owned())?;
-        // SAFETY: plain libvarnishapi calls on handles we create and own; every failure path
-        // releases what was created (Drop of the partly built reader).
+        // SAFETY: plain libvarnishapi calls on handles we create; each is owned by its wrapper
+        // as soon as it exists, so every failure path releases what was made.
         unsafe {
-            let vsm = VSM_New();
-            if vsm.is_null() {
+            let vsm = Vsm(VSM_New());
+            if vsm.0.is_null() {
+                std::mem::forget(vsm);
                 return Err("VSM_New failed".to_owned());
             }
-            let mut reader = LogReader { vsm, vsl: std::ptr::null_mut(), cursor: std::ptr::null_mut() };
-            if VSM_Arg(vsm, b'n' as c_char, dir.as_ptr()) < 0 || VSM_Arg(vsm, b't' as c_char, patience.as_ptr()) < 0 {
-                return Err(vsm_error(vsm));
+            if VSM_Arg(vsm.0, b'n' as c_char, dir.as_ptr()) < 0 || VSM_Arg(vsm.0, b't' as c_char, patience.as_ptr()) < 0
+            {
+                return Err(vsm_error(vsm.0));
             }
-            if VSM_Attach(vsm, -1) < 0 {
-                return Err(format!("cannot attach to the log of {}: {}", workdir.display(), vsm_error(vsm)));
+            if VSM_Attach(vsm.0, -1) < 0 {
+                return Err(format!("cannot attach to the log of {}: {}", workdir.display(), vsm_error(vsm.0)));
             }
-            reader.vsl = VSL_New();
-            if reader.vsl.is_null() {
+            let vsl = Vsl(VSL_New());
+            if vsl.0.is_null() {
+                std::mem::forget(vsl);
                 return Err("VSL_New failed".to_owned());
             }
-            reader.open_cursor()?;
-            Ok(reader)
+            let cursor = new_cursor(&vsl, &vsm)?;
+            Ok(LogReader { cursor, vsl, vsm })
         }
-    }
-
-    /// A new cursor at the current tail of the log.
-    fn open_cursor(&mut self) -> Result<(), String> {
-        // SAFETY: handles owned by self; the old cursor is deleted before it is replaced.
-        unsafe {
-            if !self.cursor.is_null() {
-                VSL_DeleteCursor(self.cursor);
-                self.cursor = std::ptr::null_mut();
-            }
-            self.cursor = VSL_CursorVSM(self.vsl, self.vsm, VSL_COPT_TAIL | VSL_COPT_BATCH);
-            if self.cursor.is_null() {
-                let msg = VSL_Error(self.vsl)
-                    .as_ref()
-                    .map(|p| CStr::from_ptr(p).to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "no log yet".to_owned());
-                VSL_ResetError(self.vsl);
-                return Err(msg);
-            }
-        }
-        Ok(())
     }
 
     /// After an overrun: skip what was lost and continue from the current tail.
     pub fn reacquire(&mut self) -> Result<(), String> {
-        self.open_cursor()
+        self.cursor = new_cursor(&self.vsl, &self.vsm)?;
+        Ok(())
     }
 
     /// Whether the instance restarted since the last call (then the reader must attach again).
     /// A few system calls: call it when idle, not per record.
     pub fn restarted(&mut self) -> bool {
         // SAFETY: handle owned by self.
-        unsafe { VSM_Status(self.vsm) & (VSM_WRK_RESTARTED | VSM_MGT_RESTARTED) != 0 }
+        unsafe { VSM_Status(self.vsm.0) & (VSM_WRK_RESTARTED | VSM_MGT_RESTARTED) != 0 }
     }
 
     pub fn step(&mut self) -> Step {
-        // SAFETY: the cursor is valid (open_cursor succeeded); after VSL_MORE its `rec.ptr`
-        // points at a record header in the mapped log.
+        // SAFETY: the cursor is valid; after VSL_MORE its `rec.ptr` points at a record header
+        // in the mapped log.
         unsafe {
-            match VSL_Next(self.cursor) {
+            match VSL_Next(self.cursor.0) {
                 VSL_MORE => {
-                    let p = (*self.cursor).rec.ptr;
+                    let p = (*self.cursor.0).rec.ptr;
                     let tag = (*p >> 24) as u8;
                     if tag == BATCH_TAG {
                         // The batch's ID is the first enclosed record's.
@@ -201,7 +231,7 @@ impl LogReader {
         // Single); lengths come from its header and are bounded below; VSL_Check afterwards
         // tells whether what we copied was still intact.
         unsafe {
-            let rec = (*self.cursor).rec;
+            let rec = (*self.cursor.0).rec;
             let p = rec.ptr;
             let tag = (*p >> 24) as u8;
             let (start, bytes) = if tag == BATCH_TAG {
@@ -214,7 +244,7 @@ impl LogReader {
                 return false;
             }
             buf.extend_from_slice(std::slice::from_raw_parts(start.cast::<u8>(), bytes));
-            VSL_Check(self.cursor, &rec) == VSL_CHECK_VALID
+            VSL_Check(self.cursor.0, &rec) == VSL_CHECK_VALID
         }
     }
 }
@@ -225,21 +255,4 @@ impl LogReader {
 /// `p` must point at a record header (three words) in the mapped log.
 unsafe fn vxid_of(p: *const u32) -> u64 {
     ((u64::from(*p.add(2)) << 32) | u64::from(*p.add(1))) & IDENT_MASK
-}
-
-impl Drop for LogReader {
-    fn drop(&mut self) {
-        // SAFETY: each handle is released once, in reverse order of creation.
-        unsafe {
-            if !self.cursor.is_null() {
-                VSL_DeleteCursor(self.cursor);
-            }
-            if !self.vsl.is_null() {
-                VSL_Delete(self.vsl);
-            }
-            if !self.vsm.is_null() {
-                VSM_Destroy(&mut self.vsm);
-            }
-        }
-    }
 }
