@@ -224,6 +224,11 @@ impl Varnish {
     /// Starts `varnishd -F` on 127.0.0.1 (port chosen by the kernel) with the given scenario VCL,
     /// which is appended after the import, the include and the default backend.
     pub fn start(dir: &Path, name: &str, backend_port: u16, scenario_vcl: &str) -> Varnish {
+        Varnish::start_with(dir, name, backend_port, scenario_vcl, &VarnishOpts::default())
+    }
+
+    /// `start`, with extra `-p` parameters and environment variables for varnishd.
+    pub fn start_with(dir: &Path, name: &str, backend_port: u16, scenario_vcl: &str, opts: &VarnishOpts) -> Varnish {
         let so = vmod_so();
         let vcl = format!(
             "vcl 4.1;\nimport opentracing;\ninclude \"opentracing.vcl\";\n\
@@ -243,10 +248,11 @@ impl Varnish {
             .args(["-s", "malloc,32m", "-p"])
             .arg(format!("vmod_path={}", so.parent().unwrap().display()))
             .arg("-p")
-            .arg(format!("vcl_path={}", repo_dir().join("vcl").display()))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
+            .arg(format!("vcl_path={}", repo_dir().join("vcl").display()));
+        for p in &opts.params {
+            cmd.arg("-p").arg(p);
+        }
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         for (k, _) in std::env::vars() {
             if k.starts_with("OTEL_") {
                 cmd.env_remove(k);
@@ -256,6 +262,9 @@ impl Varnish {
             .env("OTEL_TRACES_EXPORTER", "file")
             .env("OTEL_BSP_SCHEDULE_DELAY", "50")
             .env("OTEL_SERVICE_NAME", name);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
         let child =
             cmd.spawn().expect("spawn varnishd (is Varnish on PATH? eval \"$(bash scripts/varnish.sh --env)\")");
         let mut v =
@@ -373,6 +382,76 @@ impl Drop for Varnish {
     }
 }
 
+/// Extra settings for `Varnish::start_with`.
+#[derive(Clone, Debug, Default)]
+pub struct VarnishOpts {
+    /// `-p name=value` arguments.
+    pub params: Vec<String>,
+    /// Environment variables for varnishd.
+    pub env: Vec<(String, String)>,
+}
+
+impl Varnish {
+    /// The `OPENTRACING.*` counters, by name without the prefix (`varnishstat -1 -j`).
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        let out = Command::new("varnishstat")
+            .arg("-n")
+            .arg(&self.workdir)
+            .args(["-1", "-j", "-f", "OPENTRACING.*"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run varnishstat");
+        assert!(out.status.success(), "varnishstat failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("varnishstat -j output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        });
+        // Varnish 6.5+: {"version": 1, "timestamp": ..., "counters": {name: {"value": n, ...}}};
+        // older: the counters at the top level.
+        let counters = v.get("counters").unwrap_or(&v);
+        let mut map = BTreeMap::new();
+        for (k, c) in counters.as_object().expect("varnishstat counters object") {
+            let Some(value) = c.get("value").and_then(|x| x.as_u64()) else { continue };
+            // "OPENTRACING.name" (no segment ident) or "OPENTRACING.<ident>.name".
+            let Some(rest) = k.strip_prefix("OPENTRACING.") else { continue };
+            let name = rest.rsplit('.').next().unwrap_or(rest);
+            map.insert(name.to_owned(), value);
+        }
+        map
+    }
+
+    /// One counter (0 when absent).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters().get(name).copied().unwrap_or(0)
+    }
+
+    /// Waits until `pred` holds on the counters (panics after `timeout`).
+    pub fn wait_counters(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&BTreeMap<String, u64>) -> bool,
+    ) -> BTreeMap<String, u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.counters();
+            if pred(&c) {
+                return c;
+            }
+            if Instant::now() > deadline {
+                panic!("{}: timed out after {timeout:?} waiting for counters: {what}\ncounters: {c:#?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `stop`, also returning the `varnishlog -d -g raw` text captured just before stopping.
+    pub fn stop_with_vsl(&mut self) -> (Vec<Span>, String) {
+        let spans = self.stop();
+        let vsl = fs::read_to_string(self.vsl_file()).unwrap_or_default();
+        (spans, vsl)
+    }
+}
+
 // ---- HTTP/1.1 client -------------------------------------------------------------------------
 
 #[derive(Debug)]
@@ -407,7 +486,39 @@ pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Respo
     req.push_str("Connection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).unwrap();
     let mut r = BufReader::new(stream);
+    read_response(&mut r, true)
+}
 
+/// A keep-alive HTTP/1.1 connection for sequential `GET`s.
+pub struct KeepAlive {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> KeepAlive {
+        let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        stream.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
+        let _ = stream.set_nodelay(true);
+        let writer = stream.try_clone().expect("clone TcpStream");
+        KeepAlive { reader: BufReader::new(stream), writer }
+    }
+
+    pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Response {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.writer.write_all(req.as_bytes()).expect("write request");
+        read_response(&mut self.reader, false)
+    }
+}
+
+/// Reads one response. With `until_eof`, a body without length is read to the end of the
+/// connection (only valid on a `Connection: close` exchange).
+pub fn read_response(r: &mut BufReader<TcpStream>, until_eof: bool) -> Response {
     let mut line = String::new();
     r.read_line(&mut line).expect("read status line");
     let mut parts = line.trim_end().splitn(3, ' ');
@@ -429,7 +540,9 @@ pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Respo
     let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
 
     let mut body = Vec::new();
-    if let Some(len) = get("content-length") {
+    if status == 304 || status == 204 || (100..200).contains(&status) {
+        // No body, whatever the header fields say.
+    } else if let Some(len) = get("content-length") {
         let len: usize = len.parse().expect("Content-Length");
         body.resize(len, 0);
         r.read_exact(&mut body).expect("read body");
@@ -455,8 +568,10 @@ pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Respo
             let mut crlf = [0u8; 2];
             r.read_exact(&mut crlf).expect("read chunk CRLF");
         }
-    } else if status >= 200 && status != 204 && status != 304 {
+    } else if until_eof {
         r.read_to_end(&mut body).expect("read body to EOF");
+    } else {
+        panic!("keep-alive response without length: {status} {headers:?}");
     }
     Response { status, headers, body }
 }
@@ -515,6 +630,16 @@ impl Span {
             any_value::Value::IntValue(i) => Some(*i),
             _ => None,
         }
+    }
+
+    /// The span's events as (name, time in ns), in order.
+    pub fn timed_events(&self) -> Vec<(String, u64)> {
+        self.raw.events.iter().map(|e| (e.name.clone(), e.time_unix_nano)).collect()
+    }
+
+    /// The span's links as (trace id, span id) in lowercase hex.
+    pub fn links(&self) -> Vec<(String, String)> {
+        self.raw.links.iter().map(|l| (hex(&l.trace_id), hex(&l.span_id))).collect()
     }
 
     pub fn is_root(&self) -> bool {

@@ -6,10 +6,12 @@
 //! `E2E_KEEP=1` keeps each test's directory (VCL, varnishd output, VSL, spans, backend log).
 
 mod harness;
+mod vsl;
 
 use std::time::Duration;
 
 use harness::*;
+use vsl::Vsl;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -453,4 +455,348 @@ fn duplicate_traceparent_restarts() {
         got,
         TraceParent { trace_id: server.trace_id.clone(), span_id: client.span_id.clone(), flags: "01".into() }
     );
+}
+
+// ---- spans closed from the shared-memory log ---------------------------------------------------
+
+/// Checks one span against what `varnishlog` logged for its VXID chain: start, end, status, body
+/// sizes, events (to the nanosecond) and the backend connection. Returns what the log says.
+fn assert_span_matches_log(s: &Span, log: &Vsl) -> vsl::Expected {
+    let vxid = s.attr_int("varnish.vxid").unwrap_or_else(|| panic!("span without varnish.vxid: {s:#?}")) as u64;
+    let e = log.expected(vxid);
+    let ctx = format!(
+        "span {s:#?}\nexpected from the log: {e:#?}\nlog: {:#?}",
+        e.chain.iter().map(|v| log.records(*v)).collect::<Vec<_>>()
+    );
+    assert_eq!(e.backend, s.kind == KIND_CLIENT, "a CLIENT span belongs to a backend transaction: {ctx}");
+    assert_eq!(s.start, e.start_ns, "start != Timestamp Start of VXID {}: {ctx}", e.chain[0]);
+    assert_eq!(s.end, e.end_ns, "end != end Timestamp of VXID {vxid}: {ctx}");
+    assert_eq!(s.attr_int("http.response.status_code"), e.status, "status: {ctx}");
+    assert_eq!(s.attr_int("http.request.body.size"), e.req_body, "request body size: {ctx}");
+    assert_eq!(s.attr_int("http.response.body.size"), e.resp_body, "response body size: {ctx}");
+    assert_eq!(s.timed_events(), e.events, "events: {ctx}");
+    if let Some((name, addr, port)) = &e.peer {
+        assert_eq!(s.attr_str("varnish.backend"), Some(name.as_str()), "{ctx}");
+        assert_eq!(s.attr_str("network.peer.address"), Some(addr.as_str()), "{ctx}");
+        assert_eq!(s.attr_int("network.peer.port"), Some(*port), "{ctx}");
+    } else {
+        assert!(!e.backend, "a backend transaction without BackendOpen: {ctx}");
+    }
+    assert_ne!(s.attr_str("varnish.span.closed_by"), Some("backstop"), "closed by the backstop: {ctx}");
+    e
+}
+
+fn server_of<'a>(spans: &'a [Span], trace: &str) -> &'a Span {
+    the_one(in_trace(spans, trace).into_iter().filter(|s| s.kind == KIND_SERVER).collect(), "SERVER span", spans)
+}
+
+/// Case 10: every span, closed from the log, says what varnishlog says: miss, hit, 304, 206, ESI,
+/// restart, backend retry and pass.
+#[test]
+fn spans_match_varnishlog() {
+    let dir = TempDir::new("spans_match_varnishlog");
+    let be = Backend::start(dir.path(), "backend");
+    let mut v = Varnish::start(
+        dir.path(),
+        "varnish",
+        be.port,
+        r#"
+sub vcl_recv { if (req.url ~ "^/pass/") { return (pass); } }
+sub vcl_backend_response {
+    if (beresp.status == 404 && bereq.retries == 0 && bereq.http.X-Retry) {
+        set bereq.url = "/";
+        return (retry);
+    }
+    if (beresp.http.X-Enable-ESI) { set beresp.do_esi = true; }
+    if (bereq.url == "/cached") { set beresp.http.ETag = {""v1""}; }
+}
+sub vcl_deliver {
+    if (resp.status == 404 && req.restarts == 0) { set req.url = "/"; return (restart); }
+}
+"#,
+    );
+
+    let names = ["miss", "hit", "304", "206", "esi", "restart", "retry", "pass"];
+    let traces: std::collections::BTreeMap<&str, String> = names.iter().map(|n| (*n, random_trace_id())).collect();
+    let tph = |n: &str| tp(&traces[n], PARENT, "01");
+
+    let r = v.get("/cached", &[("traceparent", &tph("miss"))]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("etag"), Some("\"v1\""), "{r:?}");
+    let full = r.body.clone();
+    let r = v.get("/cached", &[("traceparent", &tph("hit"))]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, full);
+    let r = v.get("/cached", &[("traceparent", &tph("304")), ("If-None-Match", "\"v1\"")]);
+    assert_eq!(r.status, 304, "{r:?}");
+    let r = v.get("/cached", &[("traceparent", &tph("206")), ("Range", "bytes=0-3")]);
+    assert_eq!(r.status, 206, "{r:?}");
+    assert_eq!(r.body, full[..4].to_vec(), "{r:?}");
+    let r = v.get("/esi", &[("traceparent", &tph("esi"))]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body_str().contains("top fragment end"), "{r:?}");
+    let r = v.get("/missing", &[("traceparent", &tph("restart"))]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body_str().contains("hello from /"), "{r:?}");
+    let r = v.get("/status/404", &[("traceparent", &tph("retry")), ("X-Retry", "1")]);
+    assert_eq!(r.status, 200, "the retry fetched / instead: {r:?}");
+    assert!(r.body_str().contains("hello from /"), "{r:?}");
+    let r = v.get("/pass/x", &[("traceparent", &tph("pass"))]);
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // miss 2, hit 1, 304 1, 206 1, esi 4, restart 3, retry 2, pass 2
+    const TOTAL: usize = 16;
+    v.wait_spans(WAIT, "16 spans", |s| s.len() >= TOTAL);
+    let counters = v.wait_counters(WAIT, "vsl_spans_closed_from_log and spans_exported at 16", |c| {
+        c.get("spans_exported") == Some(&(TOTAL as u64)) && c.get("vsl_spans_closed_from_log") >= Some(&(TOTAL as u64))
+    });
+    let (spans, text) = v.stop_with_vsl();
+    let log = Vsl::parse(&text);
+    assert_eq!(spans.len(), TOTAL, "{spans:#?}");
+    assert_eq!(counters["vsl_spans_closed_from_log"], TOTAL as u64, "{counters:#?}");
+    assert_eq!(counters["vsl_spans_closed_by_backstop"], 0, "{counters:#?}");
+    assert_eq!(counters["spans_dropped"], 0, "{counters:#?}");
+
+    // Every span against the log.
+    let mut checked = std::collections::BTreeSet::new();
+    for s in &spans {
+        let e = assert_span_matches_log(s, &log);
+        assert!(checked.insert(e.chain[0]), "two spans for one VXID chain {:?}: {spans:#?}", e.chain);
+    }
+    // And every traced transaction of the log has its span: 8 requests, 1 ESI sub-request, 7 fetches.
+    let reqs = log.transactions(|b| b.starts_with("req ") && !b.ends_with(" restart"));
+    let bereqs = log.transactions(|b| b.starts_with("bereq ") && !b.ends_with(" retry"));
+    assert_eq!((reqs.len(), bereqs.len()), (9, 7), "{reqs:?} {bereqs:?}");
+    for v in reqs.iter().chain(&bereqs) {
+        assert!(checked.contains(v), "transaction {v} has no span: {:#?}", log.records(*v));
+    }
+
+    // The miss and its fetch.
+    let miss = server_of(&spans, &traces["miss"]);
+    assert_eq!(miss.attr_str("varnish.cache_result"), Some("miss"));
+    let miss_fetch = the_one(children(&spans, miss), "fetch of the miss", &spans);
+    assert_eq!(miss_fetch.kind, KIND_CLIENT);
+    let miss_fetch_vxid = miss_fetch.attr_int("varnish.vxid").unwrap() as u64;
+
+    // The hits (200, 304, 206) link to the fetch that made the object.
+    for (n, status) in [("hit", 200), ("304", 304), ("206", 206)] {
+        let s = server_of(&spans, &traces[n]);
+        assert_eq!(in_trace(&spans, &traces[n]).len(), 1, "{n}: a hit has no fetch: {spans:#?}");
+        assert_eq!(s.attr_str("varnish.cache_result"), Some("hit"), "{n}: {s:#?}");
+        assert_eq!(s.attr_int("http.response.status_code"), Some(status), "{n}: {s:#?}");
+        let e = log.expected(s.attr_int("varnish.vxid").unwrap() as u64);
+        assert_eq!(e.hit_obj, Some(miss_fetch_vxid), "{n}: the Hit record names the miss's fetch: {e:#?}");
+        assert_eq!(s.links(), vec![(miss_fetch.trace_id.clone(), miss_fetch.span_id.clone())], "{n}: {s:#?}");
+    }
+    let s206 = server_of(&spans, &traces["206"]);
+    assert_eq!(s206.attr_int("http.response.body.size"), Some(4), "{s206:#?}");
+    let s304 = server_of(&spans, &traces["304"]);
+    assert_eq!(s304.attr_int("http.response.body.size"), Some(0), "{s304:#?}");
+    assert!(miss.links().is_empty(), "{miss:#?}");
+
+    // ESI: the page, its fragment and their fetches, all closed from the log.
+    let esi = in_trace(&spans, &traces["esi"]);
+    assert_eq!(esi.len(), 4, "{spans:#?}");
+    let frag = the_one(of_kind(&spans, KIND_INTERNAL), "ESI fragment", &spans);
+    assert_eq!(frag.trace_id, traces["esi"]);
+    assert_eq!(frag.attr_int("http.response.body.size"), Some("fragment".len() as i64), "{frag:#?}");
+
+    // The restart: one SERVER span over two VXIDs, with its event.
+    let restart = server_of(&spans, &traces["restart"]);
+    let e = log.expected(restart.attr_int("varnish.vxid").unwrap() as u64);
+    assert_eq!(e.chain.len(), 2, "restart spans two VXIDs: {e:#?}");
+    assert!(restart.events.iter().any(|n| n == "varnish.restart"), "{restart:#?}");
+    assert!(restart.events.iter().any(|n| n == "Restart"), "{restart:#?}");
+    assert_eq!(restart.attr_int("http.response.status_code"), Some(200), "{restart:#?}");
+    assert_eq!(in_trace(&spans, &traces["restart"]).len(), 3, "{spans:#?}");
+
+    // The retry: one CLIENT span over two VXIDs, with its event, ending 200.
+    let retry_server = server_of(&spans, &traces["retry"]);
+    let retry = the_one(children(&spans, retry_server), "retried fetch", &spans);
+    assert_eq!(retry.kind, KIND_CLIENT);
+    let e = log.expected(retry.attr_int("varnish.vxid").unwrap() as u64);
+    assert_eq!(e.chain.len(), 2, "retry spans two VXIDs: {e:#?}");
+    assert!(retry.events.iter().any(|n| n == "varnish.retry"), "{retry:#?}");
+    assert!(retry.events.iter().any(|n| n == "Retry"), "{retry:#?}");
+    assert_eq!(retry.attr_int("http.response.status_code"), Some(200), "{retry:#?}");
+
+    // The pass.
+    let pass = server_of(&spans, &traces["pass"]);
+    assert_eq!(pass.attr_str("varnish.cache_result"), Some("pass"), "{pass:#?}");
+    assert_eq!(children(&spans, pass).len(), 1, "{spans:#?}");
+}
+
+/// Case 11: the log wraps while the tailer sleeps (1 MB log, a 300 ms pause after each read):
+/// the overwritten spans close from their task data after the wait, the others from the log, and
+/// every request has exactly one span.
+///
+/// A burst of 4000 requests (a few tens of ms) laps the log during one pause of the tailer; a
+/// second, small batch sent after the tailer has recovered (it goes on from the log's tail)
+/// fits in the log and must close from it.
+#[test]
+fn overrun_loses_no_span() {
+    const THREADS: usize = 4;
+    const PER_THREAD: usize = 1000;
+    const MAX_ROUNDS: usize = 5;
+    const AFTER: usize = 200;
+    let dir = TempDir::new("overrun_loses_no_span");
+    let be = Backend::start(dir.path(), "backend");
+    let opts = VarnishOpts {
+        // 1M is the smallest vsl_space varnishd accepts (`varnishd -x parameter`).
+        params: vec!["vsl_space=1M".into()],
+        env: vec![("OPENTRACING_VSL_READ_DELAY_MS".into(), "300".into())],
+    };
+    let mut v = Varnish::start_with(dir.path(), "varnish", be.port, "sub vcl_recv { return (synth(200)); }", &opts);
+    v.wait_counters(WAIT, "tailer attached", |c| c.get("vsl_attached") == Some(&1));
+    assert_eq!(v.counter("vsl_overruns"), 0);
+
+    let started = std::time::Instant::now();
+    let addr = v.addr();
+    let prefix = random_trace_id()[..16].to_owned();
+    let trace_of = |n: usize| format!("{prefix}{:016x}", n as u64 + 1);
+    // Bursts of THREADS x PER_THREAD keep-alive requests until the log has lapped the tailer (one
+    // burst does it here, in under 100 ms; a slower machine may need more).
+    let mut burst: Vec<String> = Vec::new();
+    let mut rounds = 0;
+    let c = loop {
+        let base = burst.len();
+        let sent: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let trace_of = &trace_of;
+                    scope.spawn(move || {
+                        let mut conn = KeepAlive::connect(addr);
+                        let mut sent = Vec::with_capacity(PER_THREAD);
+                        for i in 0..PER_THREAD {
+                            let trace = trace_of(base + t * PER_THREAD + i);
+                            let r = conn.get(&format!("/burst/{t}/{i}"), &[("traceparent", &tp(&trace, PARENT, "01"))]);
+                            assert_eq!(r.status, 200, "{r:?}");
+                            sent.push(trace);
+                        }
+                        sent
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        burst.extend(sent);
+        rounds += 1;
+        // The tailer wakes up, finds the log lapped, and goes on from its tail.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let c = loop {
+            let c = v.counters();
+            if c.get("vsl_overruns").copied().unwrap_or(0) > 0 || std::time::Instant::now() > deadline {
+                break c;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if c["vsl_overruns"] > 0 || rounds == MAX_ROUNDS {
+            break c;
+        }
+    };
+    let burst_took = started.elapsed();
+    assert!(c["vsl_overruns"] > 0, "{} requests in {rounds} bursts never lapped the 1 MB log: {c:#?}", burst.len());
+    let burst_len = burst.len();
+    let n = burst_len + AFTER;
+    std::thread::sleep(Duration::from_millis(700));
+    let mut conn = KeepAlive::connect(addr);
+    let after: Vec<String> = (burst_len..n)
+        .map(|n| {
+            let trace = trace_of(n);
+            let r = conn.get(&format!("/after/{n}"), &[("traceparent", &tp(&trace, PARENT, "01"))]);
+            assert_eq!(r.status, 200, "{r:?}");
+            trace
+        })
+        .collect();
+    drop(conn);
+
+    let counters = v.wait_counters(Duration::from_secs(20), "spans_exported == n", |c| {
+        c.get("spans_exported").copied().unwrap_or(0) >= n as u64
+    });
+    eprintln!(
+        "overrun_loses_no_span: {burst_len} requests in {rounds} burst(s), {burst_took:?}, overruns after them: {}, \
+         all {n} exported after {:?}: {counters:#?}",
+        c["vsl_overruns"],
+        started.elapsed()
+    );
+    let spans = v.stop();
+
+    assert!(counters["vsl_overruns"] > 0, "the log never wrapped past the tailer: {counters:#?}");
+    assert_eq!(counters["spans_exported"], n as u64, "{counters:#?}");
+    assert_eq!(counters["spans_dropped"], 0, "{counters:#?}");
+
+    // One SERVER span per request, no more (read_spans already refuses duplicate span ids).
+    assert_eq!(spans.len(), n, "spans exported: {}", spans.len());
+    let mut by_trace: std::collections::HashMap<&str, Vec<&Span>> = std::collections::HashMap::new();
+    for s in &spans {
+        assert_eq!(s.kind, KIND_SERVER, "{s:#?}");
+        assert_eq!(s.parent_span_id, PARENT, "{s:#?}");
+        assert_eq!(s.attr_int("http.response.status_code"), Some(200), "{s:#?}");
+        by_trace.entry(s.trace_id.as_str()).or_default().push(s);
+    }
+    for t in burst.iter().chain(&after) {
+        assert_eq!(by_trace.get(t.as_str()).map(Vec::len), Some(1), "trace {t}: one span expected");
+    }
+    assert_eq!(by_trace.len(), n);
+
+    // Both ways of closing happened, and the counters agree with the spans.
+    let closed_by = |s: &Span| s.attr_str("varnish.span.closed_by").map(str::to_owned);
+    let backstop = spans.iter().filter(|s| closed_by(s).as_deref() == Some("backstop")).count();
+    let from_log = spans.iter().filter(|s| closed_by(s).is_none()).count();
+    assert_eq!(backstop + from_log, n, "unexpected varnish.span.closed_by values");
+    assert!(backstop > 0, "no span was closed by the backstop despite {} overruns", counters["vsl_overruns"]);
+    assert!(from_log >= AFTER, "{from_log} spans closed from the log, expected at least {AFTER}");
+    assert_eq!(counters["vsl_spans_closed_by_backstop"], backstop as u64, "{counters:#?}");
+    assert_eq!(counters["vsl_spans_closed_from_log"], from_log as u64, "{counters:#?}");
+    // The requests sent after the recovery fit in the log: all of them close from it.
+    for t in &after {
+        let s = by_trace[t.as_str()][0];
+        assert_eq!(closed_by(s), None, "sent after the overrun, must close from the log: {s:#?}");
+    }
+    // Spans closed from the log carry its timing events; backstop ones do not.
+    for s in &spans {
+        let has_resp = s.events.iter().any(|e| e == "Resp");
+        assert_eq!(has_resp, closed_by(s).is_none(), "{s:#?}");
+    }
+}
+
+/// Case 12: without the tailer (`OPENTRACING_VSL=off`) every span still closes, with Varnish's own
+/// start and end times (the same ones varnishlog prints).
+#[test]
+fn no_tailer_still_closes_every_span() {
+    let dir = TempDir::new("no_tailer_still_closes_every_span");
+    let be = Backend::start(dir.path(), "backend");
+    let opts = VarnishOpts { params: vec![], env: vec![("OPENTRACING_VSL".into(), "off".into())] };
+    let mut v = Varnish::start_with(dir.path(), "varnish", be.port, "", &opts);
+
+    let traces: Vec<String> = (0..4).map(|_| random_trace_id()).collect();
+    for (t, path) in traces.iter().zip(["/cached", "/cached", "/pass/a", "/missing"]) {
+        let r = v.get(path, &[("traceparent", &tp(t, PARENT, "01"))]);
+        assert_eq!(r.status, if path == "/missing" { 404 } else { 200 }, "{r:?}");
+    }
+    // miss 2, hit 1, pass 2, 404 2
+    const TOTAL: usize = 7;
+    v.wait_spans(WAIT, "7 spans", |s| s.len() >= TOTAL);
+    let counters = v.wait_counters(WAIT, "spans_exported == 7", |c| c.get("spans_exported") == Some(&(TOTAL as u64)));
+    let (spans, text) = v.stop_with_vsl();
+    let log = Vsl::parse(&text);
+    assert_eq!(spans.len(), TOTAL, "{spans:#?}");
+    assert_eq!(counters["vsl_spans_closed_from_log"], 0, "{counters:#?}");
+    assert_eq!(counters["vsl_attached"], 0, "{counters:#?}");
+
+    for s in &spans {
+        let vxid = s.attr_int("varnish.vxid").unwrap_or_else(|| panic!("no varnish.vxid: {s:#?}")) as u64;
+        let e = log.expected(vxid);
+        let ctx = format!("span {s:#?}\nlog: {:#?}", log.records(vxid));
+        assert_eq!(s.start, e.start_ns, "start != varnishlog Timestamp Start: {ctx}");
+        assert_eq!(s.end, e.end_ns, "end != varnishlog end Timestamp: {ctx}");
+        assert_eq!(s.attr_int("http.response.status_code"), e.status, "status: {ctx}");
+        assert_eq!(s.attr_int("http.request.body.size"), e.req_body, "request body size: {ctx}");
+        assert_eq!(s.attr_int("http.response.body.size"), e.resp_body, "response body size: {ctx}");
+        assert_eq!(s.attr_str("varnish.span.closed_by"), None, "{ctx}");
+        assert!(s.events.iter().all(|n| n != "Resp" && n != "BerespBody"), "no log events without the tailer: {ctx}");
+    }
+    for t in &traces {
+        assert!(!in_trace(&spans, t).is_empty(), "trace {t} has no span: {spans:#?}");
+    }
 }
