@@ -82,5 +82,100 @@ fn export_path(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, request_path, export_path);
+/// A client transaction's log batch as Varnish writes it for a miss (about 40 records, of which
+/// the tailer uses a dozen).
+fn client_batch(vxid: u64) -> Vec<u8> {
+    use vmod_opentracing::vsl::record::encode;
+    let recs: &[(u8, &str)] = &[
+        (1, "req 32769 rxreq"),
+        (4, "Start: 1700000000.000100 0.000000 0.000000"),
+        (4, "Req: 1700000000.000100 0.000000 0.000000"),
+        (20, "127.0.0.1 44444 a0"),
+        (21, "GET"),
+        (22, "/pass/x"),
+        (23, "HTTP/1.1"),
+        (24, "Host: 127.0.0.1:9100"),
+        (24, "User-Agent: wrk"),
+        (24, "X-Forwarded-For: 127.0.0.1"),
+        (24, "Via: 1.1 v1 (Varnish/7.7)"),
+        (25, "RECV"),
+        (26, "pass"),
+        (25, "HASH"),
+        (26, "lookup"),
+        (25, "PASS"),
+        (24, "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        (26, "fetch"),
+        (3, "bereq 32771 pass"),
+        (4, "Fetch: 1700000000.000300 0.000200 0.000200"),
+        (27, "HTTP/1.1"),
+        (7, "200"),
+        (28, "OK"),
+        (29, "Date: Sat, 21 Nov 2026 23:47:53 GMT"),
+        (29, "Server: Varnish"),
+        (29, "Content-Length: 1024"),
+        (29, "Cache-Control: max-age=3600"),
+        (29, "X-Varnish: 32770 32771"),
+        (29, "Age: 0"),
+        (29, "Via: 1.1 v1 (Varnish/7.7)"),
+        (25, "DELIVER"),
+        (26, "deliver"),
+        (4, "Process: 1700000000.000310 0.000210 0.000010"),
+        (30, ""),
+        (29, "Accept-Ranges: bytes"),
+        (29, "Connection: keep-alive"),
+        (4, "Resp: 1700000000.000350 0.000250 0.000040"),
+        (5, "78 0 78 250 1024 1274"),
+        (2, ""),
+    ];
+    let mut out = Vec::new();
+    for (tag, payload) in recs {
+        encode(&mut out, *tag, vxid, true, payload.as_bytes());
+    }
+    out
+}
+
+fn tailer_path(c: &mut Criterion) {
+    use std::time::Instant;
+    use vmod_opentracing::vsl::correlate::{Correlator, Limits};
+    use vmod_opentracing::vsl::record::{records, TagTable};
+    let tags = TagTable::new(|name| {
+        Some(match name.to_bytes() {
+            b"Begin" => 1,
+            b"End" => 2,
+            b"Link" => 3,
+            b"Timestamp" => 4,
+            b"ReqAcct" => 5,
+            b"RespStatus" => 7,
+            _ => return None,
+        })
+    });
+    let batch = client_batch(1001);
+    let mut group = c.benchmark_group("tailer");
+    group.bench_function("skip an untracked transaction", |b| {
+        let corr = Correlator::new(tags.clone(), Limits::default());
+        b.iter(|| black_box(corr.wants(black_box(1001))))
+    });
+    group.bench_function("traced transaction: track, finish, 40 log records", |b| {
+        let mut corr = Correlator::new(tags.clone(), Limits::default());
+        let mut out = Vec::new();
+        b.iter_batched(
+            || {
+                let mut r = finished_span();
+                r.vxid = 1001;
+                Box::new(r)
+            },
+            |record| {
+                let now = Instant::now();
+                corr.track(1001, now);
+                corr.finished(record, 1001, now);
+                corr.records(records(black_box(&batch)), &mut out);
+                out.clear();
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, request_path, export_path, tailer_path);
 criterion_main!(benches);

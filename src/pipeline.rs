@@ -249,7 +249,8 @@ pub fn vcl_warm() -> Result<String, String> {
             .map_err(|e| format!("cannot start the exporter thread: {e}"))?;
         *EXPORTER.write() = Some(worker);
         life.sink = Some(sink);
-        if vsl_enabled()? {
+        // No spans when the SDK is disabled: nothing for the tailer to do.
+        if vsl_enabled()? && !disabled() {
             // The child's working directory is the instance's -n folder (research §1).
             let workdir = std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
             crate::vsl::tailer::start(workdir)?;

@@ -18,7 +18,9 @@
 //! Threading: owned by the tailer thread; no locks.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap as HashMap;
 use std::time::{Duration, Instant};
 
 use super::record::{Record, Tag, TagTable};
@@ -41,7 +43,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_pending: 65_536,
+            max_pending: 16_384,
             log_wait: Duration::from_secs(3),
             max_age: Duration::from_secs(600),
             fetches_remembered: 65_536,
@@ -95,6 +97,12 @@ pub struct Correlator {
     /// Backend spans recently closed from the log: bereq VXID to span, for `Hit` links.
     fetched: HashMap<u64, (TraceId, SpanId)>,
     fetched_order: VecDeque<u64>,
+    /// Finished spans by log deadline. Deadlines are `finished` time plus a constant, so the
+    /// queue is in order and `expire` only looks at its front (completed spans leave stale
+    /// entries behind, skipped when they come up; the queue holds at most `log_wait` worth).
+    deadlines: VecDeque<(Instant, u64)>,
+    /// When tracked spans without a finish were last looked for (a full scan, once a second).
+    last_age_scan: Option<Instant>,
     pub stats: Stats,
 }
 
@@ -147,10 +155,12 @@ impl Correlator {
         Correlator {
             tags,
             limits,
-            index: HashMap::new(),
-            pending: HashMap::new(),
-            fetched: HashMap::new(),
+            index: HashMap::default(),
+            pending: HashMap::default(),
+            fetched: HashMap::default(),
             fetched_order: VecDeque::new(),
+            deadlines: VecDeque::new(),
+            last_age_scan: None,
             stats: Stats::default(),
         }
     }
@@ -191,22 +201,44 @@ impl Correlator {
             p.chain.push(final_vxid);
             self.index.insert(final_vxid, key);
         }
-        p.finished = Some((record, final_vxid, now + self.limits.log_wait));
+        let deadline = now + self.limits.log_wait;
+        p.finished = Some((record, final_vxid, deadline));
         if p.ended.contains(&final_vxid) {
             return self.complete(key);
         }
+        self.deadlines.push_back((deadline, key));
         None
     }
 
     /// Feeds the records of one copied batch (or a single record). Returns the spans completed.
+    ///
+    /// Cost matters here (every record of every traced transaction): records of tags we do not
+    /// use are skipped on a table lookup, and the span a VXID belongs to is looked up once per
+    /// run of records of the same VXID (a batch is one transaction).
     pub fn records<'a>(&mut self, records: impl Iterator<Item = Record<'a>>, out: &mut Vec<Box<SpanRecord>>) {
         let mut matched = false;
+        let mut current: Option<(u64, Option<u64>)> = None;
         for r in records {
-            let Some(&key) = self.index.get(&r.vxid) else { continue };
+            let tag = self.tags.get(r.tag_number);
+            if tag == Tag::Other {
+                continue;
+            }
+            let key = match current {
+                Some((vxid, key)) if vxid == r.vxid => key,
+                _ => {
+                    let key = self.index.get(&r.vxid).copied();
+                    current = Some((r.vxid, key));
+                    key
+                }
+            };
+            let Some(key) = key else { continue };
             matched = true;
             self.stats.records += 1;
-            if let Some(done) = self.apply(key, &r) {
+            if let Some(done) = self.apply(key, tag, &r) {
                 out.push(done);
+            }
+            if tag == Tag::Link {
+                current = None; // the chain may have grown
             }
         }
         if matched {
@@ -214,11 +246,7 @@ impl Correlator {
         }
     }
 
-    fn apply(&mut self, key: u64, r: &Record<'_>) -> Option<Box<SpanRecord>> {
-        let tag = self.tags.get(r.tag_number);
-        if tag == Tag::Other {
-            return None;
-        }
+    fn apply(&mut self, key: u64, tag: Tag, r: &Record<'_>) -> Option<Box<SpanRecord>> {
         let text = String::from_utf8_lossy(r.data);
         let mut fields = text.split_ascii_whitespace();
         let p = self.pending.get_mut(&key)?;
@@ -367,26 +395,43 @@ impl Correlator {
     /// Closes, from backstop data, the finished spans whose log did not come in time, and drops
     /// the log data of spans tracked for longer than `max_age` without finishing.
     pub fn expire(&mut self, now: Instant, out: &mut Vec<Box<SpanRecord>>) {
-        let late: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| match &p.finished {
-                Some((_, _, deadline)) => *deadline <= now,
-                None => now.duration_since(p.since) >= self.limits.max_age,
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for key in late {
-            let Some(p) = self.pending.remove(&key) else { continue };
-            for v in &p.chain {
-                self.index.remove(v);
+        while let Some(&(deadline, key)) = self.deadlines.front() {
+            if deadline > now {
+                break;
             }
-            match p.finished {
-                Some((record, _, _)) => {
+            self.deadlines.pop_front();
+            // Stale entries (completed from the log, or a key reused since) are skipped.
+            let due = self.pending.get(&key).and_then(|p| p.finished.as_ref()).is_some_and(|(_, _, d)| *d <= now);
+            if !due {
+                continue;
+            }
+            if let Some(p) = self.pending.remove(&key) {
+                for v in &p.chain {
+                    self.index.remove(v);
+                }
+                if let Some((record, _, _)) = p.finished {
                     self.stats.closed_by_backstop += 1;
                     out.push(backstop(record));
                 }
-                None => self.stats.abandoned += 1,
+            }
+        }
+        if self.last_age_scan.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            return;
+        }
+        self.last_age_scan = Some(now);
+        let max_age = self.limits.max_age;
+        let old: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.finished.is_none() && now.duration_since(p.since) >= max_age)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in old {
+            if let Some(p) = self.pending.remove(&key) {
+                for v in &p.chain {
+                    self.index.remove(v);
+                }
+                self.stats.abandoned += 1;
             }
         }
     }
