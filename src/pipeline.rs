@@ -261,7 +261,8 @@ pub fn vcl_warm() -> Result<String, String> {
         }
     }
     life.warm_vcls += 1;
-    Ok(format!("pipeline running ({} warm VCLs), spans to {:?}", life.warm_vcls, life.sink.as_ref().unwrap()))
+    let sink = life.sink.as_ref().map_or_else(|| "nowhere".to_owned(), |s| format!("{s:?}"));
+    Ok(format!("pipeline running ({} warm VCLs), spans to {sink}", life.warm_vcls))
 }
 
 /// A VCL went cold (or was discarded while warm). Stops the pipeline after the last one.
