@@ -21,13 +21,14 @@ env:
 deps: varnish
 	@bash scripts/deps.sh
 
-## The VMOD (debug build, target/debug/libvmod_opentracing.so) and its API.md.
+## The VMOD (debug build, target/debug/libvmod_opentracing.so), its API.md, and the test OTLP
+## receiver (target/debug/otlp-receiver, tools/otlp-receiver).
 build: varnish
-	@$(VARNISH_ENV) && cargo build
+	@$(VARNISH_ENV) && cargo build --workspace
 
 ## The optimised, stripped VMOD (target/release/libvmod_opentracing.so).
 release: varnish
-	@$(VARNISH_ENV) && cargo build --release
+	@$(VARNISH_ENV) && cargo build --release --workspace
 
 ## Overhead against plain Varnish with wrk (bench/run.py; results in bench/results/).
 bench: varnish release
@@ -36,7 +37,7 @@ bench: varnish release
 
 ## Everything: Rust unit tests, end-to-end tests against real varnishd, every .vtc suite.
 test: deps build
-	@$(VARNISH_ENV) && cargo $(CARGO_TEST)
+	@$(VARNISH_ENV) && cargo $(CARGO_TEST) --workspace
 	@$(VARNISH_ENV) && bash scripts/run-vtc.sh
 	@$(VARNISH_ENV) && bash scripts/check-vcl.sh
 

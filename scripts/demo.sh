@@ -29,7 +29,7 @@ pids+=($!)
 wait_http "$backend_port"
 
 sed "s/\"8091\"/\"$backend_port\"/" examples/demo.vcl >"$out/demo.vcl"
-OPENTRACING_SPANS_FILE="$out/spans.jsonl" OTEL_BSP_SCHEDULE_DELAY=50 \
+OTEL_TRACES_EXPORTER=file OPENTRACING_SPANS_FILE="$out/spans.jsonl" OTEL_BSP_SCHEDULE_DELAY=50 \
     varnishd -F -j none -n "$out/varnish" -a "127.0.0.1:$varnish_port" -f "$out/demo.vcl" -s malloc,64m \
     -p vmod_path="$so_dir" -p vcl_path="$PWD/vcl" >"$out/varnishd.out" 2>&1 &
 varnishd_pid=$!

@@ -327,3 +327,22 @@ unsafe fn write_context(hp: *mut varnish::ffi::http, state: &TaskState) {
         None => {}
     }
 }
+
+/// `opentracing.set()`: records an override for this VCL and checks the whole configuration at
+/// once, so that a bad value fails `vcl_init` with the setting's name.
+pub fn set(ctx: &mut Ctx, state: Option<&crate::config::VclState>, name: &str, value: &str) -> Result<(), String> {
+    if ctx.raw.method != method::INIT {
+        // Settings are per VCL load; a request must never fail because of a misplaced call.
+        log::vcl(ctx, format!("set({name:?}) ignored: settings can only be changed in vcl_init"));
+        return Ok(());
+    }
+    let Some(state) = state else {
+        return Err("opentracing.set: no VCL state (the module's load event did not run)".to_owned());
+    };
+    let mut settings = state.settings.lock();
+    let mut updated = settings.clone();
+    updated.set(name, value).map_err(|e| format!("opentracing.set: {e}"))?;
+    pipeline::check(&updated).map_err(|e| format!("opentracing.set: {e}"))?;
+    *settings = updated;
+    Ok(())
+}

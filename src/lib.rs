@@ -7,6 +7,7 @@
 //! `varnish` (everything that touches Varnish's C structures).
 
 pub mod calls;
+pub mod config;
 pub mod export;
 pub mod ids;
 pub mod pipeline;
@@ -51,6 +52,7 @@ mod opentracing {
     use varnish::vcl::{Ctx, DeliveryFilters, Event};
 
     use super::guarded;
+    use crate::config::VclState;
     use crate::varnish::status_filter::StatusFilter;
     use crate::{calls, pipeline};
 
@@ -116,19 +118,59 @@ mod opentracing {
         guarded(ctx, "traceparent", String::new(), calls::traceparent)
     }
 
+    /// Sets `name`, one of the `OTEL_*` settings (the README lists them all), to `value` for this
+    /// VCL, overriding the environment of varnishd. Call in `vcl_init` only:
+    ///
+    /// ```vcl
+    /// sub vcl_init {
+    ///     opentracing.set("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+    ///     opentracing.set("OTEL_SERVICE_NAME", "edge");
+    /// }
+    /// ```
+    ///
+    /// An unknown name or a bad value fails `vcl_init`, and so `vcl.load`, with a message naming
+    /// the setting. With several VCLs loaded, the settings of the VCL warmed last apply.
+    pub fn set(
+        ctx: &mut Ctx,
+        #[shared_per_vcl] state: Option<&VclState>,
+        name: &str,
+        value: &str,
+    ) -> Result<(), String> {
+        let run = std::panic::AssertUnwindSafe(|| calls::set(ctx, state, name, value));
+        std::panic::catch_unwind(run).unwrap_or_else(|_| Err("opentracing.set: internal error".to_owned()))
+    }
+
     /// Starts the span pipeline on the first warm VCL and stops it after the last one goes cold.
     /// Runs on the CLI thread; never blocks longer than the pipeline's stop deadline.
     #[event]
-    pub fn event(event: Event, vdp: &mut DeliveryFilters) -> Result<(), String> {
+    pub fn event(
+        event: Event,
+        vdp: &mut DeliveryFilters,
+        #[shared_per_vcl] state: &mut Option<Box<VclState>>,
+    ) -> Result<(), String> {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match event {
             Event::Load => {
                 vdp.register::<StatusFilter>();
-                pipeline::check_settings()
+                *state = Some(Box::default());
+                // The environment is checked here, where a failure may fail `vcl.load`; this
+                // VCL's own settings are checked by each `opentracing.set()` in `vcl_init`.
+                pipeline::check(&crate::config::Settings::from_environment())
             }
-            Event::Warm => pipeline::vcl_warm().map(crate::varnish::log::global),
+            Event::Warm => {
+                // Varnish forbids failing a warm event from a VMOD (it asserts), so nothing here
+                // may return an error: a pipeline that cannot start says why in the log.
+                let vcl = state.get_or_insert_with(Box::default);
+                let message = pipeline::vcl_warm(&vcl.settings.lock());
+                vcl.warm = true;
+                crate::varnish::log::global(message);
+                Ok(())
+            }
             Event::Cold => {
-                let msg = pipeline::vcl_cold();
-                crate::varnish::log::global(msg);
+                // Only a VCL whose warm-up succeeded holds the pipeline.
+                if let Some(vcl) = state.as_mut().filter(|v| v.warm) {
+                    vcl.warm = false;
+                    crate::varnish::log::global(pipeline::vcl_cold());
+                }
                 Ok(())
             }
             _ => Ok(()),

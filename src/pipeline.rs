@@ -6,13 +6,15 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use varnish::{Vsc, VscMetric};
 
-use crate::export::{ExportConfig, ExportJob, Sink};
-use crate::sampling::{self, Sampler};
+use crate::config::{Config, Settings};
+use crate::export::otlp::StopSignal;
+use crate::export::ExportJob;
+use crate::sampling;
 use crate::span::SpanRecord;
 use crate::worker::Worker;
 
@@ -31,8 +33,10 @@ pub struct Stats {
     pub spans_started: AtomicU64,
     pub spans_submitted: AtomicU64,
     pub spans_exported: AtomicU64,
-    /// Dropped because the queue was full, no pipeline was running, or a write failed.
+    /// Dropped because the queue was full or no pipeline was running.
     pub spans_dropped: AtomicU64,
+    /// Dropped after the export failed (collector down, refusing, or too slow).
+    pub spans_dropped_export: AtomicU64,
     pub export_failures: AtomicU64,
     pub batches: AtomicU64,
     /// Spans closed by the deadline sweep after a rollback left them without a task.
@@ -55,6 +59,7 @@ pub static STATS: Stats = Stats {
     spans_submitted: AtomicU64::new(0),
     spans_exported: AtomicU64::new(0),
     spans_dropped: AtomicU64::new(0),
+    spans_dropped_export: AtomicU64::new(0),
     export_failures: AtomicU64::new(0),
     batches: AtomicU64::new(0),
     spans_closed_by_deadline: AtomicU64::new(0),
@@ -81,13 +86,16 @@ pub struct Counters {
     /// Spans written by the exporter
     #[counter]
     spans_exported: AtomicU64,
-    /// Spans dropped: export queue full, no pipeline, or a failed write
+    /// Spans dropped because the export queue was full (or no pipeline ran)
     #[counter]
     spans_dropped: AtomicU64,
-    /// Failed export writes
+    /// Spans dropped because their export failed and retries ran out
+    #[counter]
+    spans_dropped_export: AtomicU64,
+    /// Failed export attempts (each retry counts)
     #[counter]
     export_failures: AtomicU64,
-    /// Batches written
+    /// Export attempts (batches sent or written)
     #[counter]
     export_batches: AtomicU64,
     /// Spans closed by the deadline after a rollback left them without a task
@@ -130,6 +138,7 @@ impl Counters {
         copy(&self.spans_submitted, &STATS.spans_submitted);
         copy(&self.spans_exported, &STATS.spans_exported);
         copy(&self.spans_dropped, &STATS.spans_dropped);
+        copy(&self.spans_dropped_export, &STATS.spans_dropped_export);
         copy(&self.export_failures, &STATS.export_failures);
         copy(&self.export_batches, &STATS.batches);
         copy(&self.spans_closed_by_deadline, &STATS.spans_closed_by_deadline);
@@ -164,7 +173,10 @@ impl std::ops::Deref for SharedCounters {
 struct Lifecycle {
     counters: Option<Arc<SharedCounters>>,
     warm_vcls: usize,
-    sink: Option<Sink>,
+    /// The configuration the pipeline runs with (that of the VCL warmed last).
+    running: Option<Config>,
+    /// Tells the running exporter's requests when they must give up.
+    stop_signal: Option<StopSignal>,
     exit_hook: bool,
 }
 
@@ -180,6 +192,10 @@ extern "C" fn drain_at_exit() {
         if !crate::vsl::tailer::stop(EXIT_DEADLINE) {
             STATS.stop_timeouts.fetch_add(1, Relaxed);
         }
+        let signal = LIFECYCLE.try_lock().and_then(|l| l.stop_signal.clone());
+        if let Some(s) = signal {
+            s.stop_by(Instant::now() + EXIT_DEADLINE.saturating_sub(Duration::from_millis(200)));
+        }
         let worker = EXPORTER.write().take();
         if let Some(w) = worker {
             if !w.stop(EXIT_DEADLINE) {
@@ -193,7 +209,7 @@ extern "C" fn drain_at_exit() {
 pub const EXIT_DEADLINE: Duration = Duration::from_secs(2);
 
 static LIFECYCLE: Mutex<Lifecycle> =
-    Mutex::new(Lifecycle { counters: None, warm_vcls: 0, sink: None, exit_hook: false });
+    Mutex::new(Lifecycle { counters: None, warm_vcls: 0, running: None, stop_signal: None, exit_hook: false });
 static EXPORTER: RwLock<Option<Worker<Box<SpanRecord>>>> = RwLock::new(None);
 
 /// `OTEL_SDK_DISABLED=true`: the module does nothing at all; trace headers pass through as the
@@ -204,78 +220,141 @@ pub fn disabled() -> bool {
     DISABLED.load(Relaxed)
 }
 
-/// Checks every setting read from the environment (at `vcl.load`, so a bad one fails the load).
-pub fn check_settings() -> Result<(), String> {
-    ExportConfig::from_env()?;
-    Sampler::from_env()?;
-    sdk_disabled_from_env()?;
-    vsl_enabled()?;
+/// Starts an exporter for `cfg` (CLI thread). Fails, with nothing started, on a bad output.
+fn start_exporter(life: &mut Lifecycle, cfg: &Config) -> Result<(Worker<Box<SpanRecord>>, StopSignal), String> {
+    // One segment per loaded copy of the library, created on the CLI thread as VRT requires.
+    let counters = life.counters.get_or_insert_with(|| Arc::new(SharedCounters(Vsc::new("OPENTRACING", "")))).clone();
+    let stop = StopSignal::new();
+    let job = ExportJob::new(cfg.export.clone(), Some(counters), stop.clone())?;
+    let worker = Worker::spawn("otel-export", cfg.export.queue_size, EXPORT_TICK, job)
+        .map_err(|e| format!("cannot start the exporter thread: {e}"))?;
+    Ok((worker, stop))
+}
+
+/// Stops an exporter that was replaced, on a thread of its own so that the CLI thread never
+/// waits for a slow collector; it finishes within `STOP_DEADLINE` like any stop.
+fn retire_exporter(worker: Worker<Box<SpanRecord>>, stop: StopSignal) {
+    let retire = move || {
+        stop.stop_by(Instant::now() + STOP_DEADLINE.saturating_sub(Duration::from_millis(500)));
+        if !worker.stop(STOP_DEADLINE) {
+            STATS.stop_timeouts.fetch_add(1, Relaxed);
+        }
+    };
+    if let Err(e) = std::thread::Builder::new().name("otel-retire".to_owned()).spawn(retire) {
+        crate::varnish::log::global(format!("cannot start a thread to stop the previous exporter: {e}"));
+    }
+}
+
+fn apply_request_path_settings(cfg: &Config) {
+    DISABLED.store(cfg.disabled, Relaxed);
+    sampling::set_active(cfg.sampler);
+    cfg.limits.activate();
+}
+
+fn start_tailer(cfg: &Config) -> Result<(), String> {
+    // No spans when the SDK is disabled: nothing for the tailer to do.
+    if cfg.read_log && !cfg.disabled {
+        // The child's working directory is the instance's -n folder (research §1).
+        let workdir = std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
+        crate::vsl::tailer::start(workdir)?;
+    }
     Ok(())
 }
 
-/// `OPENTRACING_VSL=off` closes spans from their task data alone, without reading the log.
-fn vsl_enabled() -> Result<bool, String> {
-    match std::env::var("OPENTRACING_VSL").ok().as_deref().map(str::trim) {
-        None | Some("") | Some("on") => Ok(true),
-        Some("off") => Ok(false),
-        Some(v) => Err(format!("OPENTRACING_VSL={v:?} is neither on nor off")),
-    }
+/// Checks settings completely, outputs included (a span file that cannot be opened, a TLS file
+/// that is not a certificate), so that `vcl.load` fails on them rather than losing spans later.
+/// CLI thread (VCL load and `vcl_init`).
+pub fn check(settings: &Settings) -> Result<(), String> {
+    let cfg = Config::from_settings(settings)?;
+    // The same constructor the exporter uses; dropped at once (no thread is started).
+    ExportJob::new(cfg.export, None, StopSignal::new()).map(drop)
 }
 
-fn sdk_disabled_from_env() -> Result<bool, String> {
-    match std::env::var("OTEL_SDK_DISABLED").ok().as_deref().map(str::trim) {
-        None | Some("") => Ok(false),
-        Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
-        Some(v) if v.eq_ignore_ascii_case("false") => Ok(false),
-        Some(v) => Err(format!("OTEL_SDK_DISABLED={v:?} is neither true nor false")),
-    }
-}
-
-/// A VCL became warm. Starts the pipeline if it is the first. Returns a message for the log.
-pub fn vcl_warm() -> Result<String, String> {
+/// A VCL became warm with `settings` (CLI thread). Starts the pipeline if it is the first; with
+/// other VCLs warm already, their pipeline switches to these settings if they differ (the
+/// settings of the VCL warmed last apply). Returns a message for the log. Never fails: Varnish
+/// does not let a VMOD fail a warm event, and the settings were checked when the VCL loaded; a
+/// pipeline that still cannot start leaves tracing off (spans are counted as dropped) and says why.
+pub fn vcl_warm(settings: &Settings) -> String {
     let mut life = LIFECYCLE.lock();
-    if life.warm_vcls == 0 {
-        let sampler = Sampler::from_env()?;
-        DISABLED.store(sdk_disabled_from_env()?, Relaxed);
-        sampling::set_active(sampler);
-        let cfg = ExportConfig::from_env()?;
-        let sink = cfg.sink.clone();
-        // One segment per loaded copy of the library, created on the CLI thread as VRT requires.
-        let counters =
-            life.counters.get_or_insert_with(|| Arc::new(SharedCounters(Vsc::new("OPENTRACING", "")))).clone();
-        let job = ExportJob::new(cfg.clone(), Some(counters))
-            .map_err(|e| format!("cannot open the span output {sink:?}: {e}"))?;
-        let worker = Worker::spawn("otel-export", cfg.queue_size, EXPORT_TICK, job)
-            .map_err(|e| format!("cannot start the exporter thread: {e}"))?;
+    life.warm_vcls += 1;
+    let warm = life.warm_vcls;
+    match warm_up(&mut life, settings) {
+        Ok((what, summary)) => format!("{what} ({warm} warm VCLs): {summary}"),
+        Err(e) => {
+            format!("cannot apply the settings of the VCL warmed last, tracing may be off ({warm} warm VCLs): {e}")
+        }
+    }
+}
+
+fn warm_up(life: &mut Lifecycle, settings: &Settings) -> Result<(&'static str, String), String> {
+    let cfg = Config::from_settings(settings)?;
+    let what = if !is_running() {
+        let (worker, stop) = start_exporter(life, &cfg)?;
         *EXPORTER.write() = Some(worker);
-        life.sink = Some(sink);
-        // No spans when the SDK is disabled: nothing for the tailer to do.
-        if vsl_enabled()? && !disabled() {
-            // The child's working directory is the instance's -n folder (research §1).
-            let workdir = std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
-            crate::vsl::tailer::start(workdir)?;
+        life.stop_signal = Some(stop);
+        apply_request_path_settings(&cfg);
+        if !crate::vsl::tailer::is_running() {
+            start_tailer(&cfg)?;
         }
         if !life.exit_hook {
             // SAFETY: registering a plain extern "C" function with the C library.
             life.exit_hook = unsafe { atexit(drain_at_exit) } == 0;
         }
-    }
-    life.warm_vcls += 1;
-    let sink = life.sink.as_ref().map_or_else(|| "nowhere".to_owned(), |s| format!("{s:?}"));
-    Ok(format!("pipeline running ({} warm VCLs), spans to {sink}", life.warm_vcls))
+        "pipeline started"
+    } else if life.running.as_ref() != Some(&cfg) {
+        // Start the new exporter before touching the old one: if it cannot start, nothing changes.
+        let (worker, stop) = start_exporter(life, &cfg)?;
+        let old = EXPORTER.write().replace(worker);
+        let old_stop = life.stop_signal.replace(stop).unwrap_or_default();
+        if let Some(old) = old {
+            retire_exporter(old, old_stop);
+        }
+        apply_request_path_settings(&cfg);
+        let tailer_wanted = cfg.read_log && !cfg.disabled;
+        if tailer_wanted != crate::vsl::tailer::is_running() {
+            if tailer_wanted {
+                start_tailer(&cfg)?;
+            } else if !crate::vsl::tailer::stop(STOP_DEADLINE) {
+                STATS.stop_timeouts.fetch_add(1, Relaxed);
+            }
+        }
+        "pipeline switched to the settings of the VCL warmed last"
+    } else {
+        "pipeline kept (same settings)"
+    };
+    let summary = describe(&cfg);
+    life.running = Some(cfg);
+    Ok((what, summary))
 }
 
-/// A VCL went cold (or was discarded while warm). Stops the pipeline after the last one.
+fn describe(cfg: &Config) -> String {
+    if cfg.disabled {
+        return "disabled (OTEL_SDK_DISABLED=true)".to_owned();
+    }
+    format!(
+        "spans to {}, sampler {:?}, service.name {}",
+        cfg.export.sink,
+        cfg.sampler,
+        cfg.export.resource.get("service.name").unwrap_or("?")
+    )
+}
+
+/// A warm VCL went cold (or was discarded while warm). Stops the pipeline after the last one.
 pub fn vcl_cold() -> String {
     let mut life = LIFECYCLE.lock();
     life.warm_vcls = life.warm_vcls.saturating_sub(1);
     if life.warm_vcls > 0 {
         return format!("pipeline kept for {} warm VCLs", life.warm_vcls);
     }
-    life.sink = None;
+    life.running = None;
     // The tailer first: its last tick hands every finished span to the exporter.
     if !crate::vsl::tailer::stop(STOP_DEADLINE) {
         STATS.stop_timeouts.fetch_add(1, Relaxed);
+    }
+    // Requests in flight give up in time for the exporter to count what is left and stop.
+    if let Some(s) = &life.stop_signal {
+        s.stop_by(Instant::now() + STOP_DEADLINE.saturating_sub(Duration::from_millis(500)));
     }
     let worker = EXPORTER.write().take();
     match worker {

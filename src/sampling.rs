@@ -56,10 +56,8 @@ impl Sampler {
         Ok(Sampler { root, parent_based })
     }
 
-    pub fn from_env() -> Result<Self, String> {
-        let name = std::env::var("OTEL_TRACES_SAMPLER").ok();
-        let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok();
-        Self::from_env_values(name.as_deref(), arg.as_deref())
+    pub fn from_settings(s: &crate::config::Settings) -> Result<Self, String> {
+        Self::from_env_values(s.get("OTEL_TRACES_SAMPLER").as_deref(), s.get("OTEL_TRACES_SAMPLER_ARG").as_deref())
     }
 
     /// `parent_sampled` is `Some(flag)` when the span has a valid parent context.

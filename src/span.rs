@@ -7,13 +7,82 @@
 //! so it needs no locking of its own.
 
 use std::borrow::Cow;
+use std::sync::atomic::AtomicUsize;
 
 use crate::ids::{SpanId, TraceId};
 
-/// Attribute limits, as the OpenTelemetry SDK defaults (`OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT` = 128).
-pub const MAX_ATTRIBUTES: usize = 128;
-/// Longest attribute value we keep, in bytes; longer values are cut at a character boundary.
-pub const MAX_VALUE_LEN: usize = 4096;
+/// Limits on what one span may carry (`OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT` and friends). The
+/// active ones live in atomics: read with relaxed loads on the request path, stored on the CLI
+/// thread when a configuration is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttributeLimits {
+    /// Attributes per span; more are refused and counted (`droppedAttributesCount`).
+    pub count: usize,
+    /// Longest string value kept, in bytes; longer values are cut at a character boundary.
+    /// The SDK default is unlimited; ours is bounded, so that one header cannot hold megabytes.
+    pub value_len: usize,
+    /// Events per span.
+    pub events: usize,
+    /// Links per span.
+    pub links: usize,
+}
+
+impl Default for AttributeLimits {
+    fn default() -> Self {
+        AttributeLimits { count: 128, value_len: 4096, events: 128, links: 128 }
+    }
+}
+
+impl AttributeLimits {
+    /// `OTEL_SPAN_ATTRIBUTE_*` wins over the general `OTEL_ATTRIBUTE_*`, as in the SDK.
+    pub fn from_settings(s: &crate::config::Settings) -> Result<Self, String> {
+        let d = AttributeLimits::default();
+        let either = |specific: &str, general: &str, default: usize| -> Result<usize, String> {
+            if s.get(specific).is_some() {
+                s.number(specific, default, true)
+            } else {
+                s.number(general, default, true)
+            }
+        };
+        Ok(AttributeLimits {
+            count: either("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_COUNT_LIMIT", d.count)?,
+            value_len: either(
+                "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+                "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+                d.value_len,
+            )?,
+            events: s.number("OTEL_SPAN_EVENT_COUNT_LIMIT", d.events, true)?,
+            links: s.number("OTEL_SPAN_LINK_COUNT_LIMIT", d.links, true)?,
+        })
+    }
+
+    pub fn activate(self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        ACTIVE_LIMITS[0].store(self.count, Relaxed);
+        ACTIVE_LIMITS[1].store(self.value_len, Relaxed);
+        ACTIVE_LIMITS[2].store(self.events, Relaxed);
+        ACTIVE_LIMITS[3].store(self.links, Relaxed);
+    }
+}
+
+static ACTIVE_LIMITS: [AtomicUsize; 4] =
+    [AtomicUsize::new(128), AtomicUsize::new(4096), AtomicUsize::new(128), AtomicUsize::new(128)];
+
+fn max_attributes() -> usize {
+    ACTIVE_LIMITS[0].load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn max_value_len() -> usize {
+    ACTIVE_LIMITS[1].load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub fn max_events() -> usize {
+    ACTIVE_LIMITS[2].load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub fn max_links() -> usize {
+    ACTIVE_LIMITS[3].load(std::sync::atomic::Ordering::Relaxed)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpanKind {
@@ -163,12 +232,12 @@ impl SpanRecord {
     pub fn set(&mut self, key: impl Into<Cow<'static, str>>, value: Value) {
         let key = key.into();
         let value = match value {
-            Value::Str(s) => Value::Str(truncate(s, MAX_VALUE_LEN)),
+            Value::Str(s) => Value::Str(truncate(s, max_value_len())),
             other => other,
         };
         if let Some(existing) = self.attributes.iter_mut().find(|a| a.key == key) {
             existing.value = value;
-        } else if self.attributes.len() < MAX_ATTRIBUTES {
+        } else if self.attributes.len() < max_attributes() {
             if self.attributes.capacity() == 0 {
                 // Allocated on first use: unsampled spans never pay for it.
                 self.attributes.reserve_exact(12);
@@ -181,7 +250,7 @@ impl SpanRecord {
 
     /// Appends an attribute the caller knows is not set yet (our own keys, set once): no search.
     pub fn add(&mut self, key: &'static str, value: Value) {
-        if self.attributes.len() < MAX_ATTRIBUTES {
+        if self.attributes.len() < max_attributes() {
             if self.attributes.capacity() == 0 {
                 self.attributes.reserve_exact(12);
             }
@@ -220,7 +289,7 @@ impl SpanRecord {
 
     pub fn add_event(&mut self, time_unix_nano: u64, name: impl Into<Cow<'static, str>>) {
         // Bounded like attributes: a looping VCL must not grow a record without limit.
-        if self.events.len() < MAX_ATTRIBUTES {
+        if self.events.len() < max_events() {
             self.events.push(Event { time_unix_nano, name: name.into() });
         }
     }
@@ -253,6 +322,9 @@ pub fn vtim_to_unix_nano(t: f64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MAX_ATTRIBUTES: usize = 128;
+    const MAX_VALUE_LEN: usize = 4096;
 
     fn record() -> SpanRecord {
         SpanRecord::new(SpanKind::Server, TraceId([1; 16]), SpanId([2; 8]), None)

@@ -1,191 +1,289 @@
-//! Getting finished spans out of varnishd: where they go (`Sink`), how they are encoded, and the
-//! exporter job that batches them on its own thread.
+//! Getting finished spans out of varnishd: where they go (`config::Sink`), how they are encoded
+//! (`otlp_proto`, `otlp_json`), how they are sent (`otlp`), and the exporter job that batches
+//! them on its own thread, retries what a collector could not take, and counts what is dropped.
 
+pub mod config;
+pub mod otlp;
 pub mod otlp_json;
+pub mod otlp_proto;
+pub mod resource;
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub use config::{ExportConfig, OtlpConfig, Protocol, Sink, DEFAULT_FILE, DEFAULT_QUEUE_SIZE};
+use otlp::{ExportError, OtlpClient, StopSignal};
 
 use crate::pipeline::{SharedCounters, STATS};
 use crate::span::SpanRecord;
 use crate::worker::{Inbox, Job};
-use otlp_json::Resource;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 
-/// Where finished spans are written.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Sink {
-    /// OTLP/JSON lines appended to a file.
-    File(PathBuf),
-    /// OTLP/JSON lines on varnishd's standard output.
-    Stdout,
-    /// Spans are built and dropped (tracing context still propagates).
-    None,
-}
-
-#[derive(Clone, Debug)]
-pub struct ExportConfig {
-    pub sink: Sink,
-    pub queue_size: usize,
-    pub batch_size: usize,
-    pub flush_interval: Duration,
-    pub resource: Resource,
-}
-
-pub const DEFAULT_FILE: &str = "opentracing-spans.jsonl";
-pub const DEFAULT_QUEUE_SIZE: usize = 16384;
-
-impl ExportConfig {
-    /// Reads the `OTEL_*` variables of the varnishd process. An unknown exporter name is an error
-    /// for `vcl.load` to report, never a request failure.
-    pub fn from_env() -> Result<Self, String> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let sink = match var("OTEL_TRACES_EXPORTER").as_deref().map(str::trim) {
-            None | Some("file") => {
-                let path = var("OPENTRACING_SPANS_FILE").unwrap_or_else(|| DEFAULT_FILE.to_owned());
-                let path = PathBuf::from(path);
-                // Relative paths are relative to varnishd's working directory (its -n folder).
-                Sink::File(if path.is_absolute() {
-                    path
-                } else {
-                    std::env::current_dir().map(|d| d.join(&path)).unwrap_or(path)
-                })
-            }
-            Some("console") | Some("stdout") => Sink::Stdout,
-            Some("none") => Sink::None,
-            Some(other) => {
-                return Err(format!("OTEL_TRACES_EXPORTER={other:?} is not supported (use file, stdout or none)"))
-            }
-        };
-        let number = |k: &str, default: usize| -> Result<usize, String> {
-            match var(k) {
-                None => Ok(default),
-                Some(v) => v
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| format!("{k}={v:?} is not a positive integer")),
-            }
-        };
-        // Not the SDK's 2048: the exporter drains every EXPORT_TICK and shares the CPUs with
-        // Varnish's workers, which can delay it; 2048 dropped a quarter of the spans at 60k
-        // spans/s in `make bench` (docs/performance.md). 16384 spans are at most ~8 MB.
-        let queue_size = number("OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_QUEUE_SIZE)?;
-        let batch_size = number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)?.min(queue_size);
-        let flush_ms = number("OTEL_BSP_SCHEDULE_DELAY", 200)?;
-        Ok(ExportConfig {
-            sink,
-            queue_size,
-            batch_size,
-            flush_interval: Duration::from_millis(flush_ms as u64),
-            resource: Resource::from_env(),
-        })
-    }
-}
+/// Retries of a failed batch start after this and double each time, up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// At most one log line per this period about failing exports (a dead collector must not
+/// flood the log).
+const FAILURE_LOG_PERIOD: Duration = Duration::from_secs(60);
 
 enum Output {
     File(File),
     Stdout,
+    Otlp(Box<OtlpClient>),
     Discard,
 }
 
-/// The exporter job: collects spans into batches and writes each batch as one line.
+/// A batch that failed with a retryable error, waiting for its next attempt.
+struct Retry {
+    attempts: u32,
+    next: Instant,
+    /// The batch is dropped once this passes (`OTEL_BSP_EXPORT_TIMEOUT` after the first try).
+    give_up: Instant,
+}
+
+/// The exporter job. Memory is bounded: at most `queue_size` spans wait here (more are dropped
+/// and counted), besides those in the worker's channel (also `queue_size`).
 pub struct ExportJob {
     cfg: ExportConfig,
     counters: Option<Arc<SharedCounters>>,
     out: Output,
-    batch: Vec<SpanRecord>,
+    waiting: VecDeque<SpanRecord>,
     oldest: Option<Instant>,
-    /// The encoding buffer, reused from batch to batch.
-    line: String,
+    /// The batch being sent (kept while it is retried).
+    batch: Vec<SpanRecord>,
+    retry: Option<Retry>,
+    /// Encoding buffers, reused from batch to batch.
+    bytes: Vec<u8>,
+    text: String,
+    failures: FailureLog,
+}
+
+/// Rate-limited reporting of export failures, and of the recovery after them.
+#[derive(Default)]
+struct FailureLog {
+    last_logged: Option<Instant>,
+    failed_since_log: u64,
+    failing: bool,
+}
+
+impl FailureLog {
+    fn failed(&mut self, sink: &Sink, e: &ExportError, what: &str) {
+        self.failing = true;
+        self.failed_since_log += 1;
+        let now = Instant::now();
+        if self.last_logged.is_none_or(|t| now.duration_since(t) >= FAILURE_LOG_PERIOD) {
+            crate::varnish::log::global(format!(
+                "export to {sink} failed ({} failures since the last message): {}; {what}",
+                self.failed_since_log, e.message
+            ));
+            self.last_logged = Some(now);
+            self.failed_since_log = 0;
+        }
+    }
+
+    fn succeeded(&mut self, sink: &Sink) {
+        if self.failing {
+            self.failing = false;
+            crate::varnish::log::global(format!("export to {sink} works again"));
+            self.last_logged = None;
+            self.failed_since_log = 0;
+        }
+    }
 }
 
 impl ExportJob {
-    /// Opens the output now, on the CLI thread, so a bad path fails the VCL load with a message
-    /// instead of losing spans later.
-    pub fn new(cfg: ExportConfig, counters: Option<Arc<SharedCounters>>) -> io::Result<Self> {
+    /// Opens the output now, on the CLI thread, so that a bad path or TLS file fails the VCL
+    /// load with a message instead of losing spans later.
+    pub fn new(cfg: ExportConfig, counters: Option<Arc<SharedCounters>>, stop: StopSignal) -> Result<Self, String> {
         let out = match &cfg.sink {
-            Sink::File(p) => Output::File(OpenOptions::new().create(true).append(true).open(p)?),
+            Sink::File(p) => Output::File(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| format!("cannot open the span file {}: {e}", p.display()))?,
+            ),
             Sink::Stdout => Output::Stdout,
+            Sink::Otlp(o) => Output::Otlp(Box::new(OtlpClient::new(o, stop)?)),
             Sink::None => Output::Discard,
         };
         Ok(ExportJob {
             batch: Vec::with_capacity(cfg.batch_size),
+            waiting: VecDeque::new(),
             cfg,
             counters,
             out,
             oldest: None,
-            line: String::new(),
+            retry: None,
+            bytes: Vec::new(),
+            text: String::new(),
+            failures: FailureLog::default(),
         })
     }
 
-    fn flush(&mut self) {
-        if self.batch.is_empty() {
-            return;
+    /// Sends batches while there is a full one (or any, when `all`), unless a retry is pending
+    /// and not yet due. Stops at the first failure.
+    fn export(&mut self, all: bool) {
+        loop {
+            if let Some(r) = &self.retry {
+                if Instant::now() < r.next {
+                    return;
+                }
+            } else {
+                let full = self.waiting.len() >= self.cfg.batch_size;
+                if self.waiting.is_empty() || !(all || full) {
+                    return;
+                }
+                let n = self.waiting.len().min(self.cfg.batch_size);
+                self.batch.extend(self.waiting.drain(..n));
+                if self.waiting.is_empty() {
+                    self.oldest = None;
+                }
+            }
+            if !self.send_batch() {
+                return;
+            }
         }
+    }
+
+    /// One attempt at `self.batch`. Returns whether the exporter may go on with the next one.
+    fn send_batch(&mut self) -> bool {
         let n = self.batch.len() as u64;
-        let result = match &mut self.out {
+        let result = self.write_batch();
+        STATS.batches.fetch_add(1, Relaxed);
+        match result {
+            Ok(()) => {
+                STATS.spans_exported.fetch_add(n, Relaxed);
+                self.failures.succeeded(&self.cfg.sink);
+                self.batch.clear();
+                self.retry = None;
+                true
+            }
+            Err(e) => {
+                STATS.export_failures.fetch_add(1, Relaxed);
+                let now = Instant::now();
+                let attempts = self.retry.as_ref().map_or(1, |r| r.attempts + 1);
+                let give_up = self.retry.as_ref().map_or(now + self.cfg.export_timeout, |r| r.give_up);
+                let backoff = (FIRST_BACKOFF * 2u32.saturating_pow(attempts - 1)).min(MAX_BACKOFF);
+                let next = now + e.retry_after.unwrap_or(backoff).min(MAX_BACKOFF);
+                if e.retryable && next < give_up {
+                    self.failures.failed(&self.cfg.sink, &e, "retrying");
+                    self.retry = Some(Retry { attempts, next, give_up });
+                } else {
+                    let why = if e.retryable { "retries exhausted" } else { "not retryable" };
+                    self.failures.failed(&self.cfg.sink, &e, &format!("{n} spans dropped ({why})"));
+                    STATS.spans_dropped_export.fetch_add(n, Relaxed);
+                    self.batch.clear();
+                    self.retry = None;
+                }
+                false
+            }
+        }
+    }
+
+    fn write_batch(&mut self) -> Result<(), ExportError> {
+        let io_error = |e: io::Error| ExportError { message: e.to_string(), retryable: false, retry_after: None };
+        match &mut self.out {
             Output::Discard => Ok(()),
-            out => {
-                let line = &mut self.line;
+            Output::File(_) | Output::Stdout => {
+                let line = &mut self.text;
                 line.clear();
                 otlp_json::write_export_request(line, &self.cfg.resource, &self.batch);
                 line.push('\n');
                 // One write per batch: with O_APPEND, lines from two library copies never interleave.
-                match out {
-                    Output::File(f) => f.write_all(line.as_bytes()),
+                match &mut self.out {
+                    Output::File(f) => f.write_all(line.as_bytes()).map_err(io_error),
                     _ => {
                         let mut o = io::stdout().lock();
-                        o.write_all(line.as_bytes()).and_then(|_| o.flush())
+                        o.write_all(line.as_bytes()).and_then(|_| o.flush()).map_err(io_error)
                     }
                 }
             }
-        };
-        match result {
-            Ok(()) => {
-                STATS.spans_exported.fetch_add(n, Relaxed);
-                STATS.batches.fetch_add(1, Relaxed);
-            }
-            Err(_) => {
-                STATS.export_failures.fetch_add(1, Relaxed);
-                STATS.spans_dropped.fetch_add(n, Relaxed);
+            Output::Otlp(client) => {
+                let body = if client.protocol() == Protocol::HttpJson {
+                    self.text.clear();
+                    otlp_json::write_export_request(&mut self.text, &self.cfg.resource, &self.batch);
+                    self.text.as_bytes()
+                } else {
+                    self.bytes.clear();
+                    otlp_proto::write_export_request(&mut self.bytes, &self.cfg.resource, &self.batch);
+                    &self.bytes
+                };
+                client.send(body)
             }
         }
-        self.batch.clear();
-        self.oldest = None;
+    }
+
+    fn publish(&self, queue_depth: usize) {
+        if let Some(c) = &self.counters {
+            c.publish(queue_depth + self.waiting.len() + self.batch.len());
+        }
     }
 }
 
 impl Job<Box<SpanRecord>> for ExportJob {
     fn handle(&mut self, span: Box<SpanRecord>) {
+        if self.waiting.len() >= self.cfg.queue_size {
+            STATS.spans_dropped.fetch_add(1, Relaxed);
+            return;
+        }
         self.oldest.get_or_insert_with(Instant::now);
-        self.batch.push(*span);
-        if self.batch.len() >= self.cfg.batch_size {
-            self.flush();
+        self.waiting.push_back(*span);
+        if self.waiting.len() >= self.cfg.batch_size && self.retry.is_none() {
+            self.export(false);
         }
     }
 
     fn tick(&mut self, inbox: &Inbox<'_, Box<SpanRecord>>) {
-        if let Some(c) = &self.counters {
-            c.publish(inbox.len());
-        }
+        self.publish(inbox.len());
         // Records parked by a rollback and never taken back are closed here (see varnish::task).
         for span in crate::varnish::task::sweep_stash() {
             self.handle(span);
         }
-        if self.oldest.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval) {
-            self.flush();
-        }
+        let due = self.oldest.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval);
+        self.export(due);
     }
 
     fn finish(&mut self) {
-        self.flush();
-        if let Some(c) = &self.counters {
-            c.publish(0);
+        // Stopping: send everything, retrying until the stop deadline (the OTLP client gives up
+        // at the same instant), then count what is left as dropped.
+        let stop_by = match &self.out {
+            Output::Otlp(_) => {
+                Instant::now() + crate::pipeline::STOP_DEADLINE.saturating_sub(Duration::from_millis(500))
+            }
+            _ => Instant::now() + Duration::from_secs(3600),
+        };
+        // A collector that failed twice in a row at shutdown is not waited for any longer.
+        let mut failures_in_a_row = 0;
+        while !(self.waiting.is_empty() && self.batch.is_empty()) && Instant::now() < stop_by && failures_in_a_row < 2 {
+            if let Some(r) = &mut self.retry {
+                let wait = r
+                    .next
+                    .saturating_duration_since(Instant::now())
+                    .min(stop_by.saturating_duration_since(Instant::now()));
+                std::thread::sleep(wait);
+                r.next = Instant::now();
+            }
+            let before = STATS.export_failures.load(Relaxed);
+            self.export(true);
+            failures_in_a_row = if STATS.export_failures.load(Relaxed) > before { failures_in_a_row + 1 } else { 0 };
+        }
+        let left = (self.waiting.len() + self.batch.len()) as u64;
+        if left > 0 {
+            STATS.spans_dropped_export.fetch_add(left, Relaxed);
+            crate::varnish::log::global(format!(
+                "{left} spans dropped at shutdown: export to {} did not finish",
+                self.cfg.sink
+            ));
+        }
+        self.waiting.clear();
+        self.batch.clear();
+        self.publish(0);
+        if let Output::Otlp(client) = std::mem::replace(&mut self.out, Output::Discard) {
+            client.close();
         }
     }
 }

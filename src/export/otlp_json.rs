@@ -6,28 +6,7 @@
 
 use crate::span::{SpanRecord, Value};
 
-/// What describes this process in every export (OTLP `Resource`).
-#[derive(Clone, Debug)]
-pub struct Resource {
-    pub attributes: Vec<(String, String)>,
-}
-
-impl Resource {
-    pub fn from_env() -> Self {
-        let service =
-            std::env::var("OTEL_SERVICE_NAME").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "varnish".to_owned());
-        let mut attributes = vec![
-            ("service.name".to_owned(), service),
-            ("telemetry.sdk.name".to_owned(), "vmod-opentracing".to_owned()),
-            ("telemetry.sdk.language".to_owned(), "rust".to_owned()),
-            ("telemetry.sdk.version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
-        ];
-        if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-            attributes.push(("host.name".to_owned(), host.trim().to_owned()));
-        }
-        Resource { attributes }
-    }
-}
+pub use super::resource::Resource;
 
 pub const SCOPE_NAME: &str = "vmod-opentracing";
 

@@ -20,6 +20,7 @@ pub mod method {
     pub const BACKEND_FETCH: u32 = 1 << 10;
     pub const BACKEND_RESPONSE: u32 = 1 << 11;
     pub const BACKEND_ERROR: u32 = 1 << 12;
+    pub const INIT: u32 = 1 << 13;
 }
 
 /// The transaction ID of a log handle, without the client/backend marker bits.

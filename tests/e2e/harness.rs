@@ -444,6 +444,29 @@ impl Varnish {
         }
     }
 
+    /// Runs `varnishadm` against this instance.
+    pub fn adm(&self, args: &[&str]) -> std::process::Output {
+        Command::new("varnishadm")
+            .arg("-n")
+            .arg(&self.workdir)
+            .args(["-t", "30"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run varnishadm")
+    }
+
+    /// The child process (`cache-main`) of this varnishd, for /proc checks.
+    pub fn child_pid(&self) -> u32 {
+        let manager = self.child.as_ref().expect("running").id();
+        let out = Command::new("pgrep").args(["-P", &manager.to_string()]).output().expect("pgrep");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .find(|pid: &u32| fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "cache-main"))
+            .expect("the cache-main child")
+    }
+
     /// `stop`, also returning the `varnishlog -d -g raw` text captured just before stopping.
     pub fn stop_with_vsl(&mut self) -> (Vec<Span>, String) {
         let spans = self.stop();
@@ -731,11 +754,20 @@ fn hex(b: &[u8]) -> String {
 /// protocol's generated types with their serde mapping) and checked field by field.
 pub fn read_spans(path: &Path) -> Vec<Span> {
     let text = fs::read_to_string(path).unwrap_or_default();
-    let mut spans = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+    let requests = text.lines().filter(|l| !l.trim().is_empty()).map(|line| {
         check_raw(line);
         let req: ExportTraceServiceRequest = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("span line is not an OTLP ExportTraceServiceRequest ({e}): {line}"));
+        (req, line.to_owned())
+    });
+    spans_of(requests.collect())
+}
+
+/// The spans of decoded export requests (with the text each came from, for messages).
+pub fn spans_of(requests: Vec<(ExportTraceServiceRequest, String)>) -> Vec<Span> {
+    let mut spans = Vec::new();
+    for (req, line) in requests {
+        let line = line.as_str();
         for rs in req.resource_spans {
             let service = rs
                 .resource

@@ -6,6 +6,7 @@
 //! `E2E_KEEP=1` keeps each test's directory (VCL, varnishd output, VSL, spans, backend log).
 
 mod harness;
+mod otlp;
 mod vsl;
 
 use std::time::Duration;

@@ -19,8 +19,10 @@ def spans(path):
         for line in f:
             if line.strip():
                 for rs in json.loads(line)["resourceSpans"]:
+                    resource = rs.get("resource", {}).get("attributes", [])
                     for ss in rs["scopeSpans"]:
-                        yield from ss["spans"]
+                        for span in ss["spans"]:
+                            yield dict(span, _resource=resource)
 
 
 def field(span, name):
@@ -32,7 +34,10 @@ def field(span, name):
         return [e["name"] for e in span.get("events", [])]
     if name in ("name", "traceId", "spanId", "parentSpanId"):
         return span.get(name, "")
-    for a in span.get("attributes", []):
+    attributes = span.get("attributes", [])
+    if name.startswith("resource."):
+        name, attributes = name[len("resource."):], span["_resource"]
+    for a in attributes:
         if a["key"] == name:
             v = a["value"]
             return str(next(iter(v.values())))
@@ -51,7 +56,7 @@ def main():
     path, count, conds = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     found = [s for s in spans(path) if all(matches(s, c) for c in conds)]
     for s in found:
-        print(json.dumps(s, sort_keys=True))
+        print(json.dumps({k: v for k, v in s.items() if k != "_resource"}, sort_keys=True))
     if len(found) != count:
         print(f"span_check: expected {count} spans matching {conds}, found {len(found)}", file=sys.stderr)
         sys.exit(1)

@@ -1,0 +1,286 @@
+//! Settings: the standard `OTEL_*` environment variables of the varnishd process, which a VCL may
+//! override in `vcl_init` with `opentracing.set(name, value)`, using the same names.
+//!
+//! Precedence, highest first: `opentracing.set()` in the VCL, the environment, the default.
+//! Everything is parsed and checked when a VCL loads (`vcl_init`, then the load event), so a bad
+//! value fails `vcl.load` with a message naming the setting; nothing is parsed on the request path.
+//!
+//! Several warm VCLs: the pipeline is process-wide, so one set of settings applies at a time: that
+//! of the VCL warmed most recently (normally the one just loaded). When it differs from what runs,
+//! the pipeline switches to it and says so in the log (`pipeline::vcl_warm`).
+//!
+//! Threading: `Settings` values live in a VCL's PRIV_VCL, written in `vcl_init` and read by the
+//! VCL events, both on the CLI thread.
+
+use std::time::Duration;
+
+use crate::export::ExportConfig;
+use crate::sampling::Sampler;
+use crate::span::AttributeLimits;
+
+/// Every setting we read, by the name used in the environment and in `opentracing.set()`.
+pub const NAMES: &[&str] = &[
+    "OTEL_SDK_DISABLED",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_COMPRESSION",
+    "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+    "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_BSP_EXPORT_TIMEOUT",
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_SPAN_EVENT_COUNT_LIMIT",
+    "OTEL_SPAN_LINK_COUNT_LIMIT",
+    "OPENTRACING_SPANS_FILE",
+    "OPENTRACING_VSL",
+];
+
+/// Where a value came from, for messages (`"OTEL_X=... (from VCL)"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Vcl,
+    Environment,
+}
+
+/// One VCL's overrides over the environment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    overrides: Vec<(&'static str, String)>,
+    /// For tests: read nothing from the process environment.
+    ignore_environment: bool,
+}
+
+impl Settings {
+    /// Settings that read the environment and have no override.
+    pub fn from_environment() -> Self {
+        Settings::default()
+    }
+
+    /// Settings made only of `pairs` (tests: independent of the process environment).
+    pub fn only(pairs: &[(&str, &str)]) -> Result<Self, String> {
+        let mut s = Settings { overrides: Vec::new(), ignore_environment: true };
+        for (k, v) in pairs {
+            s.set(k, v)?;
+        }
+        Ok(s)
+    }
+
+    /// Overrides `name` (an entry of `NAMES`, any case). Unknown names are errors.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let name = name.trim();
+        let Some(known) = NAMES.iter().find(|n| n.eq_ignore_ascii_case(name)) else {
+            return Err(format!("unknown setting {name:?} (known settings: {})", NAMES.join(", ")));
+        };
+        self.overrides.retain(|(k, _)| k != known);
+        self.overrides.push((known, value.to_owned()));
+        Ok(())
+    }
+
+    /// The value of `name`, or `None` when unset or blank (blank means "use the default", as
+    /// in the SDKs).
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.get_with_origin(name).map(|(v, _)| v)
+    }
+
+    pub fn get_with_origin(&self, name: &str) -> Option<(String, Origin)> {
+        if let Some((_, v)) = self.overrides.iter().find(|(k, _)| *k == name) {
+            return Some((v.trim().to_owned(), Origin::Vcl)).filter(|(v, _)| !v.is_empty());
+        }
+        if self.ignore_environment {
+            return None;
+        }
+        std::env::var(name)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .map(|v| (v, Origin::Environment))
+    }
+
+    /// The signal-specific setting (`OTEL_EXPORTER_OTLP_TRACES_*`) if set, else the general one.
+    pub fn get_traces(&self, general: &str) -> Option<(String, &'static str)> {
+        let specific = general.replacen("OTEL_EXPORTER_OTLP_", "OTEL_EXPORTER_OTLP_TRACES_", 1);
+        let name = |n: &str| NAMES.iter().copied().find(|k| *k == n);
+        if let (Some(v), Some(n)) = (self.get(&specific), name(&specific)) {
+            return Some((v, n));
+        }
+        self.get(general).zip(name(general))
+    }
+
+    pub fn has_overrides(&self) -> bool {
+        !self.overrides.is_empty()
+    }
+
+    /// `true`/`false`, case-insensitively.
+    pub fn bool(&self, name: &str, default: bool) -> Result<bool, String> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
+            Some(v) if v.eq_ignore_ascii_case("false") => Ok(false),
+            Some(v) => Err(format!("{name}={v:?} is neither true nor false")),
+        }
+    }
+
+    /// A positive integer (zero refused unless `allow_zero`).
+    pub fn number(&self, name: &str, default: usize, allow_zero: bool) -> Result<usize, String> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse::<usize>().ok().filter(|n| allow_zero || *n > 0).ok_or_else(|| {
+                format!("{name}={v:?} is not a {} integer", if allow_zero { "non-negative" } else { "positive" })
+            }),
+        }
+    }
+
+    /// Milliseconds, as every `OTEL_*` duration is given.
+    pub fn millis(&self, name: &str, default: Duration) -> Result<Duration, String> {
+        Ok(Duration::from_millis(self.number(name, default.as_millis() as usize, true)? as u64))
+    }
+}
+
+/// What the module keeps per VCL (its PRIV_VCL): the overrides from its `vcl_init`, and whether
+/// it counts as warm for the pipeline (a VCL whose warm-up failed gets a cold event all the same,
+/// which must not stop another VCL's pipeline).
+#[derive(Default)]
+pub struct VclState {
+    pub settings: parking_lot::Mutex<Settings>,
+    pub warm: bool,
+}
+
+/// Everything the pipeline runs with, parsed and checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// `OTEL_SDK_DISABLED=true`: the module does nothing; trace headers pass through untouched.
+    pub disabled: bool,
+    pub sampler: Sampler,
+    pub export: ExportConfig,
+    /// `OPENTRACING_VSL=off`: spans close from their task data alone, without reading the log.
+    pub read_log: bool,
+    pub limits: AttributeLimits,
+}
+
+impl Config {
+    pub fn from_settings(s: &Settings) -> Result<Config, String> {
+        let read_log = match s.get("OPENTRACING_VSL").as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(v) => return Err(format!("OPENTRACING_VSL={v:?} is neither on nor off")),
+        };
+        Ok(Config {
+            disabled: s.bool("OTEL_SDK_DISABLED", false)?,
+            sampler: Sampler::from_settings(s)?,
+            export: ExportConfig::from_settings(s)?,
+            read_log,
+            limits: AttributeLimits::from_settings(s)?,
+        })
+    }
+}
+
+/// `key1=value1,key2=value2` as in `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_EXPORTER_OTLP_HEADERS`
+/// (the W3C Baggage format, values percent-encoded). A malformed entry is an error naming it.
+pub fn key_values(name: &str, text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(format!("{name}: {item:?} is not key=value"));
+        };
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() {
+            return Err(format!("{name}: {item:?} has an empty key"));
+        }
+        let v = percent_decode(v)
+            .ok_or_else(|| format!("{name}: the value of {k:?} is not valid percent-encoded UTF-8"))?;
+        out.push((k.to_owned(), v));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcl_overrides_win_and_names_are_checked() {
+        let mut s = Settings::only(&[("otel_service_name", "edge")]).unwrap();
+        assert_eq!(s.get("OTEL_SERVICE_NAME").as_deref(), Some("edge"));
+        s.set("OTEL_SERVICE_NAME", "shield").unwrap();
+        assert_eq!(s.get_with_origin("OTEL_SERVICE_NAME"), Some(("shield".to_owned(), Origin::Vcl)));
+        let e = s.set("OTEL_NOPE", "1").unwrap_err();
+        assert!(e.contains("unknown setting \"OTEL_NOPE\""), "{e}");
+        // Blank means default.
+        s.set("OTEL_SERVICE_NAME", " ").unwrap();
+        assert_eq!(s.get("OTEL_SERVICE_NAME"), None);
+    }
+
+    #[test]
+    fn signal_specific_settings_win_over_general_ones() {
+        let s =
+            Settings::only(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "5"), ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "7")]).unwrap();
+        assert_eq!(
+            s.get_traces("OTEL_EXPORTER_OTLP_TIMEOUT"),
+            Some(("7".to_owned(), "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"))
+        );
+        let s = Settings::only(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "5")]).unwrap();
+        assert_eq!(s.get_traces("OTEL_EXPORTER_OTLP_TIMEOUT"), Some(("5".to_owned(), "OTEL_EXPORTER_OTLP_TIMEOUT")));
+    }
+
+    #[test]
+    fn typed_values_fail_with_the_settings_name() {
+        let s = Settings::only(&[("OTEL_SDK_DISABLED", "yes"), ("OTEL_BSP_MAX_QUEUE_SIZE", "0")]).unwrap();
+        assert!(s.bool("OTEL_SDK_DISABLED", false).unwrap_err().contains("OTEL_SDK_DISABLED=\"yes\""));
+        assert!(s.number("OTEL_BSP_MAX_QUEUE_SIZE", 1, false).unwrap_err().contains("OTEL_BSP_MAX_QUEUE_SIZE"));
+        assert_eq!(s.number("OTEL_BSP_MAX_QUEUE_SIZE", 1, true), Ok(0));
+        let e = Config::from_settings(&Settings::only(&[("OPENTRACING_VSL", "maybe")]).unwrap()).unwrap_err();
+        assert!(e.contains("OPENTRACING_VSL"), "{e}");
+    }
+
+    #[test]
+    fn key_value_lists_are_percent_decoded() {
+        let kv = key_values("H", "api-key=abc%20def, x-tenant = t1 ,,").unwrap();
+        assert_eq!(kv, vec![("api-key".into(), "abc def".into()), ("x-tenant".into(), "t1".into())]);
+        assert!(key_values("H", "novalue").unwrap_err().contains("\"novalue\" is not key=value"));
+        assert!(key_values("H", "=v").is_err());
+        assert!(key_values("H", "k=%zz").is_err());
+        assert!(key_values("H", "k=%ff").is_err(), "invalid UTF-8");
+    }
+
+    #[test]
+    fn defaults_are_the_sdks() {
+        let c = Config::from_settings(&Settings::only(&[]).unwrap()).unwrap();
+        assert!(!c.disabled);
+        assert!(c.read_log);
+        assert_eq!(c.sampler, Sampler::default());
+    }
+}

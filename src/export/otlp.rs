@@ -1,0 +1,398 @@
+//! Sending encoded batches to an OTLP collector: HTTP (protobuf or JSON body) with reqwest, or
+//! gRPC with tonic, both driven by a current-thread tokio runtime that this client owns.
+//!
+//! Threading: built on the CLI thread (so that a bad TLS file fails `vcl.load`), then moved to
+//! and used only by the exporter thread. Nothing async ever runs on a Varnish thread: the runtime
+//! has no threads of its own and only runs inside `send`, which the exporter thread calls.
+
+use std::io::Write;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes};
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use super::config::{OtlpConfig, Protocol};
+
+/// Why an export failed, and whether trying the same batch again may help (the OTLP
+/// specification's retryable responses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportError {
+    pub message: String,
+    pub retryable: bool,
+    /// The collector's own `Retry-After` (HTTP) when it gave one.
+    pub retry_after: Option<Duration>,
+}
+
+impl ExportError {
+    fn retryable(message: String) -> Self {
+        ExportError { message, retryable: true, retry_after: None }
+    }
+    fn fatal(message: String) -> Self {
+        ExportError { message, retryable: false, retry_after: None }
+    }
+}
+
+/// Set when the pipeline is stopping: no request may outlive this instant.
+#[derive(Clone, Default)]
+pub struct StopSignal(Arc<OnceLock<Instant>>);
+
+impl StopSignal {
+    pub fn new() -> Self {
+        StopSignal::default()
+    }
+
+    pub fn stop_by(&self, at: Instant) {
+        let _ = self.0.set(at);
+    }
+    pub fn deadline(&self) -> Option<Instant> {
+        self.0.get().copied()
+    }
+}
+
+const USER_AGENT: &str = concat!("vmod-opentracing/", env!("CARGO_PKG_VERSION"));
+const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// How often an export in flight looks at the stop signal.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+enum Transport {
+    Http { client: reqwest::Client, url: reqwest::Url, content_type: &'static str },
+    Grpc { client: tonic::client::Grpc<Channel>, metadata: tonic::metadata::MetadataMap },
+}
+
+pub struct OtlpClient {
+    runtime: tokio::runtime::Runtime,
+    transport: Transport,
+    cfg: OtlpConfig,
+    stop: StopSignal,
+}
+
+impl OtlpClient {
+    pub fn new(cfg: &OtlpConfig, stop: StopSignal) -> Result<Self, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("otel-export-io")
+            .build()
+            .map_err(|e| format!("cannot create the exporter's runtime: {e}"))?;
+        let ca = match &cfg.certificate {
+            Some(p) => Some(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?),
+            None => None,
+        };
+        let transport = match cfg.protocol {
+            Protocol::HttpProtobuf | Protocol::HttpJson => {
+                let mut headers = reqwest::header::HeaderMap::new();
+                for (k, v) in &cfg.headers {
+                    let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+                        .map_err(|e| format!("OTEL_EXPORTER_OTLP_HEADERS: {k:?}: {e}"))?;
+                    let value = reqwest::header::HeaderValue::from_str(v)
+                        .map_err(|e| format!("OTEL_EXPORTER_OTLP_HEADERS: {k:?}: {e}"))?;
+                    headers.insert(name, value);
+                }
+                let mut builder = reqwest::Client::builder()
+                    .use_rustls_tls()
+                    .user_agent(USER_AGENT)
+                    .default_headers(headers)
+                    .connect_timeout(cfg.timeout)
+                    .pool_max_idle_per_host(2);
+                if let Some(pem) = &ca {
+                    let cert = reqwest::Certificate::from_pem(pem)
+                        .map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE: {e}"))?;
+                    builder = builder.add_root_certificate(cert);
+                }
+                let client = builder.build().map_err(|e| format!("cannot create the HTTP client: {e}"))?;
+                let url = reqwest::Url::parse(&cfg.endpoint).map_err(|e| format!("{}: {e}", cfg.endpoint))?;
+                let content_type =
+                    if cfg.protocol == Protocol::HttpJson { "application/json" } else { "application/x-protobuf" };
+                Transport::Http { client, url, content_type }
+            }
+            Protocol::Grpc => {
+                let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
+                    .map_err(|e| format!("{}: {e}", cfg.endpoint))?
+                    .user_agent(USER_AGENT)
+                    .map_err(|e| format!("{e}"))?
+                    .connect_timeout(cfg.timeout)
+                    .timeout(cfg.timeout);
+                if cfg.endpoint.starts_with("https://") {
+                    let mut tls = ClientTlsConfig::new().with_native_roots();
+                    if let Some(pem) = &ca {
+                        tls = tls.ca_certificate(Certificate::from_pem(pem));
+                    }
+                    endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS to {}: {e}", cfg.endpoint))?;
+                }
+                // The channel spawns its connection task on our runtime; it connects on first use.
+                let channel = {
+                    let _guard = runtime.enter();
+                    endpoint.connect_lazy()
+                };
+                let mut client = tonic::client::Grpc::new(channel);
+                if cfg.gzip {
+                    client = client.send_compressed(CompressionEncoding::Gzip);
+                }
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                for (k, v) in &cfg.headers {
+                    let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                        .map_err(|e| format!("OTEL_EXPORTER_OTLP_HEADERS: {k:?}: {e}"))?;
+                    let value = v.parse().map_err(|e| format!("OTEL_EXPORTER_OTLP_HEADERS: {k:?}: {e}"))?;
+                    metadata.insert(key, value);
+                }
+                Transport::Grpc { client, metadata }
+            }
+        };
+        Ok(OtlpClient { runtime, transport, cfg: cfg.clone(), stop })
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.cfg.protocol
+    }
+
+    /// Sends one encoded `ExportTraceServiceRequest` (protobuf, or JSON for http/json). Returns
+    /// within the configured timeout, and by the stop signal's deadline when it is set.
+    pub fn send(&mut self, body: &[u8]) -> Result<(), ExportError> {
+        let deadline = Instant::now() + self.cfg.timeout;
+        let stop = self.stop.clone();
+        let timeout = self.cfg.timeout;
+        match &mut self.transport {
+            Transport::Http { client, url, content_type } => {
+                let mut request =
+                    client.post(url.clone()).header(reqwest::header::CONTENT_TYPE, *content_type).timeout(timeout);
+                if self.cfg.gzip {
+                    let mut gz =
+                        flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
+                    gz.write_all(body).map_err(|e| ExportError::fatal(format!("gzip: {e}")))?;
+                    let zipped = gz.finish().map_err(|e| ExportError::fatal(format!("gzip: {e}")))?;
+                    request = request.header(reqwest::header::CONTENT_ENCODING, "gzip").body(zipped);
+                } else {
+                    request = request.body(body.to_vec());
+                }
+                let fut = async move {
+                    let response = request.send().await.map_err(|e| ExportError::retryable(describe_reqwest(&e)))?;
+                    let status = response.status();
+                    if status.is_success() {
+                        // Read the (small) body so the connection can be reused.
+                        let _ = response.bytes().await;
+                        return Ok(());
+                    }
+                    let retry_after = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let text = response.text().await.unwrap_or_default();
+                    let text: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
+                    let message = format!("HTTP {status} {text}").trim_end().to_owned();
+                    // The OTLP/HTTP specification's retryable statuses.
+                    let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
+                    Err(ExportError { message, retryable, retry_after })
+                };
+                self.runtime.block_on(bounded(fut, deadline, &stop))
+            }
+            Transport::Grpc { client, metadata } => {
+                let message = Bytes::copy_from_slice(body);
+                let mut request = tonic::Request::from_parts(metadata.clone(), Default::default(), message);
+                request.set_timeout(timeout);
+                let fut = async move {
+                    client.ready().await.map_err(|e| ExportError::retryable(format!("gRPC connection: {e}")))?;
+                    let path = http::uri::PathAndQuery::from_static(GRPC_PATH);
+                    match client.unary::<Bytes, (), _>(request, path, RawCodec).await {
+                        Ok(_) => Ok(()),
+                        Err(status) => Err(grpc_error(&status)),
+                    }
+                };
+                self.runtime.block_on(bounded(fut, deadline, &stop))
+            }
+        }
+    }
+
+    /// Drops the runtime without waiting for background work (idle connections).
+    pub fn close(self) {
+        self.runtime.shutdown_timeout(Duration::from_millis(100));
+    }
+}
+
+/// Runs `fut` until it completes, `deadline` passes, or the stop signal's deadline passes.
+async fn bounded<F>(fut: F, deadline: Instant, stop: &StopSignal) -> Result<(), ExportError>
+where
+    F: std::future::Future<Output = Result<(), ExportError>>,
+{
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        let limit = stop.deadline().map_or(deadline, |s| s.min(deadline));
+        let now = Instant::now();
+        if now >= limit {
+            let why = if limit < deadline { "the pipeline is stopping" } else { "timed out" };
+            return Err(ExportError::retryable(format!("export {why}")));
+        }
+        if let Ok(result) = tokio::time::timeout((limit - now).min(STOP_POLL), fut.as_mut()).await {
+            return result;
+        }
+    }
+}
+
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    // The innermost cause says what happened ("Connection refused"); reqwest's own text only
+    // says that sending failed.
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        format!("cannot connect: {cause}")
+    } else {
+        format!("{e}: {cause}")
+    }
+}
+
+/// The OTLP/gRPC specification's retryable codes.
+fn grpc_error(status: &tonic::Status) -> ExportError {
+    use tonic::Code::*;
+    let retryable = matches!(
+        status.code(),
+        Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss | ResourceExhausted
+    );
+    let message = format!("gRPC {:?}: {}", status.code(), status.message().chars().take(200).collect::<String>());
+    ExportError { message, retryable, retry_after: None }
+}
+
+/// A codec that sends our already-encoded protobuf as it is and ignores the response body (an
+/// `ExportTraceServiceResponse`, whose partial-success details we do not act on).
+struct RawCodec;
+
+struct RawEncoder;
+struct IgnoreDecoder;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = ();
+    type Encoder = RawEncoder;
+    type Decoder = IgnoreDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> IgnoreDecoder {
+        IgnoreDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for IgnoreDecoder {
+    type Item = ();
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+        src.advance(src.remaining());
+        Ok(Some(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read};
+    use std::net::TcpListener;
+
+    fn config(protocol: Protocol, endpoint: String, timeout_ms: u64) -> OtlpConfig {
+        OtlpConfig {
+            protocol,
+            endpoint,
+            headers: vec![("x-api-key".into(), "k1".into())],
+            timeout: Duration::from_millis(timeout_ms),
+            gzip: false,
+            certificate: None,
+        }
+    }
+
+    /// A one-shot HTTP server answering `status` (a real socket, no mock client).
+    fn answer_once(status: &'static str, extra: &'static str) -> (String, std::thread::JoinHandle<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/traces", l.local_addr().unwrap());
+        let h = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s);
+            let mut head = String::new();
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                head.push_str(&line);
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).unwrap();
+            let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n{extra}connection: close\r\n\r\n");
+            r.get_mut().write_all(reply.as_bytes()).unwrap();
+            head
+        });
+        (url, h)
+    }
+
+    #[test]
+    fn http_success_sends_type_headers_and_agent() {
+        let (url, h) = answer_once("200 OK", "");
+        let mut c = OtlpClient::new(&config(Protocol::HttpProtobuf, url, 2000), StopSignal::default()).unwrap();
+        c.send(b"\x0a\x00").unwrap();
+        let head = h.join().unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("post /v1/traces http/1.1"), "{head}");
+        assert!(head.contains("content-type: application/x-protobuf"), "{head}");
+        assert!(head.contains("x-api-key: k1"), "{head}");
+        assert!(head.contains("user-agent: vmod-opentracing/"), "{head}");
+    }
+
+    #[test]
+    fn http_statuses_map_to_retryable_or_not() {
+        let (url, h) = answer_once("503 Service Unavailable", "retry-after: 7\r\n");
+        let mut c = OtlpClient::new(&config(Protocol::HttpJson, url, 2000), StopSignal::default()).unwrap();
+        let e = c.send(b"{}").unwrap_err();
+        h.join().unwrap();
+        assert!(e.retryable && e.retry_after == Some(Duration::from_secs(7)), "{e:?}");
+        let (url, h) = answer_once("400 Bad Request", "");
+        let mut c = OtlpClient::new(&config(Protocol::HttpJson, url, 2000), StopSignal::default()).unwrap();
+        let e = c.send(b"{}").unwrap_err();
+        h.join().unwrap();
+        assert!(!e.retryable && e.message.starts_with("HTTP 400"), "{e:?}");
+    }
+
+    #[test]
+    fn a_refused_connection_is_retryable_and_fast() {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        for protocol in [Protocol::HttpProtobuf, Protocol::Grpc] {
+            let url = format!("http://127.0.0.1:{port}/v1/traces");
+            let mut c = OtlpClient::new(&config(protocol, url, 5000), StopSignal::default()).unwrap();
+            let e = c.send(b"").unwrap_err();
+            assert!(e.retryable, "{protocol:?}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_black_hole_times_out_and_the_stop_signal_cuts_it_short() {
+        // Listening but never accepting: the kernel completes the handshake, nobody answers.
+        let hole = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/traces", hole.local_addr().unwrap());
+        for protocol in [Protocol::HttpProtobuf, Protocol::Grpc] {
+            let mut c = OtlpClient::new(&config(protocol, url.clone(), 300), StopSignal::default()).unwrap();
+            let e = c.send(b"").unwrap_err();
+            assert!(e.retryable, "{protocol:?}: {e:?}");
+            let stop = StopSignal::default();
+            let mut c = OtlpClient::new(&config(protocol, url.clone(), 60_000), stop.clone()).unwrap();
+            stop.stop_by(Instant::now() + Duration::from_millis(200));
+            let e = c.send(b"").unwrap_err();
+            assert!(e.message.contains("stopping"), "{protocol:?}: {e:?}");
+            c.close();
+        }
+    }
+}
