@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need besides Varnish and Rust: python3 (demo backend,
-# trace printer), curl. With "bench": wrk and taskset too. Quiet when everything is there.
+# trace printer), curl, openssl (a test's TLS collector). With "bench": wrk and taskset too.
+# Quiet when everything is there.
 set -euo pipefail
 missing=()
 command -v python3 >/dev/null || missing+=(python3)
 command -v curl >/dev/null || missing+=(curl)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ "${1:-}" = bench ]; then
     command -v wrk >/dev/null || missing+=(wrk)
     command -v taskset >/dev/null || missing+=(util-linux)

@@ -395,4 +395,60 @@ mod tests {
             c.close();
         }
     }
+
+    /// A TLS collector with a self-signed certificate (openssl makes it, Python serves it):
+    /// refused without the CA, accepted with `OTEL_EXPORTER_OTLP_CERTIFICATE`'s file.
+    #[test]
+    fn https_verifies_the_collector_and_trusts_the_configured_ca() {
+        let dir = std::env::temp_dir().join(format!("otlp-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"])
+            // An end-entity certificate (rustls refuses a CA certificate as the server's own).
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl (scripts/deps.sh installs it)");
+        assert!(made.success());
+        let server = format!(
+            r#"
+import http.server, ssl
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain("{}", "{}")
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#,
+            cert.display(),
+            key.display()
+        );
+        let mut py = std::process::Command::new("python3")
+            .args(["-c", &server])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut port = String::new();
+        BufReader::new(py.stdout.take().unwrap()).read_line(&mut port).unwrap();
+        let url = format!("https://127.0.0.1:{}/v1/traces", port.trim());
+        let mut cfg = config(Protocol::HttpProtobuf, url, 5000);
+        let untrusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(b"").unwrap_err();
+        cfg.certificate = Some(cert.clone());
+        let trusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(b"");
+        let _ = py.kill();
+        let _ = py.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(untrusted.message.to_lowercase().contains("certificate"), "{untrusted:?}");
+        assert_eq!(trusted, Ok(()));
+    }
 }
