@@ -8,6 +8,10 @@ round's requests per second are divided by the baseline's of the same round, and
 median and the spread of those ratios, plus latency, varnishd CPU time per request (from /proc),
 peak RSS, and spans exported vs dropped.
 
+Spans go over OTLP/HTTP (protobuf) to tools/otlp-receiver in discard mode (it answers 200 and
+counts), pinned with wrk so that it does not take varnishd's CPU; one configuration writes the
+OTLP/JSON file exporter's lines to /dev/null instead, for comparison.
+
 Environment: BENCH_ROUNDS (default 8), BENCH_SECONDS per run (2), BENCH_CONNECTIONS (10),
 BENCH_WORKLOADS (hit,pass), BENCH_CONFIGS (all), BENCH_OUT (bench/results).
 """
@@ -42,7 +46,10 @@ CONFIGS = {
     "sampled_1pct": (True, {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}),
     "sampled_10pct": (True, {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}),
     "sampled_100pct": (True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}),
+    "sampled_100pct_file": (True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_TRACES_EXPORTER": "file",
+                                   "OPENTRACING_SPANS_FILE": "/dev/null"}),
 }
+RECEIVER = os.path.join(REPO, "target", "release", "otlp-receiver")
 if os.environ.get("BENCH_CONFIGS"):
     wanted = os.environ["BENCH_CONFIGS"].split(",")
     CONFIGS = {k: v for k, v in CONFIGS.items() if k in wanted or k == "baseline"}
@@ -94,7 +101,7 @@ class Varnishd:
                "-p", f"vcl_path={REPO}/vcl", "-p", "thread_pool_min=20", "-p", "thread_pools=1"]
         if cpu is not None and shutil.which("taskset"):
             cmd = ["taskset", "-c", str(cpu)] + cmd
-        full_env = dict(os.environ, OPENTRACING_SPANS_FILE="/dev/null", **(env or {}))
+        full_env = dict(os.environ, **(env or {}))
         self.log = open(os.path.join(self.dir, "varnishd.out"), "w")
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_ready()
@@ -185,6 +192,40 @@ class InstructionCounter:
         return counts.get("instructions:u"), counts.get("instructions:k")
 
 
+class Receiver:
+    """tools/otlp-receiver in discard mode: decodes nothing, answers 200, counts spans."""
+
+    def __init__(self, workdir, cpu=None):
+        ready = os.path.join(workdir, "receiver-ready.json")
+        self.stats = os.path.join(workdir, "receiver-stats.json")
+        cmd = [RECEIVER, "--http", "127.0.0.1:0", "--mode", "discard", "--ready", ready, "--stats", self.stats]
+        if cpu is not None and shutil.which("taskset"):
+            cmd = ["taskset", "-c", str(cpu)] + cmd
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                with open(ready) as f:
+                    self.port = json.load(f)["http"]
+                    return
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.05)
+        raise SystemExit(f"bench: {RECEIVER} did not start (make release builds it)")
+
+    def spans(self):
+        try:
+            with open(self.stats) as f:
+                return json.load(f).get("spans")
+        except (OSError, ValueError):
+            return None
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 def wrk(port, path, seconds, cpu):
     cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{path}"]
     if cpu is not None and shutil.which("taskset"):
@@ -236,12 +277,16 @@ def main():
     vcpu, wcpu = (0, 1) if cpus >= 2 else (None, None)
     servers = []
     try:
+        receiver = Receiver(workdir, cpu=wcpu)
+        servers.append(receiver)
+        otlp = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
         origin = Varnishd("origin", workdir, ORIGIN_VCL)
         servers.append(origin)
         proxies = {}
         for name, (module, env) in CONFIGS.items():
             vcl = PROXY_VCL % {"module": MODULE_LINES if module else "", "origin_port": origin.port}
-            proxies[name] = Varnishd(name, workdir, vcl, env, cpu=vcpu)
+            proxies[name] = Varnishd(name, workdir, vcl, dict(otlp, **env) if module else env, cpu=vcpu)
             servers.append(proxies[name])
         paths = {"hit": "/hit", "pass": "/pass"}
         for p in proxies.values():  # warm: the object is cached, connections open
@@ -275,7 +320,9 @@ def main():
                     user, kernel = counter.stop()
                     n = max(r["requests"], 1)
                     instructions[w][c] = {"user": user / n, "kernel": kernel / n} if user else None
+        time.sleep(1)  # the last batches reach the receiver
         counters = {c: proxies[c].counters() for c in CONFIGS}
+        received = receiver.spans()
         rss = {c: proxies[c].peak_rss_kib() for c in CONFIGS}
     finally:
         for s in servers:
@@ -302,14 +349,17 @@ def main():
                 "errors": sum(r["errors"] for r in rs),
                 "peak_rss_kib": rss[c],
                 "spans_exported": counters[c].get("spans_exported"),
-                "spans_dropped": counters[c].get("spans_dropped"),
+                "spans_dropped": (counters[c].get("spans_dropped") or 0) + (counters[c].get("spans_dropped_export") or 0)
+                if counters[c] else None,
             }
     verdicts = budget_verdicts(summary)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"when": stamp, "machine": versions_, "method": {
         "rounds": ROUNDS, "seconds_per_run": SECONDS, "connections": CONNECTIONS,
         "wrk_threads": 1, "pinning": "varnishd under test on CPU 0, wrk on CPU 1" if vcpu is not None else "none",
-        "exporter": "OTLP/JSON lines to /dev/null (file exporter)"},
+        "exporter": "OTLP/HTTP protobuf to tools/otlp-receiver (discard mode, pinned with wrk); "
+                    "sampled_100pct_file: OTLP/JSON lines to /dev/null"},
+        "received_by_receiver": received,
         "summary": summary, "budget": verdicts, "runs": runs}
     os.makedirs(OUT, exist_ok=True)
     md = markdown(result)
@@ -371,6 +421,8 @@ def markdown(res):
                 f"| {s['peak_rss_kib'] / 1024:.0f} | {s['spans_exported'] if s['spans_exported'] is not None else '-'} "
                 f"| {s['spans_dropped'] if s['spans_dropped'] is not None else '-'} |")
         lines.append("")
+    lines += [f"Spans received by the OTLP receiver (all configurations, all workloads): {res.get('received_by_receiver')}.",
+              ""]
     lines += ["## Budget (cache hits)", ""]
     for c, v in res["budget"].items():
         verdict = "within budget" if v["within_budget"] else "OVER BUDGET"
