@@ -5,7 +5,8 @@ SHELL := /bin/bash
 VARNISH_ENV = eval "$$(bash scripts/varnish.sh --env)"
 CARGO_TEST = $(if $(shell command -v cargo-nextest),nextest run --no-fail-fast,test --no-fail-fast)
 
-.PHONY: all varnish env deps build release bench test test-unit test-vtc test-e2e demo check-vcl stats clean
+.PHONY: all varnish env deps build release bench test test-unit test-vtc test-e2e demo check-vcl stats clean \
+	install uninstall deb test-install
 
 all: build
 
@@ -40,6 +41,8 @@ test: deps build
 	@$(VARNISH_ENV) && cargo $(CARGO_TEST) --workspace
 	@$(VARNISH_ENV) && bash scripts/run-vtc.sh
 	@$(VARNISH_ENV) && bash scripts/check-vcl.sh
+	@$(VARNISH_ENV) && bash scripts/test-install.sh
+	@python3 tests/tools/collector_check.py
 
 test-unit: build
 	@$(VARNISH_ENV) && cargo $(CARGO_TEST) --lib
@@ -49,6 +52,11 @@ test-e2e: deps build
 
 test-vtc: build
 	@$(VARNISH_ENV) && bash scripts/run-vtc.sh $(VTC)
+
+## make install, make uninstall and make deb, each checked with varnishd and a bare
+## `import opentracing;` (scripts/test-install.sh).
+test-install: deps
+	@$(VARNISH_ENV) && bash scripts/test-install.sh
 
 ## Every example VCL and README snippet compiles (varnishd -C).
 check-vcl: build
@@ -61,6 +69,25 @@ demo: deps build
 ## The module's counters of a running varnishd (N=<instance name or workdir> for a non-default one).
 stats: varnish
 	@$(VARNISH_ENV) && varnishstat -1 -f 'OPENTRACING.*' $(if $(N),-n $(N))
+
+# Passed on to scripts/install.sh; empty means its default (see there).
+INSTALL_VARS = DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" VMODDIR="$(VMODDIR)" VCLDIR="$(VCLDIR)" \
+	DOCDIR="$(DOCDIR)" STRIP="$(STRIP)"
+
+## Install the stripped release module into the Varnish's vmoddir, opentracing.vcl into its vcldir,
+## README/API/LICENSE into $(PREFIX)/share/doc/vmod-opentracing (defaults from pkg-config
+## varnishapi). Overrides: DESTDIR, PREFIX, VMODDIR, VCLDIR, DOCDIR, STRIP=0 (keep symbols).
+install: varnish
+	@$(VARNISH_ENV) && cargo build --release && $(INSTALL_VARS) bash scripts/install.sh install
+
+## Remove what `make install` installed (same variables).
+uninstall: varnish
+	@$(VARNISH_ENV) && $(INSTALL_VARS) bash scripts/install.sh uninstall
+
+## Debian package in target/debian/ (cargo-deb, installed once at a pinned version), depending on
+## the ABI of the Varnish it is built against; DEB_ARGS are passed to cargo-deb.
+deb: deps
+	@$(VARNISH_ENV) && bash scripts/deb.sh $(DEB_ARGS)
 
 clean:
 	cargo clean

@@ -134,6 +134,51 @@ fn client_batch(vxid: u64) -> Vec<u8> {
     out
 }
 
+/// A backend fetch's log batch (a pass or a miss): about 30 records, of which the tailer uses ten.
+fn backend_batch(vxid: u64) -> Vec<u8> {
+    use vmod_opentracing::vsl::record::encode;
+    let recs: &[(u8, &str)] = &[
+        (1, "bereq 32770 pass"),
+        (31, "boot"),
+        (4, "Start: 1700000000.000200 0.000000 0.000000"),
+        (32, "GET"),
+        (33, "/pass/x"),
+        (34, "HTTP/1.1"),
+        (35, "Host: 127.0.0.1:9100"),
+        (35, "User-Agent: wrk"),
+        (35, "X-Forwarded-For: 127.0.0.1"),
+        (35, "Via: 1.1 v1 (Varnish/7.7)"),
+        (35, "traceparent: 00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"),
+        (35, "X-Varnish: 32771"),
+        (25, "BACKEND_FETCH"),
+        (26, "fetch"),
+        (4, "Fetch: 1700000000.000210 0.000010 0.000010"),
+        (4, "Connected: 1700000000.000230 0.000030 0.000020"),
+        (12, "25 s1 127.0.0.1 8080 127.0.0.1 45678 connect"),
+        (4, "Bereq: 1700000000.000240 0.000040 0.000010"),
+        (36, "HTTP/1.1"),
+        (8, "200"),
+        (37, "OK"),
+        (38, "Content-Length: 1024"),
+        (38, "Date: Sat, 21 Nov 2026 23:47:53 GMT"),
+        (4, "Beresp: 1700000000.000280 0.000080 0.000040"),
+        (39, "RFC 120 10 0 1700000000 1700000000 1700000000 0 0 cacheable"),
+        (25, "BACKEND_RESPONSE"),
+        (26, "deliver"),
+        (40, "3 length stream"),
+        (41, "25 s1 recycle"),
+        (4, "BerespBody: 1700000000.000300 0.000100 0.000020"),
+        (42, "1024"),
+        (6, "200 0 200 150 1024 1174"),
+        (2, ""),
+    ];
+    let mut out = Vec::new();
+    for (tag, payload) in recs {
+        encode(&mut out, *tag, vxid, false, payload.as_bytes());
+    }
+    out
+}
+
 fn tailer_path(c: &mut Criterion) {
     use std::time::Instant;
     use vmod_opentracing::vsl::correlate::{Correlator, Limits};
@@ -145,35 +190,82 @@ fn tailer_path(c: &mut Criterion) {
             b"Link" => 3,
             b"Timestamp" => 4,
             b"ReqAcct" => 5,
+            b"BereqAcct" => 6,
             b"RespStatus" => 7,
+            b"BerespStatus" => 8,
+            b"Hit" => 9,
+            b"BackendOpen" => 12,
             _ => return None,
         })
     });
-    let batch = client_batch(1001);
+    let client = client_batch(1001);
+    let span = |kind| {
+        let mut r = finished_span();
+        r.kind = kind;
+        r.vxid = 1001;
+        Box::new(r)
+    };
     let mut group = c.benchmark_group("tailer");
     group.bench_function("skip an untracked transaction", |b| {
         let corr = Correlator::new(tags.clone(), Limits::default());
         b.iter(|| black_box(corr.wants(black_box(1001))))
     });
+    // The floor under the two below: stepping through the records of a batch, one after the
+    // other (each record's length says where the next one is).
+    group.bench_function("walk 40 log records", |b| {
+        b.iter(|| records(black_box(&client)).map(|r| r.data.len()).sum::<usize>())
+    });
+    // Conservative: with a clock read, and the span dropped inside the measurement.
     group.bench_function("traced transaction: track, finish, 40 log records", |b| {
         let mut corr = Correlator::new(tags.clone(), Limits::default());
         let mut out = Vec::new();
         b.iter_batched(
-            || {
-                let mut r = finished_span();
-                r.vxid = 1001;
-                Box::new(r)
-            },
+            || span(SpanKind::Server),
             |record| {
                 let now = Instant::now();
                 corr.track(1001, now);
                 corr.finished(record, 1001, now);
-                corr.records(records(black_box(&batch)), &mut out);
+                corr.records(records(black_box(&client)), &mut out);
                 out.clear();
             },
             BatchSize::SmallInput,
         )
     });
+    // What the tailer thread pays per span, as it does it: the batch copied out of the log (as
+    // `LogReader::copy_current` does), the clock read once per tick rather than per message,
+    // and the span handed to the exporter (criterion drops what the routine returns after
+    // timing). Batches of many VXIDs, in turn, so that neither the log nor the maps stay in the
+    // first-level cache.
+    for (name, kind, make_batch) in [
+        ("tailer's share, client transaction (40 records)", SpanKind::Server, client_batch as fn(u64) -> Vec<u8>),
+        ("tailer's share, backend fetch (33 records)", SpanKind::Client, backend_batch),
+    ] {
+        let batches: Vec<(u64, Vec<u8>)> = (2000..2256).map(|v| (v, make_batch(v))).collect();
+        group.bench_function(name, |b| {
+            let mut corr = Correlator::new(tags.clone(), Limits::default());
+            let (mut buf, mut out) = (Vec::with_capacity(64 * 1024), Vec::new());
+            let now = Instant::now();
+            let mut turn = batches.iter().cycle();
+            b.iter_batched(
+                || {
+                    let (vxid, batch) = turn.next().unwrap();
+                    let mut r = span(kind);
+                    r.vxid = *vxid;
+                    (r, batch)
+                },
+                |(record, batch)| {
+                    let vxid = record.vxid;
+                    corr.track(vxid, now);
+                    corr.finished(record, vxid, now);
+                    buf.clear();
+                    buf.extend_from_slice(black_box(batch));
+                    corr.records(records(&buf), &mut out);
+                    out.pop()
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
 }
 

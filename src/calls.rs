@@ -8,13 +8,14 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use varnish::vcl::Ctx;
 
+use crate::config::{self, Trust};
 use crate::pipeline::{self, STATS};
 use crate::propagation::traceparent;
-use crate::sampling;
 use crate::span::{vtim_to_unix_nano, SpanKind, Value};
 use crate::trace::{self, outgoing_traceparent, Parent};
 use crate::varnish::task::{self, EsiParent, TaskState};
 use crate::varnish::{http, log, method};
+use crate::{sampling, semconv};
 
 /// Attribute keys longer than this are refused (OpenTelemetry sets no limit; a VCL typo that
 /// builds a key from a header should not produce kilobyte keys).
@@ -85,17 +86,14 @@ pub fn trace_request(ctx: &mut Ctx) {
     let mut record = started.record;
     record.start_unix_nano = vtim_to_unix_nano(req.t_first.0);
     record.vxid = task::current_vxid(ctx);
+    let hot = config::hot();
+    if hot.trust != Trust::Extract && esi_level == 0 {
+        trace::restart_as_root(&mut record, &sampler, hot.trust == Trust::Link);
+    }
     // An unsampled span is never exported: it only carries the context, so skip the rest.
     if record.sampled() {
-        let (method, url) = unsafe { http::request_line(req.http) };
-        record.name = if esi_level > 0 { format!("ESI {method}").into() } else { span_name(&method).into() };
-        // A fresh record: `add` skips the search for an existing key.
-        let path = trace::url_path(&url).to_owned();
-        record.add("http.request.method", Value::Str(method));
-        record.add("url.path", Value::Str(path));
-        if esi_level > 0 {
-            record.add("varnish.esi_level", Value::Int(i64::from(esi_level)));
-        }
+        // SAFETY: ctx.raw is the running request's context.
+        unsafe { server_attributes(&ctx.raw, req, &mut record) };
     }
     // The context is written into the request only when it goes to a backend (see
     // `cache_result`): a cache hit, the common case, never pays for the header.
@@ -147,11 +145,8 @@ pub fn trace_backend(ctx: &mut Ctx) {
     record.start_unix_nano = vtim_to_unix_nano(bo.t_first.0);
     record.vxid = task::current_vxid(ctx);
     if record.sampled() {
-        let (method, url) = unsafe { http::request_line(bo.bereq) };
-        record.name = span_name(&method).into();
-        let path = trace::url_path(&url).to_owned();
-        record.add("http.request.method", Value::Str(method));
-        record.add("url.path", Value::Str(path));
+        // SAFETY: the bereq of the running fetch.
+        unsafe { client_attributes(bo.bereq, &mut record) };
     }
     let mut state = TaskState::new(record);
     state.repeats_seen = bo.retries;
@@ -191,10 +186,49 @@ pub fn finish(ctx: &mut Ctx) -> bool {
             let r = &state.record;
             task::publish_esi_parent(level, EsiParent { trace_id: r.trace_id, span_id: r.span_id, flags: r.flags });
             // SAFETY: ctx->req is valid in vcl_deliver/vcl_synth.
-            want_filter = r.sampled() && status == 200 && unsafe { http::is_conditional((*ctx.raw.req).http) };
+            let (req_http, resp) = unsafe { ((*ctx.raw.req).http, (*ctx.raw.req).resp) };
+            want_filter = r.sampled() && status == 200 && unsafe { http::is_conditional(req_http) };
+            let hot = config::hot();
+            if (hot.traceresponse || hot.server_timing) && level == 0 {
+                // SAFETY: the response of the running request.
+                unsafe { tell_the_client(resp, &state.record, hot) };
+            }
+            if state.record.sampled() {
+                let spans = config::active_spans();
+                // SAFETY: as above.
+                unsafe {
+                    capture_headers(
+                        resp,
+                        &spans.server_response_headers,
+                        "http.response.header.",
+                        &spans,
+                        &mut state.record,
+                    )
+                };
+            }
         }
         method::BACKEND_RESPONSE => {
             state.status_vcl = Some(unsafe { http::status(ctx.raw.http_beresp.0) });
+            if state.record.sampled() {
+                let spans = config::active_spans();
+                // SAFETY: bereq and beresp of the running fetch, in vcl_backend_response.
+                unsafe {
+                    capture_headers(
+                        ctx.raw.http_bereq.0,
+                        &spans.client_request_headers,
+                        "http.request.header.",
+                        &spans,
+                        &mut state.record,
+                    );
+                    capture_headers(
+                        ctx.raw.http_beresp.0,
+                        &spans.client_response_headers,
+                        "http.response.header.",
+                        &spans,
+                        &mut state.record,
+                    );
+                }
+            }
         }
         method::BACKEND_ERROR => state.fetch_failed = true,
         method::PIPE => state.record.set_str("varnish.cache_result", "pipe"),
@@ -242,11 +276,23 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
         return;
     }
     let value = match result {
+        // SAFETY: in vcl_hit req->objcore is the object found.
+        b"hit" if m == method::HIT && unsafe { is_stale(req, now) } => "grace".to_owned(),
         b"hit" => "hit".to_owned(),
+        b"miss" if req.is_hitmiss() != 0 => "hit-for-miss".to_owned(),
         b"miss" => "miss".to_owned(),
+        b"pass" if req.is_hitpass() != 0 => "hit-for-pass".to_owned(),
         b"pass" => "pass".to_owned(),
         other => String::from_utf8_lossy(other).into_owned(),
     };
+    if m == method::HIT {
+        // SAFETY: as above.
+        if let Some(oc) = unsafe { req.objcore.as_ref() } {
+            let age = now - oc.t_origin.0;
+            state.record.set("varnish.object.age", Value::Float((age * 1000.0).round() / 1000.0));
+            state.record.set("varnish.object.ttl", Value::Float((f64::from(oc.ttl) - age).max(0.0).round()));
+        }
+    }
     state.record.set("varnish.cache_result", Value::Str(value));
 }
 
@@ -264,19 +310,144 @@ unsafe fn is_stale(req: &varnish::ffi::req, now: f64) -> bool {
 }
 
 pub fn tag(ctx: &mut Ctx, key: &CStr, value: &CStr) {
+    let value = Value::Str(value.to_string_lossy().into_owned());
+    tag_value(ctx, "tag()", key, value);
+}
+
+/// The current task's sampled span, or `None` with a log line naming the call (`what`).
+fn sampled_span<'a>(ctx: &mut Ctx, what: &str) -> Option<&'a mut TaskState> {
+    match task::current(ctx) {
+        Some(state) if state.record.sampled() => Some(state),
+        Some(_) => None, // never exported: nothing to record
+        None => {
+            log::vcl(ctx, format!("{what} before trace_request()/trace_backend() in this task; ignored"));
+            None
+        }
+    }
+}
+
+fn checked_key(ctx: &mut Ctx, what: &str, key: &CStr) -> Option<String> {
     let key = key.to_string_lossy();
     if key.is_empty() || key.len() > MAX_KEY_LEN {
-        log::vcl(ctx, format!("tag(): attribute key must be 1 to {MAX_KEY_LEN} bytes; ignored"));
+        log::vcl(ctx, format!("{what}: attribute key must be 1 to {MAX_KEY_LEN} bytes; ignored"));
+        return None;
+    }
+    Some(key.into_owned())
+}
+
+/// `tag_int`, `tag_real`, `tag_bool`: typed attributes.
+pub fn tag_value(ctx: &mut Ctx, what: &str, key: &CStr, value: Value) {
+    let Some(key) = checked_key(ctx, what, key) else { return };
+    if let Some(state) = sampled_span(ctx, what) {
+        state.record.set(key, value);
+    }
+}
+
+pub fn set_name(ctx: &mut Ctx, name: &CStr) {
+    let name = name.to_string_lossy();
+    if name.is_empty() {
+        log::vcl(ctx, "set_name(): empty name; ignored");
         return;
     }
+    if let Some(state) = sampled_span(ctx, "set_name()") {
+        state.record.name = crate::span::truncate(name.into_owned(), 255).into();
+        state.name_fixed = true;
+    }
+}
+
+/// `http.route`, and the span name `{method} {route}` (unless VCL named the span).
+pub fn set_route(ctx: &mut Ctx, route: &CStr) {
+    let route = route.to_string_lossy().into_owned();
+    let Some(state) = sampled_span(ctx, "set_route()") else { return };
+    if !state.name_fixed && state.record.kind != SpanKind::Internal {
+        let method = match state.record.get("http.request.method") {
+            Some(Value::Str(m)) => semconv::method(m).0,
+            _ => "_OTHER",
+        };
+        state.record.name = semconv::span_name(method, Some(&route));
+    }
+    state.record.set("http.route", Value::Str(route));
+}
+
+pub fn add_event(ctx: &mut Ctx, name: &CStr) {
+    let now = vtim_to_unix_nano(ctx.raw.now.0);
+    let name = name.to_string_lossy().into_owned();
+    if let Some(state) = sampled_span(ctx, "add_event()") {
+        state.record.add_event(now, crate::span::truncate(name, 255));
+    }
+}
+
+/// Marks the span as failed, whatever its status code says.
+pub fn set_error(ctx: &mut Ctx, message: &CStr) {
+    let message = message.to_string_lossy().into_owned();
+    if let Some(state) = sampled_span(ctx, "set_error()") {
+        state.record.status = crate::span::StatusCode::Error;
+        state.record.status_message = Some(crate::span::truncate(message, 1024));
+        if state.record.get("error.type").is_none() {
+            state.record.set_str("error.type", "vcl");
+        }
+    }
+}
+
+/// Forces (`true`) or suppresses (`false`) tracing of this request. In `vcl_recv` only, before
+/// anything went downstream, so that the sampled flag sent on matches the decision.
+pub fn sample(ctx: &mut Ctx, on: bool) {
+    if ctx.raw.method != method::RECV {
+        log::vcl(ctx, "sample() is for vcl_recv; ignored");
+        return;
+    }
+    let raw = ctx.raw as *const varnish::ffi::vrt_ctx;
     let Some(state) = task::current(ctx) else {
-        log::vcl(ctx, "tag() before trace_request()/trace_backend() in this task; ignored");
+        log::vcl(ctx, "sample() before trace_request(); ignored");
         return;
     };
-    if !state.record.sampled() {
-        return; // never exported
+    if state.record.sampled() == on {
+        return;
     }
-    state.record.set(key.into_owned(), Value::Str(value.to_string_lossy().into_owned()));
+    if on {
+        state.record.flags |= 1;
+        // SAFETY: a client task in vcl_recv; `raw` is its context.
+        unsafe {
+            let raw = &*raw;
+            server_attributes(raw, &*raw.req, &mut state.record);
+        }
+        crate::vsl::tailer::track(state.record.vxid);
+    } else {
+        state.record.flags &= !1;
+        crate::vsl::tailer::forget(state.record.vxid);
+    }
+}
+
+/// What to do with the incoming context of this request (`extract`, `ignore`, `link`), for
+/// example by client ACL. In `vcl_recv` only.
+pub fn trust(ctx: &mut Ctx, mode: &CStr) {
+    if ctx.raw.method != method::RECV {
+        log::vcl(ctx, "trust() is for vcl_recv; ignored");
+        return;
+    }
+    let Some(mode) = mode.to_str().ok().and_then(Trust::parse) else {
+        log::vcl(ctx, "trust(): use extract, ignore or link; ignored");
+        return;
+    };
+    let Some(state) = task::current(ctx) else {
+        log::vcl(ctx, "trust() before trace_request(); ignored");
+        return;
+    };
+    if mode == Trust::Extract || state.record.kind != SpanKind::Server {
+        return;
+    }
+    let was_sampled = state.record.sampled();
+    trace::restart_as_root(&mut state.record, &sampling::active(), mode == Trust::Link);
+    match (was_sampled, state.record.sampled()) {
+        (false, true) => {
+            let raw = ctx.raw as *const varnish::ffi::vrt_ctx;
+            // SAFETY: a client task in vcl_recv.
+            unsafe { server_attributes(&*raw, &*(*raw).req, &mut state.record) };
+            crate::vsl::tailer::track(state.record.vxid);
+        }
+        (true, false) => crate::vsl::tailer::forget(state.record.vxid),
+        _ => {}
+    }
 }
 
 pub fn trace_id(ctx: &mut Ctx) -> String {
@@ -293,20 +464,153 @@ pub fn traceparent(ctx: &mut Ctx) -> String {
         .unwrap_or_default()
 }
 
-/// `{method}` for the methods HTTP defines, `HTTP` for anything else (semantic conventions:
-/// unknown methods must not make span names unbounded).
-fn span_name(method: &str) -> &'static str {
-    match method {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        "CONNECT" => "CONNECT",
-        "OPTIONS" => "OPTIONS",
-        "TRACE" => "TRACE",
-        "PATCH" => "PATCH",
-        _ => "HTTP",
+/// The attributes of a SERVER (or ESI INTERNAL) span from the request as received.
+///
+/// # Safety
+/// `ctx` and `req` must be the running client task's.
+unsafe fn server_attributes(
+    ctx: &varnish::ffi::vrt_ctx,
+    req: &varnish::ffi::req,
+    record: &mut crate::span::SpanRecord,
+) {
+    let spans = config::active_spans();
+    let (method_original, url) = http::request_line(req.http);
+    let (method, other) = semconv::method(&method_original);
+    record.name =
+        if req.esi_level > 0 { format!("ESI {method_original}").into() } else { semconv::span_name(method, None) };
+    // A fresh record: `add` skips the search for an existing key.
+    record.add("http.request.method", Value::Str(method.to_owned()));
+    if other {
+        record.add("http.request.method_original", Value::Str(method_original));
+    }
+    let (path, query) = semconv::path_and_query(&url);
+    record.add("url.path", Value::Str(path.to_owned()));
+    if let Some(q) = query.filter(|_| spans.capture_query) {
+        let q = spans.redact.as_ref().map_or(q.into(), |r| r.apply(q));
+        record.add("url.query", Value::Str(q.into_owned()));
+    }
+    record.add("url.scheme", Value::Str("http".to_owned()));
+    if let Some((host, port)) =
+        http::header(req.http, b"host").and_then(|h| semconv::split_host(std::str::from_utf8(h).ok()?))
+    {
+        record.add("server.address", Value::Str(host.to_owned()));
+        record.add("server.port", Value::Int(i64::from(port.unwrap_or(80))));
+    }
+    if let Some(v) = std::str::from_utf8(http::proto(req.http)).ok().and_then(semconv::protocol_version) {
+        record.add("network.protocol.version", Value::Str(v.to_owned()));
+    }
+    if let Some(ua) = http::header(req.http, b"user-agent") {
+        record.add("user_agent.original", Value::Str(String::from_utf8_lossy(ua).into_owned()));
+    }
+    let (client, peer) = crate::varnish::peer::client_and_peer(ctx);
+    if let Some(c) = client {
+        record.add("client.address", Value::Str(c));
+    }
+    if let Some((addr, port)) = peer {
+        record.add("network.peer.address", Value::Str(addr));
+        record.add("network.peer.port", Value::Int(i64::from(port)));
+    }
+    if req.esi_level > 0 {
+        record.add("varnish.esi_level", Value::Int(i64::from(req.esi_level)));
+    }
+    if let Some(role) = spans.role {
+        record.add("varnish.server.role", Value::Str(role.to_owned()));
+    }
+    capture_headers(req.http, &spans.server_request_headers, "http.request.header.", &spans, record);
+}
+
+/// The attributes of a CLIENT span from the backend request as VCL built it.
+///
+/// # Safety
+/// `bereq` must be the running fetch's.
+unsafe fn client_attributes(bereq: *const varnish::ffi::http, record: &mut crate::span::SpanRecord) {
+    let spans = config::active_spans();
+    let (method_original, url) = http::request_line(bereq);
+    let (method, other) = semconv::method(&method_original);
+    record.name = semconv::span_name(method, None);
+    record.add("http.request.method", Value::Str(method.to_owned()));
+    if other {
+        record.add("http.request.method_original", Value::Str(method_original));
+    }
+    let (path, query) = semconv::path_and_query(&url);
+    record.add("url.path", Value::Str(path.to_owned()));
+    let host = http::header(bereq, b"host").and_then(|h| std::str::from_utf8(h).ok());
+    if let Some((address, port)) = host.and_then(semconv::split_host) {
+        record.add("server.address", Value::Str(address.to_owned()));
+        if let Some(p) = port {
+            record.add("server.port", Value::Int(i64::from(p)));
+        }
+    }
+    // url.full, with the query only when enabled (and redacted).
+    let query = query.filter(|_| spans.capture_query).map(|q| spans.redact.as_ref().map_or(q.into(), |r| r.apply(q)));
+    let full = match (host, query) {
+        (Some(h), Some(q)) => format!("http://{h}{path}?{q}"),
+        (Some(h), None) => format!("http://{h}{path}"),
+        (None, _) => path.to_owned(),
+    };
+    record.add("url.full", Value::Str(full));
+    if let Some(v) = std::str::from_utf8(http::proto(bereq)).ok().and_then(semconv::protocol_version) {
+        record.add("network.protocol.version", Value::Str(v.to_owned()));
+    }
+    if let Some(role) = spans.role {
+        record.add("varnish.server.role", Value::Str(role.to_owned()));
+    }
+}
+
+/// Copies the allowed headers of `hp` into `{prefix}{lowercase name}` attributes (string
+/// arrays in the conventions; one string here, repeated fields joined with `, `), redacted.
+///
+/// # Safety
+/// `hp` must be NULL or a valid `struct http` of the running task.
+unsafe fn capture_headers(
+    hp: *const varnish::ffi::http,
+    which: &semconv::HeaderCapture,
+    prefix: &str,
+    spans: &config::SpanSettings,
+    record: &mut crate::span::SpanRecord,
+) {
+    if which.is_empty() {
+        return;
+    }
+    let mut captured: Vec<(String, String)> = Vec::new();
+    for (name, value) in http::fields(hp) {
+        let Ok(name) = std::str::from_utf8(name) else { continue };
+        if !which.wants(name) {
+            continue;
+        }
+        let value = String::from_utf8_lossy(value);
+        let value = spans.redact.as_ref().map_or(value.clone(), |r| r.apply(&value).into_owned().into());
+        let key = format!("{prefix}{}", name.to_ascii_lowercase());
+        match captured.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => {
+                v.push_str(", ");
+                v.push_str(&value);
+            }
+            None => captured.push((key, value.into_owned())),
+        }
+    }
+    for (k, v) in captured {
+        record.set(k, Value::Str(v));
+    }
+}
+
+/// `traceresponse` (W3C Trace Context Level 2) and `Server-Timing: traceparent;desc="..."`, so
+/// that a client (or a browser's devtools) can find the trace of its request.
+///
+/// # Safety
+/// `resp` must be the running request's response.
+unsafe fn tell_the_client(resp: *mut varnish::ffi::http, record: &crate::span::SpanRecord, hot: config::Hot) {
+    let tp = outgoing_traceparent(record);
+    if hot.traceresponse {
+        http::force(resp, http::H_TRACERESPONSE, &tp[..55]);
+    }
+    if hot.server_timing {
+        let mut v = [0u8; 55 + 24];
+        let head = b"traceparent;desc=\"";
+        v[..head.len()].copy_from_slice(head);
+        v[head.len()..head.len() + 55].copy_from_slice(&tp[..55]);
+        v[head.len() + 55] = b'"';
+        http::add(resp, http::H_SERVER_TIMING, &v[..head.len() + 56]);
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::export::ExportConfig;
 use crate::sampling::Sampler;
+use crate::semconv::{HeaderCapture, Redaction};
 use crate::span::AttributeLimits;
 
 /// Every setting we read, by the name used in the environment and in `opentracing.set()`.
@@ -48,6 +49,17 @@ pub const NAMES: &[&str] = &[
     "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
     "OTEL_SPAN_EVENT_COUNT_LIMIT",
     "OTEL_SPAN_LINK_COUNT_LIMIT",
+    "OTEL_PROPAGATORS",
+    "OTEL_INSTRUMENTATION_HTTP_SERVER_CAPTURE_REQUEST_HEADERS",
+    "OTEL_INSTRUMENTATION_HTTP_SERVER_CAPTURE_RESPONSE_HEADERS",
+    "OTEL_INSTRUMENTATION_HTTP_CLIENT_CAPTURE_REQUEST_HEADERS",
+    "OTEL_INSTRUMENTATION_HTTP_CLIENT_CAPTURE_RESPONSE_HEADERS",
+    "OPENTRACING_REDACT",
+    "OPENTRACING_CAPTURE_URL_QUERY",
+    "OPENTRACING_SERVER_ROLE",
+    "OPENTRACING_TRUST",
+    "OPENTRACING_TRACERESPONSE",
+    "OPENTRACING_SERVER_TIMING",
     "OPENTRACING_SPANS_FILE",
     "OPENTRACING_VSL",
 ];
@@ -172,6 +184,7 @@ pub struct Config {
     /// `OPENTRACING_VSL=off`: spans close from their task data alone, without reading the log.
     pub read_log: bool,
     pub limits: AttributeLimits,
+    pub spans: SpanSettings,
 }
 
 impl Config {
@@ -187,8 +200,173 @@ impl Config {
             export: ExportConfig::from_settings(s)?,
             read_log,
             limits: AttributeLimits::from_settings(s)?,
+            spans: SpanSettings::from_settings(s)?,
         })
     }
+}
+
+/// What to do with an incoming trace context (`OPENTRACING_TRUST`, or per request from VCL with
+/// `opentracing.trust()`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Trust {
+    /// Continue the caller's trace.
+    #[default]
+    Extract,
+    /// Start a new trace; the incoming context is dropped.
+    Ignore,
+    /// Start a new trace with a span link to the incoming context.
+    Link,
+}
+
+impl Trust {
+    pub fn parse(v: &str) -> Option<Trust> {
+        match v {
+            "extract" => Some(Trust::Extract),
+            "ignore" => Some(Trust::Ignore),
+            "link" => Some(Trust::Link),
+            _ => None,
+        }
+    }
+}
+
+/// The propagation formats (`OTEL_PROPAGATORS`), as bits: extraction uses the first present in
+/// this order, injection writes all that are enabled.
+pub mod propagators {
+    pub const TRACECONTEXT: u8 = 1;
+    pub const BAGGAGE: u8 = 2;
+    pub const B3: u8 = 4;
+    pub const B3MULTI: u8 = 8;
+    pub const JAEGER: u8 = 16;
+    /// `tracecontext,baggage`, as the OpenTelemetry SDKs.
+    pub const DEFAULT: u8 = TRACECONTEXT | BAGGAGE;
+
+    pub fn parse(list: &str) -> Result<u8, String> {
+        let mut bits = 0;
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            bits |= match name {
+                "tracecontext" => TRACECONTEXT,
+                "baggage" => BAGGAGE,
+                "b3" => B3,
+                "b3multi" => B3MULTI,
+                "jaeger" => JAEGER,
+                "none" => 0,
+                other => return Err(format!(
+                    "OTEL_PROPAGATORS: {other:?} is not supported (tracecontext, baggage, b3, b3multi, jaeger, none)"
+                )),
+            };
+        }
+        Ok(bits)
+    }
+}
+
+/// What goes into spans beyond the defaults, and what the client is told.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct SpanSettings {
+    pub server_request_headers: HeaderCapture,
+    pub server_response_headers: HeaderCapture,
+    pub client_request_headers: HeaderCapture,
+    pub client_response_headers: HeaderCapture,
+    /// Applied to captured header values and to `url.query`.
+    pub redact: Option<Redaction>,
+    /// `url.query` is recorded only when enabled (queries often carry secrets).
+    pub capture_query: bool,
+    /// `varnish.server.role`: `edge`, `shield` or `single`.
+    pub role: Option<&'static str>,
+    pub trust: Trust,
+    pub propagators: u8,
+    /// Send `traceresponse` to the client (W3C Trace Context Level 2).
+    pub traceresponse: bool,
+    /// Send `Server-Timing: traceparent;desc="..."` to the client.
+    pub server_timing: bool,
+}
+
+impl SpanSettings {
+    pub fn from_settings(s: &Settings) -> Result<Self, String> {
+        let capture = |name: &str| -> Result<HeaderCapture, String> {
+            s.get(name).map_or(Ok(HeaderCapture::default()), |v| HeaderCapture::parse(name, &v))
+        };
+        let role = match s.get("OPENTRACING_SERVER_ROLE").as_deref() {
+            None => None,
+            Some("edge") => Some("edge"),
+            Some("shield") => Some("shield"),
+            Some("single") => Some("single"),
+            Some(v) => return Err(format!("OPENTRACING_SERVER_ROLE={v:?} is not one of edge, shield, single")),
+        };
+        let trust = match s.get("OPENTRACING_TRUST") {
+            None => Trust::Extract,
+            Some(v) => {
+                Trust::parse(&v).ok_or(format!("OPENTRACING_TRUST={v:?} is not one of extract, ignore, link"))?
+            }
+        };
+        Ok(SpanSettings {
+            server_request_headers: capture("OTEL_INSTRUMENTATION_HTTP_SERVER_CAPTURE_REQUEST_HEADERS")?,
+            server_response_headers: capture("OTEL_INSTRUMENTATION_HTTP_SERVER_CAPTURE_RESPONSE_HEADERS")?,
+            client_request_headers: capture("OTEL_INSTRUMENTATION_HTTP_CLIENT_CAPTURE_REQUEST_HEADERS")?,
+            client_response_headers: capture("OTEL_INSTRUMENTATION_HTTP_CLIENT_CAPTURE_RESPONSE_HEADERS")?,
+            redact: s.get("OPENTRACING_REDACT").map(|p| Redaction::parse("OPENTRACING_REDACT", &p)).transpose()?,
+            capture_query: s.bool("OPENTRACING_CAPTURE_URL_QUERY", false)?,
+            role,
+            trust,
+            propagators: s.get("OTEL_PROPAGATORS").map_or(Ok(propagators::DEFAULT), |v| propagators::parse(&v))?,
+            traceresponse: s.bool("OPENTRACING_TRACERESPONSE", false)?,
+            server_timing: s.bool("OPENTRACING_SERVER_TIMING", false)?,
+        })
+    }
+}
+
+// ---- the span settings in force, read on worker threads ------------------------------------
+
+/// What every request reads (propagators, default trust, what to tell the client), in one atomic
+/// so that an unsampled request pays one relaxed load; the rest, read only for sampled spans,
+/// behind a lock that is written only when a VCL warms up.
+static HOT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(propagators::DEFAULT as u32);
+static ACTIVE_SPANS: parking_lot::RwLock<Option<std::sync::Arc<SpanSettings>>> = parking_lot::RwLock::new(None);
+
+const HOT_TRACERESPONSE: u32 = 1 << 8;
+const HOT_SERVER_TIMING: u32 = 1 << 9;
+const HOT_TRUST_SHIFT: u32 = 10;
+
+/// The per-request flags of the settings in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hot {
+    pub propagators: u8,
+    pub trust: Trust,
+    pub traceresponse: bool,
+    pub server_timing: bool,
+}
+
+pub fn hot() -> Hot {
+    let v = HOT.load(std::sync::atomic::Ordering::Relaxed);
+    Hot {
+        propagators: (v & 0xff) as u8,
+        trust: match (v >> HOT_TRUST_SHIFT) & 3 {
+            1 => Trust::Ignore,
+            2 => Trust::Link,
+            _ => Trust::Extract,
+        },
+        traceresponse: v & HOT_TRACERESPONSE != 0,
+        server_timing: v & HOT_SERVER_TIMING != 0,
+    }
+}
+
+/// The span settings in force (sampled spans only: this takes a read lock and an Arc clone).
+pub fn active_spans() -> std::sync::Arc<SpanSettings> {
+    ACTIVE_SPANS.read().clone().unwrap_or_default()
+}
+
+/// Puts `s` in force (CLI thread, when a VCL warms up).
+pub fn activate(s: &SpanSettings) {
+    let trust = match s.trust {
+        Trust::Extract => 0,
+        Trust::Ignore => 1,
+        Trust::Link => 2,
+    };
+    let v = u32::from(s.propagators)
+        | if s.traceresponse { HOT_TRACERESPONSE } else { 0 }
+        | if s.server_timing { HOT_SERVER_TIMING } else { 0 }
+        | (trust << HOT_TRUST_SHIFT);
+    *ACTIVE_SPANS.write() = Some(std::sync::Arc::new(s.clone()));
+    HOT.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// `key1=value1,key2=value2` as in `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_EXPORTER_OTLP_HEADERS`
@@ -274,6 +452,36 @@ mod tests {
         assert!(key_values("H", "=v").is_err());
         assert!(key_values("H", "k=%zz").is_err());
         assert!(key_values("H", "k=%ff").is_err(), "invalid UTF-8");
+    }
+
+    #[test]
+    fn span_settings_parse_and_name_their_setting() {
+        let s = Settings::only(&[
+            ("OTEL_PROPAGATORS", "b3, tracecontext"),
+            ("OPENTRACING_TRUST", "link"),
+            ("OPENTRACING_SERVER_ROLE", "edge"),
+            ("OTEL_INSTRUMENTATION_HTTP_SERVER_CAPTURE_REQUEST_HEADERS", "x-request-id"),
+            ("OPENTRACING_REDACT", "secret=[^&]*"),
+        ])
+        .unwrap();
+        let c = SpanSettings::from_settings(&s).unwrap();
+        assert_eq!(c.propagators, propagators::B3 | propagators::TRACECONTEXT);
+        assert_eq!((c.trust, c.role), (Trust::Link, Some("edge")));
+        assert!(c.server_request_headers.wants("X-Request-Id") && !c.server_response_headers.wants("x-request-id"));
+        assert!(c.redact.is_some() && !c.capture_query && !c.traceresponse);
+        for (k, v, expect) in [
+            ("OTEL_PROPAGATORS", "xray", "OTEL_PROPAGATORS: \"xray\""),
+            ("OPENTRACING_TRUST", "maybe", "OPENTRACING_TRUST"),
+            ("OPENTRACING_SERVER_ROLE", "origin", "OPENTRACING_SERVER_ROLE"),
+            ("OPENTRACING_REDACT", "(", "OPENTRACING_REDACT"),
+            ("OTEL_INSTRUMENTATION_HTTP_CLIENT_CAPTURE_RESPONSE_HEADERS", "a b", "CAPTURE_RESPONSE_HEADERS"),
+        ] {
+            let e = SpanSettings::from_settings(&Settings::only(&[(k, v)]).unwrap()).unwrap_err();
+            assert!(e.contains(expect), "{k}: {e}");
+        }
+        let d = SpanSettings::from_settings(&Settings::only(&[]).unwrap()).unwrap();
+        assert_eq!(d.propagators, propagators::DEFAULT);
+        assert_eq!(propagators::parse("none"), Ok(0));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod pipeline;
 pub mod propagation;
 pub mod sampling;
+pub mod semconv;
 pub mod span;
 pub mod trace;
 pub mod varnish;
@@ -100,6 +101,62 @@ mod opentracing {
     /// fetch), it also writes the span's context into the request (`bereq` for pipe).
     pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
         guarded(ctx, "cache_result", (), |ctx| calls::cache_result(ctx, result));
+    }
+
+    /// Sets an integer attribute on the current span (`tag` for strings).
+    pub fn tag_int(ctx: &mut Ctx, key: &CStr, value: i64) {
+        guarded(ctx, "tag_int", (), |ctx| calls::tag_value(ctx, "tag_int()", key, crate::span::Value::Int(value)));
+    }
+
+    /// Sets a floating-point attribute on the current span.
+    pub fn tag_real(ctx: &mut Ctx, key: &CStr, value: f64) {
+        guarded(ctx, "tag_real", (), |ctx| calls::tag_value(ctx, "tag_real()", key, crate::span::Value::Float(value)));
+    }
+
+    /// Sets a boolean attribute on the current span.
+    pub fn tag_bool(ctx: &mut Ctx, key: &CStr, value: bool) {
+        guarded(ctx, "tag_bool", (), |ctx| calls::tag_value(ctx, "tag_bool()", key, crate::span::Value::Bool(value)));
+    }
+
+    /// Names the current span (at most 255 bytes), instead of `{method}` or `{method} {route}`.
+    pub fn set_name(ctx: &mut Ctx, name: &CStr) {
+        guarded(ctx, "set_name", (), |ctx| calls::set_name(ctx, name));
+    }
+
+    /// Sets `http.route` (a low-cardinality template such as `/users/{id}`) and names the span
+    /// `{method} {route}`, as the HTTP semantic conventions want.
+    pub fn set_route(ctx: &mut Ctx, route: &CStr) {
+        guarded(ctx, "set_route", (), |ctx| calls::set_route(ctx, route));
+    }
+
+    /// Adds a span event called `name`, now.
+    pub fn add_event(ctx: &mut Ctx, name: &CStr) {
+        guarded(ctx, "add_event", (), |ctx| calls::add_event(ctx, name));
+    }
+
+    /// Marks the current span as failed (span status Error) with `message`.
+    pub fn set_error(ctx: &mut Ctx, message: &CStr) {
+        guarded(ctx, "set_error", (), |ctx| calls::set_error(ctx, message));
+    }
+
+    /// Forces (`true`) or suppresses (`false`) tracing of this request, whatever the sampler
+    /// decided; call in `vcl_recv` (for example, trace only some URLs). The sampled flag sent
+    /// downstream follows.
+    pub fn sample(ctx: &mut Ctx, on: bool) {
+        guarded(ctx, "sample", (), |ctx| calls::sample(ctx, on));
+    }
+
+    /// What to do with the caller's trace context for this request, in `vcl_recv`: `extract`
+    /// (continue it), `ignore` (start a new trace, drop it), `link` (start a new trace with a
+    /// span link to it). The default is the `OPENTRACING_TRUST` setting (`extract`).
+    ///
+    /// ```vcl
+    /// sub vcl_recv {
+    ///     if (client.ip !~ internal) { opentracing.trust("link"); }
+    /// }
+    /// ```
+    pub fn trust(ctx: &mut Ctx, mode: &CStr) {
+        guarded(ctx, "trust", (), |ctx| calls::trust(ctx, mode));
     }
 
     /// The current span's trace ID (32 lowercase hex digits), or an empty string if this task

@@ -249,6 +249,7 @@ fn apply_request_path_settings(cfg: &Config) {
     DISABLED.store(cfg.disabled, Relaxed);
     sampling::set_active(cfg.sampler);
     cfg.limits.activate();
+    crate::config::activate(&cfg.spans);
 }
 
 fn start_tailer(cfg: &Config) -> Result<(), String> {

@@ -16,6 +16,9 @@ pub enum Root {
     /// Samples traces whose ID falls below the ratio (same rule as the OpenTelemetry SDKs, so
     /// every tier with the same ratio makes the same decision for a trace).
     Ratio(f64),
+    /// At most this many new traces per second (process-wide), with a burst of one second's
+    /// worth; for a steady trickle of traces whatever the traffic.
+    RateLimit(f64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -32,7 +35,8 @@ impl Default for Sampler {
 }
 
 impl Sampler {
-    /// Parses the SDK's environment variables. Unknown names are errors (for `vcl.load`).
+    /// Parses the SDK's environment variables (plus `ratelimiting` and `parentbased_ratelimiting`,
+    /// whose argument is traces per second). Unknown names are errors (for `vcl.load`).
     pub fn from_env_values(name: Option<&str>, arg: Option<&str>) -> Result<Self, String> {
         let ratio = || -> Result<f64, String> {
             match arg.map(str::trim).filter(|a| !a.is_empty()) {
@@ -51,6 +55,8 @@ impl Sampler {
             Some("always_on") => (Root::AlwaysOn, false),
             Some("always_off") => (Root::AlwaysOff, false),
             Some("traceidratio") => (Root::Ratio(ratio()?), false),
+            Some("ratelimiting") => (Root::RateLimit(rate(arg)?), false),
+            Some("parentbased_ratelimiting") => (Root::RateLimit(rate(arg)?), true),
             Some(other) => return Err(format!("OTEL_TRACES_SAMPLER={other:?} is not supported")),
         };
         Ok(Sampler { root, parent_based })
@@ -69,6 +75,46 @@ impl Sampler {
             Root::AlwaysOn => true,
             Root::AlwaysOff => false,
             Root::Ratio(r) => ratio_keeps(r, trace_id),
+            Root::RateLimit(_) => rate_limit_allows(),
+        }
+    }
+}
+
+fn rate(arg: Option<&str>) -> Result<f64, String> {
+    let a = arg.map(str::trim).unwrap_or("");
+    a.parse::<f64>()
+        .ok()
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .ok_or_else(|| format!("OTEL_TRACES_SAMPLER_ARG={a:?} is not a positive number of traces per second"))
+}
+
+// ---- the rate limiter: GCRA over one atomic, shared by every worker thread ----------------
+
+/// The "theoretical arrival time" of the next allowed trace, in ns since `EPOCH`.
+static RATE_TAT: AtomicU64 = AtomicU64::new(0);
+/// Nanoseconds between two traces at the configured rate.
+static RATE_INTERVAL_NS: AtomicU64 = AtomicU64::new(u64::MAX);
+
+fn monotonic_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Whether one more trace fits: each allowed trace moves the arrival time one interval on; a
+/// trace is allowed while that time is at most one second ahead of now (the burst).
+fn rate_limit_allows() -> bool {
+    const BURST_NS: u64 = 1_000_000_000;
+    let interval = RATE_INTERVAL_NS.load(Relaxed);
+    let now = monotonic_ns();
+    let mut tat = RATE_TAT.load(Relaxed);
+    loop {
+        let next = tat.max(now).saturating_add(interval);
+        if next > now.saturating_add(BURST_NS) {
+            return false;
+        }
+        match RATE_TAT.compare_exchange_weak(tat, next, Relaxed, Relaxed) {
+            Ok(_) => return true,
+            Err(current) => tat = current,
         }
     }
 }
@@ -92,6 +138,7 @@ fn ratio_keeps(ratio: f64, trace_id: &TraceId) -> bool {
 const ROOT_ON: u8 = 0;
 const ROOT_OFF: u8 = 1;
 const ROOT_RATIO: u8 = 2;
+const ROOT_RATE: u8 = 3;
 const PARENT_BASED: u8 = 0x10;
 
 static ACTIVE_KIND: AtomicU8 = AtomicU8::new(ROOT_ON | PARENT_BASED);
@@ -103,6 +150,10 @@ pub fn set_active(s: Sampler) {
         Root::AlwaysOn => (ROOT_ON, 0),
         Root::AlwaysOff => (ROOT_OFF, 0),
         Root::Ratio(r) => (ROOT_RATIO, r.to_bits()),
+        Root::RateLimit(r) => {
+            RATE_INTERVAL_NS.store((1e9 / r).max(1.0) as u64, Relaxed);
+            (ROOT_RATE, r.to_bits())
+        }
     };
     ACTIVE_RATIO_BITS.store(bits, Relaxed);
     ACTIVE_KIND.store(root | if s.parent_based { PARENT_BASED } else { 0 }, Relaxed);
@@ -114,6 +165,7 @@ pub fn active() -> Sampler {
     let root = match kind & 0x0f {
         ROOT_OFF => Root::AlwaysOff,
         ROOT_RATIO => Root::Ratio(f64::from_bits(ACTIVE_RATIO_BITS.load(Relaxed))),
+        ROOT_RATE => Root::RateLimit(f64::from_bits(ACTIVE_RATIO_BITS.load(Relaxed))),
         _ => Root::AlwaysOn,
     };
     Sampler { root, parent_based: kind & PARENT_BASED != 0 }
@@ -181,6 +233,24 @@ mod tests {
         assert!(e.contains("OTEL_TRACES_SAMPLER_ARG"));
         let e = Sampler::from_env_values(Some("traceidratio"), Some("abc")).unwrap_err();
         assert!(e.contains("OTEL_TRACES_SAMPLER_ARG"));
+    }
+
+    #[test]
+    fn rate_limiting_allows_the_burst_then_the_rate() {
+        let s = Sampler::from_env_values(Some("ratelimiting"), Some("10")).unwrap();
+        assert_eq!(s.root, Root::RateLimit(10.0));
+        assert!(Sampler::from_env_values(Some("ratelimiting"), Some("0")).unwrap_err().contains("traces per second"));
+        assert!(Sampler::from_env_values(Some("ratelimiting"), None).is_err());
+        let pb = Sampler::from_env_values(Some("parentbased_ratelimiting"), Some("1")).unwrap();
+        assert!(pb.parent_based && pb.decide(&tid(1), Some(true)));
+        // The limiter itself, driven directly: a burst of one second's worth (10), then no more
+        // until time passes. Decisions in a tight loop take far less than the 100 ms interval.
+        RATE_INTERVAL_NS.store(100_000_000, Relaxed);
+        RATE_TAT.store(0, Relaxed);
+        let allowed = (0..1000).filter(|_| rate_limit_allows()).count();
+        assert!((10..=11).contains(&allowed), "allowed {allowed}");
+        RATE_TAT.store(monotonic_ns().saturating_sub(2_000_000_000), Relaxed);
+        assert!(rate_limit_allows(), "allowed again once the arrival time is in the past");
     }
 
     #[test]

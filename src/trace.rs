@@ -70,6 +70,20 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &
     Started { record, restarted_because, tracestate_dropped_because }
 }
 
+/// Makes `record` the root of a new trace (trust modes `ignore` and `link`): the incoming
+/// context is not continued, its `tracestate` is dropped, the sampler decides afresh as for a
+/// root, and with `link` the incoming context becomes a span link.
+pub fn restart_as_root(record: &mut SpanRecord, sampler: &Sampler, link: bool) {
+    let Some(parent) = record.parent_span_id.take() else { return };
+    if link {
+        record.links.push(crate::span::Link { trace_id: record.trace_id, span_id: parent });
+    }
+    record.trace_id = TraceId::random();
+    record.parent_is_remote = false;
+    record.tracestate = None;
+    record.flags = u8::from(sampler.decide(&record.trace_id, None));
+}
+
 /// The `traceparent` to send downstream for `record`, NUL-terminated for Varnish.
 pub fn outgoing_traceparent(record: &SpanRecord) -> [u8; 56] {
     let mut out = [0u8; 56];

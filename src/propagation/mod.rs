@@ -14,8 +14,15 @@
 //! * [`traceparent`]: strict, allocation-free parser and formatter.
 //! * [`tracestate`]: validates and combines repeated fields into one
 //!   normalised value that is safe to forward downstream.
+//! * [`b3`]: Zipkin B3, single `b3` and multiple `X-B3-*` headers.
+//! * [`jaeger`]: Jaeger `uber-trace-id` (and `uberctx-*` baggage items).
+//! * [`baggage`]: W3C Baggage, parsed for reading and normalised for
+//!   forwarding.
 
 #![forbid(unsafe_code)]
 
+pub mod b3;
+pub mod baggage;
+pub mod jaeger;
 pub mod traceparent;
 pub mod tracestate;

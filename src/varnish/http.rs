@@ -11,6 +11,8 @@ use varnish::ffi;
 /// Varnish's `hdr_t`: the header name with its colon, prefixed by its length.
 pub const H_TRACEPARENT: &CStr = c"\x0ctraceparent:";
 pub const H_TRACESTATE: &CStr = c"\x0btracestate:";
+pub const H_TRACERESPONSE: &CStr = c"\x0etraceresponse:";
+pub const H_SERVER_TIMING: &CStr = c"\x0eServer-Timing:";
 
 /// More fields than this of one header are treated as hostile; the caller restarts the trace.
 pub const MAX_FIELDS: usize = 32;
@@ -97,6 +99,77 @@ pub unsafe fn force(hp: *mut ffi::http, hdr: &CStr, value: &[u8]) -> bool {
     ffi::http_Unset(hp, hdr.as_ptr());
     ffi::http_SetHeader(hp, copy.cast());
     true
+}
+
+/// Adds one more field `hdr` with `value`, keeping those already there (for headers that may
+/// repeat, such as `Server-Timing`).
+///
+/// # Safety
+/// As for `force`.
+pub unsafe fn add(hp: *mut ffi::http, hdr: &CStr, value: &[u8]) -> bool {
+    let Some(h) = hp.as_mut() else { return false };
+    let name = &hdr.to_bytes()[1..];
+    let mut line = [0u8; 1024];
+    let len = name.len() + 1 + value.len();
+    if len + 1 > line.len() {
+        return false;
+    }
+    line[..name.len()].copy_from_slice(name);
+    line[name.len()] = b' ';
+    line[name.len() + 1..len].copy_from_slice(value);
+    let copy = ffi::WS_Copy(h.ws, line.as_ptr().cast(), (len + 1) as std::ffi::c_int);
+    if copy.is_null() {
+        return false;
+    }
+    ffi::http_SetHeader(hp, copy.cast());
+    true
+}
+
+/// Every header field of `hp` as `(name, value)`, the value without its leading whitespace.
+///
+/// # Safety
+/// `hp` must be NULL or a valid `struct http` that outlives the returned slices.
+pub unsafe fn fields<'a>(hp: *const ffi::http) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+    let (hd, n) = match hp.as_ref() {
+        Some(h) => (h.hd, h.nhd as usize),
+        None => (std::ptr::null_mut(), 0),
+    };
+    (ffi::HTTP_HDR_FIRST as usize..n).filter_map(move |i| {
+        let t = &*hd.add(i);
+        if t.b.is_null() || t.e.is_null() || t.e < t.b {
+            return None;
+        }
+        let line = std::slice::from_raw_parts(t.b.cast::<u8>(), t.e.offset_from(t.b) as usize);
+        let colon = line.iter().position(|&b| b == b':')?;
+        let value = &line[colon + 1..];
+        let start = value.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(value.len());
+        Some((&line[..colon], &value[start..]))
+    })
+}
+
+/// The value of the first field called `name` (any case), without leading whitespace.
+///
+/// # Safety
+/// As for `fields`.
+pub unsafe fn header<'a>(hp: *const ffi::http, name: &[u8]) -> Option<&'a [u8]> {
+    fields(hp).find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+}
+
+/// The protocol of the request line (`HTTP/1.1`).
+///
+/// # Safety
+/// `hp` must be NULL or a valid `struct http`.
+pub unsafe fn proto<'a>(hp: *const ffi::http) -> &'a [u8] {
+    let Some(h) = hp.as_ref() else { return b"" };
+    let i = ffi::HTTP_HDR_PROTO as usize;
+    if i >= h.nhd as usize {
+        return b"";
+    }
+    let t = &*h.hd.add(i);
+    if t.b.is_null() || t.e.is_null() || t.e < t.b {
+        return b"";
+    }
+    std::slice::from_raw_parts(t.b.cast::<u8>(), t.e.offset_from(t.b) as usize)
 }
 
 /// Removes every field of `hdr`.

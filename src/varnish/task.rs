@@ -44,6 +44,8 @@ pub struct TaskState {
     /// The incoming request had `tracestate` fields (which must be replaced or removed when the
     /// context is written).
     pub had_tracestate: bool,
+    /// VCL named the span (`set_name`): a route no longer renames it.
+    pub name_fixed: bool,
 }
 
 impl TaskState {
@@ -55,6 +57,7 @@ impl TaskState {
             fetch_failed: false,
             repeats_seen: 0,
             had_tracestate: false,
+            name_fixed: false,
         }
     }
 }

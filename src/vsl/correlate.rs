@@ -15,17 +15,26 @@
 //! the worker's message. A finished span whose log never comes (overrun, starvation) is closed
 //! from the backstop data once `Limits::log_wait` has passed, and marked as such.
 //!
+//! Cost: all of this runs once or more per traced request, on one thread that must keep up with
+//! the log. So records are parsed as bytes (no UTF-8 validation, no allocation but for the rare
+//! error texts), and the spans followed live in the slots of a slab, reused with their buffers:
+//! a span costs one hash insert and removal per VXID and one lookup per batch, and its events
+//! one allocation, which goes to the exporter with the span.
+//!
 //! Threading: owned by the tailer thread; no locks.
 
 use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
+use std::mem;
+use std::str::FromStr;
 
 use rustc_hash::FxHashMap as HashMap;
 use std::time::{Duration, Instant};
 
 use super::record::{Record, Tag, TagTable};
 use crate::ids::{SpanId, TraceId};
-use crate::span::{ClosedBy, Link, SpanKind, SpanRecord, StatusCode, Value};
+use crate::span::{ClosedBy, Event, Link, SpanKind, SpanRecord, StatusCode, Value};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -65,89 +74,327 @@ pub struct Stats {
     pub abandoned: u64,
 }
 
+/// Room for the events of most spans in one allocation: a backend fetch has five (Fetch,
+/// Connected, Bereq, Beresp, BerespBody), a client request three to five, a restart adds two.
+const EVENTS_RESERVED: usize = 8;
+
 /// What the log told us about one span (all VXIDs of its chain).
 #[derive(Default, Debug)]
 struct LogData {
     start_ns: Option<u64>,
     end_ns: Option<u64>,
-    events: Vec<(u64, Cow<'static, str>)>,
+    /// Already in the record's form: moved into it as they are when the span completes.
+    events: Vec<Event>,
     last_ts_ns: Option<u64>,
     status: Option<u16>,
     acct: Option<[u64; 6]>,
     fetch_error: Option<String>,
     vcl_error: Option<String>,
     hit_obj: Option<u64>,
-    peer: Option<(String, String, String)>,
+    /// Backend name, address, port (if a number).
+    peer: Option<(String, String, Option<i64>)>,
 }
 
+impl LogData {
+    fn push_event(&mut self, time_unix_nano: u64, name: Cow<'static, str>) {
+        if self.events.capacity() == 0 {
+            self.events.reserve_exact(EVENTS_RESERVED);
+        }
+        self.events.push(Event { time_unix_nano, name });
+    }
+
+    /// Merges what the log told into the finished record (taking it: the slot is freed next).
+    fn merge_into(&mut self, record: &mut SpanRecord, fetched: &HashMap<u64, (TraceId, SpanId)>) {
+        if let Some(t) = self.start_ns {
+            record.start_unix_nano = t;
+        }
+        if let Some(t) = self.end_ns.or(self.last_ts_ns) {
+            record.end_unix_nano = t.max(record.start_unix_nano);
+        }
+        // A fetch that failed (vcl_backend_error ran) got no response: the BerespStatus logged
+        // then is the synthetic one VCL made, not something the backend sent.
+        let fetch_failed = matches!(record.get("error.type"), Some(Value::Str(t)) if t == "fetch_failed");
+        if let Some(status) = self.status.filter(|_| !fetch_failed) {
+            record.set_http_status(status);
+        }
+        if let Some(a) = self.acct {
+            // ReqAcct: req hdr, req body, req total, resp hdr, resp body, resp total;
+            // BereqAcct: the same for the backend request and response.
+            record.set("http.request.body.size", Value::Int(a[1] as i64));
+            record.set("http.response.body.size", Value::Int(a[4] as i64));
+        }
+        if let Some(err) = self.fetch_error.take() {
+            record.status = StatusCode::Error;
+            if record.get("error.type").is_none() {
+                record.set("error.type", Value::Str("fetch_error".to_owned()));
+            }
+            record.status_message = Some(err);
+        }
+        if let Some(err) = self.vcl_error.take() {
+            // VCL_Error is also logged for problems VCL survives; it names the cause only of a
+            // request that failed.
+            if record.status == StatusCode::Error {
+                record.set("error.type", Value::Str("vcl_error".to_owned()));
+                record.status_message = Some(err);
+            }
+        }
+        if let Some((name, addr, port)) = self.peer.take() {
+            record.set("varnish.backend", Value::Str(name));
+            record.set("network.peer.address", Value::Str(addr));
+            if let Some(port) = port {
+                record.set("network.peer.port", Value::Int(port));
+            }
+        }
+        if let Some(obj) = self.hit_obj {
+            if let Some(&(trace_id, span_id)) = fetched.get(&obj) {
+                record.links.push(Link { trace_id, span_id });
+            }
+        }
+        if self.start_ns.is_some() {
+            // The log's timing breakdown (restarts and retries included) replaces what the task
+            // recorded of those; events VCL added (`add_event`) are kept, in time order.
+            let from_vcl = mem::take(&mut record.events)
+                .into_iter()
+                .filter(|e| e.name != "varnish.restart" && e.name != "varnish.retry");
+            record.events = mem::take(&mut self.events);
+            let before = record.events.len();
+            record.events.extend(from_vcl);
+            if record.events.len() > before {
+                record.events.sort_by_key(|e| e.time_unix_nano);
+            }
+            record.events.truncate(crate::span::max_events());
+        }
+    }
+}
+
+/// One VXID of a span's chain, and whether its `End` has been read.
+#[derive(Clone, Copy, Debug)]
+struct ChainVxid {
+    vxid: u64,
+    ended: bool,
+}
+
+/// A span being followed: one slot of the `Slab`.
 struct Pending {
-    chain: Vec<u64>,
-    ended: Vec<u64>,
+    /// The span's first VXID (`SpanRecord::vxid`), which its `finished` message names.
+    key: u64,
+    /// Every VXID of the span, the key first, then those of its restarts or retries. Empty when
+    /// the slot is free; kept, emptied, for the next span (no allocation then).
+    chain: Vec<ChainVxid>,
     log: LogData,
     finished: Option<(Box<SpanRecord>, u64, Instant)>,
     since: Instant,
 }
 
+impl Pending {
+    fn is_free(&self) -> bool {
+        self.chain.is_empty()
+    }
+
+    /// Adds `vxid` to the chain; false if it was in it already.
+    fn add_vxid(&mut self, vxid: u64) -> bool {
+        if self.chain.iter().any(|c| c.vxid == vxid) {
+            return false;
+        }
+        self.chain.push(ChainVxid { vxid, ended: false });
+        true
+    }
+
+    fn mark_ended(&mut self, vxid: u64) {
+        if let Some(c) = self.chain.iter_mut().find(|c| c.vxid == vxid) {
+            c.ended = true;
+        }
+    }
+
+    fn has_ended(&self, vxid: u64) -> bool {
+        self.chain.iter().any(|c| c.vxid == vxid && c.ended)
+    }
+}
+
+/// The spans being followed, in slots that are reused once their span is done. A slot number
+/// stays valid until `free`; the index maps VXIDs to slots.
+#[derive(Default)]
+struct Slab {
+    slots: Vec<Pending>,
+    free: Vec<usize>,
+}
+
+impl Slab {
+    fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    fn insert(&mut self, key: u64, now: Instant) -> usize {
+        let Some(slot) = self.free.pop() else {
+            let chain = vec![ChainVxid { vxid: key, ended: false }];
+            self.slots.push(Pending { key, chain, log: LogData::default(), finished: None, since: now });
+            return self.slots.len() - 1;
+        };
+        let p = &mut self.slots[slot];
+        p.key = key;
+        p.chain.push(ChainVxid { vxid: key, ended: false });
+        p.since = now;
+        slot
+    }
+
+    /// Frees `slot` (its data must have been taken out, or is dropped here).
+    fn free(&mut self, slot: usize) {
+        let p = &mut self.slots[slot];
+        p.chain.clear();
+        p.log = LogData::default();
+        p.finished = None;
+        self.free.push(slot);
+    }
+}
+
 pub struct Correlator {
     tags: TagTable,
     limits: Limits,
-    /// Every VXID of a tracked chain, to the chain's first VXID.
-    index: HashMap<u64, u64>,
-    pending: HashMap<u64, Pending>,
+    /// Every VXID of a tracked chain, to the slot of its span.
+    index: HashMap<u64, usize>,
+    slab: Slab,
     /// Backend spans recently closed from the log: bereq VXID to span, for `Hit` links.
     fetched: HashMap<u64, (TraceId, SpanId)>,
     fetched_order: VecDeque<u64>,
     /// Finished spans by log deadline. Deadlines are `finished` time plus a constant, so the
     /// queue is in order and `expire` only looks at its front (completed spans leave stale
-    /// entries behind, skipped when they come up; the queue holds at most `log_wait` worth).
+    /// entries behind, dropped from the front as spans complete, or skipped when they come up;
+    /// the queue holds at most `log_wait` worth).
     deadlines: VecDeque<(Instant, u64)>,
     /// When tracked spans without a finish were last looked for (a full scan, once a second).
     last_age_scan: Option<Instant>,
     pub stats: Stats,
 }
 
+/// The fields of a record's payload: what `str::split_ascii_whitespace` gives, over bytes.
+fn fields(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    data.split(u8::is_ascii_whitespace).filter(|f| !f.is_empty())
+}
+
+/// Digits to a number; `None` on anything else, and on more than 19 digits (which might not fit:
+/// `parse_int` leaves those to `str::parse`). 19 digits always fit, so the loop needs no
+/// overflow checks: it runs for every number of every traced record.
+fn parse_digits(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    let mut n = 0u64;
+    for &b in digits {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n = n * 10 + u64::from(d);
+    }
+    Some(n)
+}
+
+/// A decimal number, as `str::parse` reads it. Plain digits, all the log holds, are read here
+/// without UTF-8 validation; anything else (a sign, 20 digits or more, junk) is left to
+/// `str::parse`, which decides.
+fn parse_int<T: FromStr + TryFrom<u64>>(field: &[u8]) -> Option<T> {
+    match parse_digits(field) {
+        Some(n) => T::try_from(n).ok(),
+        None => std::str::from_utf8(field).ok()?.parse().ok(),
+    }
+}
+
 /// Timestamp labels that end a span: client `Resp` (`PipeSess` for pipe), backend
 /// `BerespBody` or `Error`.
-fn is_end_label(label: &str) -> bool {
-    matches!(label, "Resp" | "PipeSess" | "BerespBody" | "Error")
+fn is_end_label(label: &[u8]) -> bool {
+    matches!(label, b"Resp" | b"PipeSess" | b"BerespBody" | b"Error")
 }
 
 /// `1700000000.000100` to nanoseconds, exactly as printed (no floating point).
-fn parse_abs(s: &str) -> Option<u64> {
-    let (secs, frac) = s.split_once('.')?;
-    let secs: u64 = secs.parse().ok()?;
-    if frac.is_empty() || frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+fn parse_abs<S: AsRef<[u8]> + ?Sized>(s: &S) -> Option<u64> {
+    let s = s.as_ref();
+    let dot = s.iter().position(|&b| b == b'.')?;
+    let (secs, frac) = (parse_int::<u64>(&s[..dot])?, &s[dot + 1..]);
+    if frac.len() > 9 {
         return None;
     }
-    let mut nanos: u64 = frac.parse().ok()?;
+    let mut nanos = parse_digits(frac)?;
     for _ in frac.len()..9 {
         nanos *= 10;
     }
     secs.checked_mul(1_000_000_000)?.checked_add(nanos)
 }
 
-fn event_name(label: &str) -> Cow<'static, str> {
-    // The labels Varnish documents, without an allocation; anything else as it came.
+/// A `Timestamp` record's label and absolute time, in nanoseconds.
+fn timestamp(data: &[u8]) -> Option<(&[u8], u64)> {
+    // The general way: the first field ends with ':', the second is the time. What Varnish
+    // writes is read in one pass instead (a fifth of a client span's correlation, otherwise),
+    // with the same result.
+    timestamp_as_written(data).or_else(|| {
+        let mut fields = fields(data);
+        let label = fields.next()?.strip_suffix(b":")?;
+        Some((label, parse_abs(fields.next()?)?))
+    })
+}
+
+/// `timestamp` of a record as Varnish writes it: `Label: 1700000000.000100 ...`, a label without
+/// spaces, one space, 1 to 19 digits, a dot, 1 to 9 digits, then a space or the end. `None` for
+/// anything else.
+fn timestamp_as_written(data: &[u8]) -> Option<(&[u8], u64)> {
+    let end = data.iter().position(|&b| b == b':' || b.is_ascii_whitespace())?;
+    let (label, rest) = data.split_at(end);
+    let rest = rest.strip_prefix(b": ")?;
+    let (secs, secs_digits, rest) = leading_digits(rest);
+    let (frac, frac_digits, rest) = leading_digits(rest.strip_prefix(b".")?);
+    let ends = rest.first().is_none_or(u8::is_ascii_whitespace);
+    if label.is_empty() || !(1..=19).contains(&secs_digits) || !(1..=9).contains(&frac_digits) || !ends {
+        return None;
+    }
+    let nanos = frac * 10u64.pow(9 - frac_digits as u32);
+    Some((label, secs.checked_mul(1_000_000_000)?.checked_add(nanos)?))
+}
+
+/// The value of the digits `s` starts with (wrapped past 19 of them), how many there are, and the
+/// rest of `s`.
+fn leading_digits(s: &[u8]) -> (u64, usize, &[u8]) {
+    let (mut value, mut count) = (0u64, 0);
+    for &b in s {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        value = value.wrapping_mul(10).wrapping_add(u64::from(d));
+        count += 1;
+    }
+    (value, count, &s[count..])
+}
+
+fn event_name(label: &[u8]) -> Cow<'static, str> {
+    // The labels Varnish documents, without an allocation; anything else as it came. The most
+    // frequent first: this runs for every timestamp.
     const KNOWN: &[&str] = &[
-        "Start",
         "Req",
-        "ReqBody",
-        "Waitinglist",
-        "Fetch",
         "Process",
         "Resp",
+        "Fetch",
+        "Bereq",
+        "Beresp",
+        "BerespBody",
+        "Start",
+        "ReqBody",
+        "Waitinglist",
         "Restart",
         "Reset",
         "Pipe",
         "PipeSess",
         "Connected",
-        "Bereq",
-        "Beresp",
-        "BerespBody",
         "Retry",
         "Error",
     ];
-    KNOWN.iter().find(|k| **k == label).map_or_else(|| Cow::Owned(label.to_owned()), |k| Cow::Borrowed(*k))
+    KNOWN
+        .iter()
+        .find(|k| k.as_bytes() == label)
+        .map_or_else(|| Cow::Owned(String::from_utf8_lossy(label).into_owned()), |k| Cow::Borrowed(*k))
+}
+
+/// A record's whole text, as error messages are kept (rare: allocating is fine).
+fn text(data: &[u8]) -> String {
+    String::from_utf8_lossy(data).trim().to_owned()
 }
 
 impl Correlator {
@@ -156,7 +403,7 @@ impl Correlator {
             tags,
             limits,
             index: HashMap::default(),
-            pending: HashMap::default(),
+            slab: Slab::default(),
             fetched: HashMap::default(),
             fetched_order: VecDeque::new(),
             deadlines: VecDeque::new(),
@@ -166,7 +413,7 @@ impl Correlator {
     }
 
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        self.slab.len()
     }
 
     /// Whether records of `vxid` are wanted (checked once per batch, before looking inside).
@@ -175,36 +422,48 @@ impl Correlator {
     }
 
     pub fn track(&mut self, vxid: u64, now: Instant) {
-        if self.index.contains_key(&vxid) {
-            return;
-        }
-        if self.pending.len() >= self.limits.max_pending {
+        let Entry::Vacant(entry) = self.index.entry(vxid) else { return };
+        if self.slab.len() >= self.limits.max_pending {
             self.stats.not_tracked += 1;
             return;
         }
-        self.index.insert(vxid, vxid);
-        self.pending.insert(
-            vxid,
-            Pending { chain: vec![vxid], ended: Vec::new(), log: LogData::default(), finished: None, since: now },
-        );
+        entry.insert(self.slab.insert(vxid, now));
+    }
+
+    /// VCL stopped tracing a span before it finished (`opentracing.sample(false)`): stop
+    /// following it, so that it does not hold a place until `max_age`.
+    pub fn untrack(&mut self, vxid: u64) {
+        if let Some(slot) = self.slot_of_key(vxid) {
+            if self.slab.slots[slot].finished.is_none() {
+                self.forget(slot);
+            }
+        }
+    }
+
+    /// The slot of the span whose first VXID is `key`.
+    fn slot_of_key(&self, key: u64) -> Option<usize> {
+        // The index has every VXID of a chain; only a span's own first VXID names it.
+        let slot = *self.index.get(&key)?;
+        (self.slab.slots[slot].key == key).then_some(slot)
     }
 
     /// The task of a span ended. Returns the span if it is complete (its log already read), or
     /// at once, closed from the backstop data, if it was never tracked.
     pub fn finished(&mut self, record: Box<SpanRecord>, final_vxid: u64, now: Instant) -> Option<Box<SpanRecord>> {
         let key = record.vxid;
-        let Some(p) = self.pending.get_mut(&key) else {
+        let Some(slot) = self.slot_of_key(key) else {
             self.stats.closed_by_backstop += 1;
             return Some(backstop(record));
         };
-        if !p.chain.contains(&final_vxid) {
-            p.chain.push(final_vxid);
-            self.index.insert(final_vxid, key);
+        let p = &mut self.slab.slots[slot];
+        if p.add_vxid(final_vxid) {
+            self.index.insert(final_vxid, slot);
         }
         let deadline = now + self.limits.log_wait;
+        let ended = p.has_ended(final_vxid);
         p.finished = Some((record, final_vxid, deadline));
-        if p.ended.contains(&final_vxid) {
-            return self.complete(key);
+        if ended {
+            return self.complete(slot);
         }
         self.deadlines.push_back((deadline, key));
         None
@@ -217,25 +476,26 @@ impl Correlator {
     /// run of records of the same VXID (a batch is one transaction).
     pub fn records<'a>(&mut self, records: impl Iterator<Item = Record<'a>>, out: &mut Vec<Box<SpanRecord>>) {
         let mut matched = false;
-        let mut current: Option<(u64, Option<u64>)> = None;
+        let mut current: Option<(u64, Option<usize>)> = None;
         for r in records {
             let tag = self.tags.get(r.tag_number);
             if tag == Tag::Other {
                 continue;
             }
-            let key = match current {
-                Some((vxid, key)) if vxid == r.vxid => key,
+            let slot = match current {
+                Some((vxid, slot)) if vxid == r.vxid => slot,
                 _ => {
-                    let key = self.index.get(&r.vxid).copied();
-                    current = Some((r.vxid, key));
-                    key
+                    let slot = self.index.get(&r.vxid).copied();
+                    current = Some((r.vxid, slot));
+                    slot
                 }
             };
-            let Some(key) = key else { continue };
+            let Some(slot) = slot else { continue };
             matched = true;
             self.stats.records += 1;
-            if let Some(done) = self.apply(key, tag, &r) {
+            if let Some(done) = self.apply(slot, tag, r.vxid, r.data) {
                 out.push(done);
+                current = None; // the slot is free again
             }
             if tag == Tag::Link {
                 current = None; // the chain may have grown
@@ -246,19 +506,17 @@ impl Correlator {
         }
     }
 
-    fn apply(&mut self, key: u64, tag: Tag, r: &Record<'_>) -> Option<Box<SpanRecord>> {
-        let text = String::from_utf8_lossy(r.data);
-        let mut fields = text.split_ascii_whitespace();
-        let p = self.pending.get_mut(&key)?;
+    fn apply(&mut self, slot: usize, tag: Tag, vxid: u64, data: &[u8]) -> Option<Box<SpanRecord>> {
+        let mut fields = fields(data);
+        let p = &mut self.slab.slots[slot];
         let log = &mut p.log;
         match tag {
             Tag::Timestamp => {
-                let label = fields.next()?.strip_suffix(':')?;
-                let t = parse_abs(fields.next()?)?;
-                if label == "Start" && log.start_ns.is_none() {
+                let (label, t) = timestamp(data)?;
+                if label == b"Start" && log.start_ns.is_none() {
                     log.start_ns = Some(t);
                 } else {
-                    log.events.push((t, event_name(label)));
+                    log.push_event(t, event_name(label));
                 }
                 if is_end_label(label) {
                     log.end_ns = Some(t);
@@ -267,46 +525,44 @@ impl Correlator {
             }
             Tag::Link => {
                 // "req 1009 restart" / "bereq 1035 retry": the same span goes on under a new VXID.
-                let (kind, child, reason) = (fields.next()?, fields.next()?.parse::<u64>().ok()?, fields.next()?);
+                let (kind, child, reason) = (fields.next()?, parse_int::<u64>(fields.next()?)?, fields.next()?);
                 let event = match (kind, reason) {
-                    ("req", "restart") => "varnish.restart",
-                    ("bereq", "retry") => "varnish.retry",
+                    (b"req", b"restart") => "varnish.restart",
+                    (b"bereq", b"retry") => "varnish.retry",
                     _ => return None, // a fetch or an ESI sub-request: a span of its own
                 };
-                if !p.chain.contains(&child) {
-                    p.chain.push(child);
-                }
                 let at = log.last_ts_ns.unwrap_or_default();
-                log.events.push((at, Cow::Borrowed(event)));
+                log.push_event(at, Cow::Borrowed(event));
                 if event == "varnish.retry" {
                     // The retry supersedes the failed attempt; its error stays visible as the event.
                     log.fetch_error = None;
                 }
-                self.index.insert(child, key);
+                p.add_vxid(child);
+                self.index.insert(child, slot);
             }
-            Tag::RespStatus | Tag::BerespStatus => log.status = Some(fields.next()?.parse().ok()?),
+            Tag::RespStatus | Tag::BerespStatus => log.status = Some(parse_int(fields.next()?)?),
             Tag::ReqAcct | Tag::BereqAcct => {
                 let mut n = [0u64; 6];
                 for v in &mut n {
-                    *v = fields.next()?.parse().ok()?;
+                    *v = parse_int(fields.next()?)?;
                 }
                 log.acct = Some(n);
             }
-            Tag::Hit => log.hit_obj = Some(fields.next()?.parse().ok()?),
-            Tag::FetchError => log.fetch_error = Some(text.trim().to_owned()),
-            Tag::VclError => log.vcl_error = Some(text.trim().to_owned()),
+            Tag::Hit => log.hit_obj = Some(parse_int(fields.next()?)?),
+            Tag::FetchError => log.fetch_error = Some(text(data)),
+            Tag::VclError => log.vcl_error = Some(text(data)),
             Tag::BackendOpen => {
                 // "<fd> <backend> <remote addr> <remote port> <local addr> <local port> ..."
                 let _fd = fields.next()?;
-                let name = fields.next()?.to_owned();
-                let addr = fields.next()?.to_owned();
-                let port = fields.next()?.to_owned();
+                let name = String::from_utf8_lossy(fields.next()?).into_owned();
+                let addr = String::from_utf8_lossy(fields.next()?).into_owned();
+                let port = std::str::from_utf8(fields.next()?).ok().and_then(|p| p.parse::<i64>().ok());
                 log.peer = Some((name, addr, port));
             }
             Tag::End => {
-                p.ended.push(r.vxid);
-                if p.finished.as_ref().is_some_and(|(_, final_vxid, _)| *final_vxid == r.vxid) {
-                    return self.complete(key);
+                p.mark_ended(vxid);
+                if p.finished.as_ref().is_some_and(|(_, final_vxid, _)| *final_vxid == vxid) {
+                    return self.complete(slot);
                 }
             }
             Tag::Begin | Tag::Other => {}
@@ -315,80 +571,62 @@ impl Correlator {
     }
 
     /// Merges the log's data into the finished record and forgets the span.
-    fn complete(&mut self, key: u64) -> Option<Box<SpanRecord>> {
-        let p = self.pending.remove(&key)?;
-        for v in &p.chain {
-            self.index.remove(v);
-        }
-        let (mut record, _, _) = p.finished?;
-        let log = p.log;
-        if let Some(t) = log.start_ns {
-            record.start_unix_nano = t;
-        }
-        if let Some(t) = log.end_ns.or(log.last_ts_ns) {
-            record.end_unix_nano = t.max(record.start_unix_nano);
-        }
-        // A fetch that failed (vcl_backend_error ran) got no response: the BerespStatus logged
-        // then is the synthetic one VCL made, not something the backend sent.
-        let fetch_failed = matches!(record.get("error.type"), Some(Value::Str(t)) if t == "fetch_failed");
-        if let Some(status) = log.status.filter(|_| !fetch_failed) {
-            record.set_http_status(status);
-        }
-        if let Some(a) = log.acct {
-            // ReqAcct: req hdr, req body, req total, resp hdr, resp body, resp total;
-            // BereqAcct: the same for the backend request and response.
-            record.set("http.request.body.size", Value::Int(a[1] as i64));
-            record.set("http.response.body.size", Value::Int(a[4] as i64));
-        }
-        if let Some(err) = log.fetch_error {
-            record.status = StatusCode::Error;
-            if record.get("error.type").is_none() {
-                record.set("error.type", Value::Str("fetch_error".to_owned()));
-            }
-            record.status_message = Some(err);
-        }
-        if let Some(err) = log.vcl_error {
-            // VCL_Error is also logged for problems VCL survives; it names the cause only of a
-            // request that failed.
-            if record.status == StatusCode::Error {
-                record.set("error.type", Value::Str("vcl_error".to_owned()));
-                record.status_message = Some(err);
-            }
-        }
-        if let Some((name, addr, port)) = log.peer {
-            record.set("varnish.backend", Value::Str(name));
-            record.set("network.peer.address", Value::Str(addr));
-            if let Ok(port) = port.parse::<i64>() {
-                record.set("network.peer.port", Value::Int(port));
-            }
-        }
-        if let Some(obj) = log.hit_obj {
-            if let Some(&(trace_id, span_id)) = self.fetched.get(&obj) {
-                record.links.push(Link { trace_id, span_id });
-            }
-        }
-        if log.start_ns.is_some() {
-            record.events =
-                log.events.into_iter().map(|(t, n)| crate::span::Event { time_unix_nano: t, name: n }).collect();
-        }
+    fn complete(&mut self, slot: usize) -> Option<Box<SpanRecord>> {
+        let p = &mut self.slab.slots[slot];
+        let Some((mut record, _, _)) = p.finished.take() else {
+            self.forget(slot);
+            return None;
+        };
+        // In place: the log data is large for a move (a few hundred bytes), and mostly empty.
+        p.log.merge_into(&mut record, &self.fetched);
         record.closed_by = ClosedBy::Log;
         if record.kind == SpanKind::Client {
-            self.remember_fetch(&p.chain, record.trace_id, record.span_id);
+            self.remember_fetch(slot, record.trace_id, record.span_id);
         }
+        self.forget(slot);
+        self.drop_stale_deadlines();
         self.stats.closed_from_log += 1;
         Some(record)
     }
 
-    fn remember_fetch(&mut self, chain: &[u64], trace_id: TraceId, span_id: SpanId) {
-        for &v in chain {
-            if self.fetched.insert(v, (trace_id, span_id)).is_none() {
-                self.fetched_order.push_back(v);
+    /// Remembers the VXIDs of the fetch in `slot` as the span `trace_id`/`span_id`.
+    fn remember_fetch(&mut self, slot: usize, trace_id: TraceId, span_id: SpanId) {
+        for c in &self.slab.slots[slot].chain {
+            if self.fetched.insert(c.vxid, (trace_id, span_id)).is_none() {
+                self.fetched_order.push_back(c.vxid);
             }
         }
         while self.fetched_order.len() > self.limits.fetches_remembered {
             if let Some(old) = self.fetched_order.pop_front() {
                 self.fetched.remove(&old);
             }
+        }
+    }
+
+    /// Stops following the span in `slot`: its VXIDs leave the index, its slot is freed.
+    fn forget(&mut self, slot: usize) {
+        for c in &self.slab.slots[slot].chain {
+            self.index.remove(&c.vxid);
+        }
+        self.slab.free(slot);
+    }
+
+    /// The slot of the finished span `key`, and its deadline, if it still waits for its log.
+    fn waiting(&self, key: u64) -> Option<(usize, Instant)> {
+        let slot = self.slot_of_key(key)?;
+        let (_, _, deadline) = self.slab.slots[slot].finished.as_ref()?;
+        Some((slot, *deadline))
+    }
+
+    /// Drops the entries at the front of `deadlines` whose span completed. Logs mostly come in
+    /// the order the tasks finished, so the queue stays about as long as the spans waiting,
+    /// rather than `log_wait` worth of all spans (megabytes, at high rates).
+    fn drop_stale_deadlines(&mut self) {
+        while let Some(&(_, key)) = self.deadlines.front() {
+            if self.waiting(key).is_some() {
+                break;
+            }
+            self.deadlines.pop_front();
         }
     }
 
@@ -401,18 +639,12 @@ impl Correlator {
             }
             self.deadlines.pop_front();
             // Stale entries (completed from the log, or a key reused since) are skipped.
-            let due = self.pending.get(&key).and_then(|p| p.finished.as_ref()).is_some_and(|(_, _, d)| *d <= now);
-            if !due {
-                continue;
-            }
-            if let Some(p) = self.pending.remove(&key) {
-                for v in &p.chain {
-                    self.index.remove(v);
-                }
-                if let Some((record, _, _)) = p.finished {
-                    self.stats.closed_by_backstop += 1;
-                    out.push(backstop(record));
-                }
+            let Some((slot, _)) = self.waiting(key).filter(|(_, d)| *d <= now) else { continue };
+            let finished = self.slab.slots[slot].finished.take();
+            self.forget(slot);
+            if let Some((record, _, _)) = finished {
+                self.stats.closed_by_backstop += 1;
+                out.push(backstop(record));
             }
         }
         if self.last_age_scan.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
@@ -420,19 +652,17 @@ impl Correlator {
         }
         self.last_age_scan = Some(now);
         let max_age = self.limits.max_age;
-        let old: Vec<u64> = self
-            .pending
+        let old: Vec<usize> = self
+            .slab
+            .slots
             .iter()
-            .filter(|(_, p)| p.finished.is_none() && now.duration_since(p.since) >= max_age)
-            .map(|(k, _)| *k)
+            .enumerate()
+            .filter(|(_, p)| !p.is_free() && p.finished.is_none() && now.duration_since(p.since) >= max_age)
+            .map(|(slot, _)| slot)
             .collect();
-        for key in old {
-            if let Some(p) = self.pending.remove(&key) {
-                for v in &p.chain {
-                    self.index.remove(v);
-                }
-                self.stats.abandoned += 1;
-            }
+        for slot in old {
+            self.forget(slot);
+            self.stats.abandoned += 1;
         }
     }
 }
@@ -912,5 +1142,130 @@ mod tests {
         let done = c.finished(task_record(SpanKind::Server, 1001, T0, T0 + 5, 200), 1001, now).unwrap();
         assert_eq!(done.start_unix_nano, T0, "backstop times kept when the log has none");
         assert_eq!(done.end_unix_nano, T0 + 5);
+    }
+
+    #[test]
+    fn numbers_parse_as_str_parse_does() {
+        // Read from bytes, with a fast path for plain digits: what `str::parse` accepts, exactly.
+        let u64s =
+            ["0", "007", "200", "+5", "-5", "", "+", "1 2", "12a", "18446744073709551615", "18446744073709551616"];
+        for s in u64s {
+            assert_eq!(parse_int::<u64>(s.as_bytes()), s.parse::<u64>().ok(), "{s:?} as u64");
+        }
+        for s in ["404", "65535", "65536", "00000000000000000000200", "99999999999999999999"] {
+            assert_eq!(parse_int::<u16>(s.as_bytes()), s.parse::<u16>().ok(), "{s:?} as u16");
+        }
+        assert_eq!(parse_abs("+1.5"), Some(1_500_000_000));
+        assert_eq!(parse_abs("000000000000000000001.5"), Some(1_500_000_000));
+        assert_eq!(parse_abs("1.0000000001"), None, "more than nanoseconds");
+        assert_eq!(parse_abs("1."), None);
+        assert_eq!(parse_abs("18446744073.709551615"), Some(u64::MAX));
+        assert_eq!(parse_abs("18446744073.709551616"), None, "past u64 nanoseconds");
+    }
+
+    #[test]
+    fn timestamps_as_written_read_as_in_general() {
+        fn general(data: &[u8]) -> Option<(&[u8], u64)> {
+            let mut fields = fields(data);
+            let label = fields.next()?.strip_suffix(b":")?;
+            Some((label, parse_abs(fields.next()?)?))
+        }
+        let cases = [
+            "Start: 1700000000.000100 0.000000 0.000000",
+            "Resp: 1700000000.1",
+            "Start:  1700000000.1 0 0",
+            "Start:\t1700000000.1",
+            " Start: 1.5",
+            "A:B: 1.5",
+            "St art: 1.5",
+            ": 1.5",
+            "Start: +1.5",
+            "Start: 1.5x",
+            "Start: 1.5\n",
+            "Start: 1.0000000001",
+            "Start: 1.",
+            "Start: .5",
+            "Start: 1",
+            "Start:",
+            "Start: 0000000000000000000001.5",
+            "Start: 18446744073.709551615",
+            "Start: 18446744073.709551616",
+            "Start: 99999999999999999999.5",
+        ];
+        for case in cases {
+            assert_eq!(timestamp(case.as_bytes()), general(case.as_bytes()), "{case:?}");
+        }
+        assert!(timestamp_as_written(cases[0].as_bytes()).is_some(), "the fast way is taken");
+    }
+
+    #[test]
+    fn fields_split_as_str_split_ascii_whitespace_does() {
+        for s in ["", " ", "a", " a  b\tc\n", "Start: 1700000000.000100 0 0", "x\u{c}y\rz"] {
+            let bytes: Vec<&[u8]> = fields(s.as_bytes()).collect();
+            let text: Vec<&[u8]> = s.split_ascii_whitespace().map(str::as_bytes).collect();
+            assert_eq!(bytes, text, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_kept_as_before() {
+        // Labels we do not know and error texts are the only text kept: lossily, as when the
+        // whole record went through `String::from_utf8_lossy`.
+        let now = Instant::now();
+        let mut c = Correlator::new(tags(), limits());
+        c.track(1002, now);
+        c.finished(task_record(SpanKind::Client, 1002, T0, T0 + 1, 0), 1002, now);
+        let mut log = Vec::new();
+        encode(&mut log, TS, 1002, false, b"Start: 1700000000.000100 0 0");
+        encode(&mut log, TS, 1002, false, b"Od\xffd: 1700000000.000110 0 0");
+        encode(&mut log, FETCHERROR, 1002, false, b" bad \xfe byte ");
+        encode(&mut log, END, 1002, false, b"");
+        let done = feed(&mut c, &log).pop().unwrap();
+        assert_eq!(done.events[0].name, "Od\u{fffd}d");
+        assert_eq!(done.status_message.as_deref(), Some("bad \u{fffd} byte"));
+    }
+
+    #[test]
+    fn a_reused_slot_is_not_closed_by_the_deadline_of_its_last_span() {
+        let now = Instant::now();
+        let mut c = Correlator::new(tags(), limits());
+        c.track(1001, now);
+        c.track(1002, now);
+        c.finished(task_record(SpanKind::Server, 1001, T0, T0 + 1, 200), 1001, now);
+        c.finished(task_record(SpanKind::Server, 1002, T0, T0 + 1, 200), 1002, now);
+        // 1002 completes from its log; its deadline, behind that of 1001, stays queued.
+        assert_eq!(feed(&mut c, &client_log(1002, "200")).len(), 1);
+        // 1003 takes the slot 1002 had, and finishes later.
+        c.track(1003, now);
+        let later = now + Duration::from_secs(2);
+        c.finished(task_record(SpanKind::Server, 1003, T0, T0 + 1, 200), 1003, later);
+        let mut out = Vec::new();
+        c.expire(now + Duration::from_secs(4), &mut out);
+        assert_eq!(out.len(), 1, "1001 only");
+        assert_eq!(out[0].vxid, 1001);
+        assert!(c.wants(1003));
+        assert_eq!(feed(&mut c, &client_log(1003, "200")).pop().unwrap().closed_by, ClosedBy::Log);
+        assert_eq!(c.pending(), 0);
+    }
+
+    #[test]
+    fn deadlines_of_spans_completed_in_order_are_dropped() {
+        let now = Instant::now();
+        let mut c = Correlator::new(tags(), limits());
+        for v in 1..=50u64 {
+            c.track(v, now);
+            c.finished(task_record(SpanKind::Server, v, T0, T0 + 1, 200), v, now);
+        }
+        for v in 1..=50u64 {
+            assert_eq!(feed(&mut c, &client_log(v, "200")).len(), 1);
+        }
+        assert!(c.deadlines.is_empty(), "{} left", c.deadlines.len());
+        assert_eq!(c.slab.slots.len(), 50);
+        // Their slots, and the buffers in them, serve the next spans.
+        for v in 51..=100u64 {
+            c.track(v, now);
+        }
+        assert_eq!(c.slab.slots.len(), 50);
+        assert_eq!(c.pending(), 50);
     }
 }

@@ -74,21 +74,19 @@ pub struct Record<'a> {
     pub data: &'a [u8],
 }
 
-fn word(bytes: &[u8], i: usize) -> Option<u32> {
-    let b = bytes.get(i * 4..i * 4 + 4)?;
-    Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-}
-
 /// The records in `bytes`, in order; stops at the first malformed one (a torn copy).
 pub fn records(bytes: &[u8]) -> impl Iterator<Item = Record<'_>> {
-    let mut at = 0usize; // in words
+    let mut rest = bytes;
     std::iter::from_fn(move || {
-        let head = word(bytes, at)?;
+        // The header as a fixed-size array: one bounds check per record, none per word.
+        let (header, after) = rest.split_first_chunk::<{ HEADER_WORDS * 4 }>()?;
+        let word =
+            |i: usize| u32::from_ne_bytes([header[i * 4], header[i * 4 + 1], header[i * 4 + 2], header[i * 4 + 3]]);
+        let (head, id) = (word(0), u64::from(word(1)) | (u64::from(word(2)) << 32));
         let len = (head & 0xffff) as usize;
-        let id = u64::from(word(bytes, at + 1)?) | (u64::from(word(bytes, at + 2)?) << 32);
-        let start = (at + HEADER_WORDS) * 4;
-        let payload = bytes.get(start..start + len)?;
-        at += HEADER_WORDS + len.div_ceil(4);
+        let payload = after.get(..len)?;
+        // Padded to a word; a copy cut inside the padding ends after this record.
+        rest = after.get(len.div_ceil(4) * 4..).unwrap_or_default();
         // The payload ends with its NUL; tolerate its absence rather than fail.
         let data = payload.strip_suffix(&[0]).unwrap_or(payload);
         Some(Record {

@@ -25,6 +25,8 @@ use crate::worker::{Inbox, Job, Worker};
 pub enum Msg {
     /// A sampled span started in transaction `vxid`.
     Track { vxid: u64 },
+    /// VCL unsampled the span of transaction `vxid` before it finished.
+    Forget { vxid: u64 },
     /// The task of a span ended; `record` holds what the task knew. The span's first VXID is
     /// `record.vxid`; `final_vxid` is the one it ended with (restarts and retries change it).
     Finished { record: Box<SpanRecord>, final_vxid: u64 },
@@ -79,6 +81,14 @@ pub fn track(vxid: u64) {
     }
 }
 
+/// A tracked span was unsampled by VCL (any worker thread; never blocks; if the queue is full the
+/// entry simply ages out).
+pub fn forget(vxid: u64) {
+    if let Some(w) = TAILER.read().as_ref() {
+        let _ = w.try_send(Msg::Forget { vxid });
+    }
+}
+
 /// A span's task ended (any worker thread; never blocks). Without a tailer, or when its queue is
 /// full, the span goes to the exporter at once, closed from its task's data.
 pub fn finished(record: Box<SpanRecord>, final_vxid: u64) {
@@ -108,6 +118,10 @@ struct TailerJob {
     last_status_check: Instant,
     attach_error_logged: bool,
     correlator: Correlator,
+    /// The time at the end of the last tick, for the messages handled until the next: it dates
+    /// deadlines of seconds, where a tick (a millisecond) does not matter, and a clock read per
+    /// message costs about as much as a tenth of the correlation of a span.
+    now: Instant,
     buf: Vec<u8>,
     /// Completed spans, boxed as the exporter's queue takes them.
     #[allow(clippy::vec_box)]
@@ -126,6 +140,7 @@ impl TailerJob {
             last_status_check: Instant::now(),
             attach_error_logged: false,
             correlator: Correlator::new(TagTable::new(tag_number), Limits::default()),
+            now: Instant::now(),
             buf: Vec::with_capacity(64 * 1024),
             done: Vec::new(),
             steps: 0,
@@ -159,6 +174,7 @@ impl TailerJob {
     fn handle_msg(&mut self, msg: Msg, now: Instant) {
         match msg {
             Msg::Track { vxid } => self.correlator.track(vxid, now),
+            Msg::Forget { vxid } => self.correlator.untrack(vxid),
             Msg::Finished { record, final_vxid } => {
                 if let Some(done) = self.correlator.finished(record, final_vxid, now) {
                     self.done.push(done);
@@ -245,7 +261,7 @@ impl TailerJob {
 
 impl Job<Msg> for TailerJob {
     fn handle(&mut self, msg: Msg) {
-        self.handle_msg(msg, Instant::now());
+        self.handle_msg(msg, self.now);
     }
 
     fn tick(&mut self, inbox: &Inbox<'_, Msg>) {
@@ -257,6 +273,8 @@ impl Job<Msg> for TailerJob {
         }
         self.correlator.expire(now, &mut self.done);
         self.flush();
+        // For the messages handled before the next tick (this one may have been long).
+        self.now = Instant::now();
     }
 
     fn finish(&mut self) {

@@ -529,9 +529,17 @@ impl KeepAlive {
     }
 
     pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Response {
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n");
+        self.request("GET", path, headers)
+    }
+
+    /// Any method, with an empty body.
+    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if method != "GET" && method != "HEAD" {
+            req.push_str("Content-Length: 0\r\n");
         }
         req.push_str("\r\n");
         self.writer.write_all(req.as_bytes()).expect("write request");

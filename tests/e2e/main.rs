@@ -7,6 +7,7 @@
 
 mod harness;
 mod otlp;
+mod semconv;
 mod vsl;
 
 use std::time::Duration;
@@ -250,7 +251,8 @@ fn background_fetch_in_grace() {
     let s2 =
         the_one(in_trace(&spans, &t2).into_iter().filter(|s| s.kind == KIND_SERVER).collect(), "2nd SERVER", &spans);
     assert_eq!(s2.parent_span_id, PARENT);
-    assert_eq!(s2.attr_str("varnish.cache_result"), Some("hit"), "served from grace: {s2:#?}");
+    assert_eq!(s2.attr_str("varnish.cache_result"), Some("grace"), "served from grace: {s2:#?}");
+    assert!(s2.attr_str("varnish.object.age").is_none() && s2.attributes.contains_key("varnish.object.age"));
     assert_eq!(s2.attr_int("http.response.status_code"), Some(200));
     let bg = the_one(children(&spans, s2), "background fetch", &spans);
     assert_eq!(bg.kind, KIND_CLIENT, "{bg:#?}");

@@ -32,6 +32,8 @@ def field(span, name):
         return STATUS.get(span.get("status", {}).get("code", 0), "?")
     if name == "event":
         return [e["name"] for e in span.get("events", [])]
+    if name == "link":
+        return [f'{l["traceId"]}/{l["spanId"]}' for l in span.get("links", [])]
     if name in ("name", "traceId", "spanId", "parentSpanId"):
         return span.get(name, "")
     attributes = span.get("attributes", [])

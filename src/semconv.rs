@@ -1,0 +1,210 @@
+//! The OpenTelemetry HTTP semantic conventions (stable since v1.23) as plain functions over
+//! strings, so that every rule is unit-tested without Varnish: method normalisation, span names,
+//! `Host` parsing, protocol versions, header capture with its sensitive-header guard and
+//! redaction.
+//!
+//! The `varnish.*` attributes are ours, documented in the README ("What a trace contains").
+
+use std::borrow::Cow;
+
+use regex::Regex;
+
+/// The methods of RFC 9110 and RFC 5789 (PATCH): the only values `http.request.method` takes;
+/// anything else is `_OTHER`, with the original in `http.request.method_original`.
+const KNOWN_METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+
+/// `(http.request.method, needs http.request.method_original)`. Methods are case-sensitive:
+/// `get` is not `GET`.
+pub fn method(original: &str) -> (&'static str, bool) {
+    match KNOWN_METHODS.iter().find(|m| **m == original) {
+        Some(m) => (m, false),
+        None => ("_OTHER", true),
+    }
+}
+
+/// `{method} {route}` when a route is known, `{method}` otherwise, `HTTP` for `_OTHER`.
+pub fn span_name(method: &'static str, route: Option<&str>) -> Cow<'static, str> {
+    let m = if method == "_OTHER" { "HTTP" } else { method };
+    match route {
+        Some(r) if !r.is_empty() => Cow::Owned(format!("{m} {r}")),
+        _ => Cow::Borrowed(m),
+    }
+}
+
+/// `Host` (or `:authority`) to `(server.address, server.port)`: `example.com:8080`,
+/// `[::1]:80`, `example.com` (port `None`: the default of the scheme applies).
+pub fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
+    let host = host.trim();
+    if host.is_empty() {
+        return None;
+    }
+    if let Some(rest) = host.strip_prefix('[') {
+        let (addr, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        return Some((addr, port));
+    }
+    match host.rsplit_once(':') {
+        // One colon: host:port. More: an unbracketed IPv6 literal (no port).
+        Some((h, p)) if !h.contains(':') => Some((h, Some(p.parse().ok()?))),
+        _ => Some((host, None)),
+    }
+}
+
+/// `HTTP/1.1` to `1.1`, `HTTP/2.0` to `2` (`network.protocol.version`).
+pub fn protocol_version(proto: &str) -> Option<&'static str> {
+    match proto {
+        "HTTP/1.1" => Some("1.1"),
+        "HTTP/1.0" => Some("1.0"),
+        "HTTP/2.0" | "HTTP/2" => Some("2"),
+        "HTTP/3" | "HTTP/3.0" => Some("3"),
+        _ => None,
+    }
+}
+
+/// Splits a request target into path and query (`url.path`, `url.query`).
+pub fn path_and_query(url: &str) -> (&str, Option<&str>) {
+    let url = url.split('#').next().unwrap_or(url);
+    match url.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (url, None),
+    }
+}
+
+/// Headers never captured unless named explicitly (a `*` does not include them).
+pub const SENSITIVE_HEADERS: [&str; 4] = ["authorization", "cookie", "set-cookie", "proxy-authorization"];
+
+/// Which headers become `http.request.header.<name>` / `http.response.header.<name>` attributes.
+#[derive(Clone, Debug, Default)]
+pub struct HeaderCapture {
+    /// Lowercase names.
+    names: Vec<String>,
+    all: bool,
+}
+
+impl PartialEq for HeaderCapture {
+    fn eq(&self, other: &Self) -> bool {
+        self.names == other.names && self.all == other.all
+    }
+}
+
+impl HeaderCapture {
+    /// A comma-separated list of header names; `*` means every header but the sensitive ones.
+    pub fn parse(setting: &str, list: &str) -> Result<HeaderCapture, String> {
+        let mut c = HeaderCapture::default();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name == "*" {
+                c.all = true;
+            } else if name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b)) {
+                c.names.push(name.to_ascii_lowercase());
+            } else {
+                return Err(format!("{setting}: {name:?} is not a header name"));
+            }
+        }
+        Ok(c)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty() && !self.all
+    }
+
+    /// Whether a header called `name` (any case) is captured.
+    pub fn wants(&self, name: &str) -> bool {
+        let named = self.names.iter().any(|n| n.eq_ignore_ascii_case(name));
+        named || (self.all && !SENSITIVE_HEADERS.iter().any(|s| s.eq_ignore_ascii_case(name)))
+    }
+}
+
+/// Replaces every match of the redaction pattern in a captured value (or a URL query) with
+/// `REDACTED`.
+#[derive(Clone, Debug)]
+pub struct Redaction(pub Regex);
+
+impl PartialEq for Redaction {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Redaction {
+    pub fn parse(setting: &str, pattern: &str) -> Result<Redaction, String> {
+        // Bounded: a pattern from configuration must not compile into megabytes.
+        regex::RegexBuilder::new(pattern)
+            .size_limit(1 << 20)
+            .build()
+            .map(Redaction)
+            .map_err(|e| format!("{setting}: {e}"))
+    }
+
+    pub fn apply<'a>(&self, value: &'a str) -> Cow<'a, str> {
+        self.0.replace_all(value, "REDACTED")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_are_normalised_case_sensitively() {
+        assert_eq!(method("GET"), ("GET", false));
+        assert_eq!(method("PATCH"), ("PATCH", false));
+        assert_eq!(method("get"), ("_OTHER", true));
+        assert_eq!(method("PURGE"), ("_OTHER", true));
+        assert_eq!(span_name("GET", None), "GET");
+        assert_eq!(span_name("GET", Some("/users/{id}")), "GET /users/{id}");
+        assert_eq!(span_name("_OTHER", Some("/x")), "HTTP /x");
+        assert_eq!(span_name("_OTHER", None), "HTTP");
+        assert_eq!(span_name("POST", Some("")), "POST");
+    }
+
+    #[test]
+    fn hosts_split_into_address_and_port() {
+        assert_eq!(split_host("example.com"), Some(("example.com", None)));
+        assert_eq!(split_host("example.com:8080"), Some(("example.com", Some(8080))));
+        assert_eq!(split_host("[::1]:443"), Some(("::1", Some(443))));
+        assert_eq!(split_host("[::1]"), Some(("::1", None)));
+        assert_eq!(split_host("::1"), Some(("::1", None)));
+        assert_eq!(split_host(" a.b "), Some(("a.b", None)));
+        assert_eq!(split_host(""), None);
+        assert_eq!(split_host("a:b"), None);
+        assert_eq!(split_host("a:99999"), None);
+        assert_eq!(split_host("[::1]x"), None);
+    }
+
+    #[test]
+    fn protocol_versions_and_urls() {
+        assert_eq!(protocol_version("HTTP/1.1"), Some("1.1"));
+        assert_eq!(protocol_version("HTTP/2.0"), Some("2"));
+        assert_eq!(protocol_version("SPDY"), None);
+        assert_eq!(path_and_query("/a/b?x=1&y=2"), ("/a/b", Some("x=1&y=2")));
+        assert_eq!(path_and_query("/a#frag"), ("/a", None));
+        assert_eq!(path_and_query("/"), ("/", None));
+    }
+
+    #[test]
+    fn header_capture_never_takes_credentials_unless_named() {
+        let all = HeaderCapture::parse("S", "*").unwrap();
+        assert!(all.wants("X-Request-Id") && all.wants("accept"));
+        for s in SENSITIVE_HEADERS {
+            assert!(!all.wants(s), "{s}");
+            assert!(!all.wants(&s.to_ascii_uppercase()), "{s}");
+        }
+        let named = HeaderCapture::parse("S", "X-Request-Id, Cookie").unwrap();
+        assert!(named.wants("x-request-id") && named.wants("cookie"));
+        assert!(!named.wants("authorization") && !named.wants("accept"));
+        assert!(HeaderCapture::parse("S", " , ").unwrap().is_empty());
+        assert!(HeaderCapture::parse("S", "bad header").unwrap_err().contains("\"bad header\""));
+    }
+
+    #[test]
+    fn redaction_replaces_every_match() {
+        let r = Redaction::parse("R", r"(?i)token=[^&]*").unwrap();
+        assert_eq!(r.apply("a=1&token=abc&TOKEN=x"), "a=1&REDACTED&REDACTED");
+        assert_eq!(r.apply("nothing"), "nothing");
+        assert!(Redaction::parse("R", "(").unwrap_err().starts_with("R: "));
+    }
+}
