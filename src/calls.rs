@@ -8,11 +8,12 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use varnish::vcl::Ctx;
 
-use crate::config::{self, Trust};
+use crate::config::{self, propagators, Trust};
 use crate::pipeline::{self, STATS};
 use crate::propagation::traceparent;
 use crate::span::{vtim_to_unix_nano, SpanKind, Value};
 use crate::trace::{self, outgoing_traceparent, Parent};
+use crate::varnish::other_formats;
 use crate::varnish::task::{self, EsiParent, TaskState};
 use crate::varnish::{http, log, method};
 use crate::{sampling, semconv};
@@ -42,17 +43,11 @@ pub fn trace_request(ctx: &mut Ctx) {
     let sampler = sampling::active();
     // SAFETY: the header tables of the running request stay valid during this call.
     let own = unsafe { http::trace_fields(req.http) };
+    let hot = config::hot();
     let started = if esi_level == 0 {
-        trace::start(
-            SpanKind::Server,
-            Parent::Headers {
-                traceparent: &own.traceparent,
-                tracestate: &own.tracestate,
-                too_many_fields: own.too_many,
-            },
-            true,
-            &sampler,
-        )
+        // SAFETY: as above.
+        let parent = unsafe { incoming(req.http, &own, hot.propagators) };
+        trace::start(SpanKind::Server, parent, true, &sampler)
     } else {
         // ESI: the sub-request holds the client's original headers; the parent is the request
         // that included it (published in its vcl_deliver), checked against the top request.
@@ -86,7 +81,6 @@ pub fn trace_request(ctx: &mut Ctx) {
     let mut record = started.record;
     record.start_unix_nano = vtim_to_unix_nano(req.t_first.0);
     record.vxid = task::current_vxid(ctx);
-    let hot = config::hot();
     if hot.trust != Trust::Extract && esi_level == 0 {
         trace::restart_as_root(&mut record, &sampler, hot.trust == Trust::Link);
     }
@@ -128,16 +122,9 @@ pub fn trace_backend(ctx: &mut Ctx) {
         return;
     }
     let fields = unsafe { http::trace_fields(bo.bereq) };
-    let started = trace::start(
-        SpanKind::Client,
-        Parent::Headers {
-            traceparent: &fields.traceparent,
-            tracestate: &fields.tracestate,
-            too_many_fields: fields.too_many,
-        },
-        false,
-        &sampling::active(),
-    );
+    // SAFETY: the bereq of the running fetch.
+    let parent = unsafe { incoming(bo.bereq, &fields, config::hot().propagators) };
+    let started = trace::start(SpanKind::Client, parent, false, &sampling::active());
     if let Some(why) = started.restarted_because {
         log::vcl(ctx, format!("invalid bereq traceparent ({why}): starting a new trace"));
     }
@@ -450,6 +437,25 @@ pub fn trust(ctx: &mut Ctx, mode: &CStr) {
     }
 }
 
+/// The value of `key` in the W3C Baggage of the request (client side) or fetch (backend side),
+/// decoded; an empty string when absent or when the `baggage` propagator is not enabled.
+pub fn baggage(ctx: &mut Ctx, key: &CStr) -> String {
+    if config::hot().propagators & propagators::BAGGAGE == 0 {
+        log::vcl(ctx, "baggage(): the baggage propagator is not enabled (OTEL_PROPAGATORS); empty");
+        return String::new();
+    }
+    // SAFETY: the header table of the running task (req on the client side, bereq on the
+    // backend side), valid for the call.
+    let hp = unsafe { ctx.raw.req.as_ref().map_or(ctx.raw.http_bereq.0.cast_const(), |r| r.http.cast_const()) };
+    let fields: Vec<&[u8]> = unsafe { http::fields(hp) }
+        .filter(|(n, _)| n.eq_ignore_ascii_case(b"baggage"))
+        .map(|(_, v)| v)
+        .take(http::MAX_FIELDS)
+        .collect();
+    let parsed = crate::propagation::baggage::parse(&fields);
+    key.to_str().ok().and_then(|k| parsed.get(k)).unwrap_or_default().to_owned()
+}
+
 pub fn trace_id(ctx: &mut Ctx) -> String {
     task::current(ctx).map(|s| s.record.trace_id.to_hex()).unwrap_or_default()
 }
@@ -619,17 +625,44 @@ unsafe fn tell_the_client(resp: *mut varnish::ffi::http, record: &crate::span::S
 /// # Safety
 /// `hp` must be NULL or a writable `struct http` of the running task.
 unsafe fn write_context(hp: *mut varnish::ffi::http, state: &TaskState) {
-    let tp = outgoing_traceparent(&state.record);
-    http::force(hp, http::H_TRACEPARENT, &tp[..55]);
-    match &state.record.tracestate {
-        // Validated printable ASCII (propagation::tracestate), at most 512 bytes.
-        Some(ts) => {
-            http::force(hp, http::H_TRACESTATE, ts.as_bytes());
+    let bits = config::hot().propagators;
+    let r = &state.record;
+    if bits & propagators::TRACECONTEXT != 0 {
+        let tp = outgoing_traceparent(r);
+        http::force(hp, http::H_TRACEPARENT, &tp[..55]);
+        match &r.tracestate {
+            // Validated printable ASCII (propagation::tracestate), at most 512 bytes.
+            Some(ts) => {
+                http::force(hp, http::H_TRACESTATE, ts.as_bytes());
+            }
+            // An invalid incoming tracestate must not travel on; none at all needs no work.
+            None if state.had_tracestate => http::unset(hp, http::H_TRACESTATE),
+            None => {}
         }
-        // An invalid incoming tracestate must not travel on; none at all needs no work.
-        None if state.had_tracestate => http::unset(hp, http::H_TRACESTATE),
-        None => {}
     }
+    if bits & (propagators::B3 | propagators::B3MULTI | propagators::JAEGER) != 0 {
+        other_formats::inject(hp, bits, &r.trace_id.0, &r.span_id.0, r.sampled());
+    }
+}
+
+/// The caller's context: `traceparent` when Trace Context is enabled and the field is there,
+/// else the first present of the other enabled formats (B3, Jaeger).
+///
+/// # Safety
+/// `hp` must be the header table `own` was read from, valid for the call.
+unsafe fn incoming<'a>(hp: *const varnish::ffi::http, own: &'a http::TraceFields<'a>, bits: u8) -> Parent<'a> {
+    let tracecontext = bits & propagators::TRACECONTEXT != 0;
+    if (tracecontext && (!own.traceparent.is_empty() || own.too_many))
+        || bits & (propagators::B3 | propagators::B3MULTI | propagators::JAEGER) == 0
+    {
+        let none: &[&[u8]] = &[];
+        return Parent::Headers {
+            traceparent: if tracecontext { &own.traceparent } else { none },
+            tracestate: if tracecontext { &own.tracestate } else { none },
+            too_many_fields: tracecontext && own.too_many,
+        };
+    }
+    other_formats::extract(hp, bits)
 }
 
 /// `opentracing.set()`: records an override for this VCL and checks the whole configuration at

@@ -250,9 +250,11 @@ pub mod propagators {
                 "b3multi" => B3MULTI,
                 "jaeger" => JAEGER,
                 "none" => 0,
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "OTEL_PROPAGATORS: {other:?} is not supported (tracecontext, baggage, b3, b3multi, jaeger, none)"
-                )),
+                ))
+                }
             };
         }
         Ok(bits)

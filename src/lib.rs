@@ -159,6 +159,13 @@ mod opentracing {
         guarded(ctx, "trust", (), |ctx| calls::trust(ctx, mode));
     }
 
+    /// The value of `key` in the request's W3C Baggage (`baggage` header; on the backend side,
+    /// the fetch's), percent-decoded, or an empty string. Baggage travels on to the backends as
+    /// it came; set `req.http.baggage` to change it.
+    pub fn baggage(ctx: &mut Ctx, key: &CStr) -> String {
+        guarded(ctx, "baggage", String::new(), |ctx| calls::baggage(ctx, key))
+    }
+
     /// The current span's trace ID (32 lowercase hex digits), or an empty string if this task
     /// has no span.
     pub fn trace_id(ctx: &mut Ctx) -> String {

@@ -19,6 +19,9 @@ pub enum Parent<'a> {
     Headers { traceparent: &'a [&'a [u8]], tracestate: &'a [&'a [u8]], too_many_fields: bool },
     /// A span of this process (the parent request of an ESI sub-request).
     Local { trace_id: TraceId, span_id: SpanId, flags: u8, tracestate: Option<String> },
+    /// A context from another propagation format (B3, Jaeger): `ids` when the caller sent a
+    /// span to continue; `sampled` its decision, `None` when it deferred it to us.
+    Other { ids: Option<(TraceId, SpanId)>, sampled: Option<bool> },
 }
 
 /// A new span and what to tell the operator about the incoming context.
@@ -57,6 +60,21 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &
                     restarted_because = Some(e.as_str());
                     record = SpanRecord::new(kind, TraceId::random(), span_id, None);
                     record.flags = u8::from(sampler.decide(&record.trace_id, None));
+                }
+            }
+        }
+        Parent::Other { ids, sampled } => {
+            match ids {
+                Some((trace_id, parent_id)) => {
+                    record = SpanRecord::new(kind, trace_id, span_id, Some(parent_id));
+                    record.parent_is_remote = remote_parent;
+                    record.flags = u8::from(sampler.decide(&record.trace_id, sampled));
+                }
+                None => {
+                    // B3's sampling-only form: a new trace with the caller's decision.
+                    record = SpanRecord::new(kind, TraceId::random(), span_id, None);
+                    let decided = sampled.unwrap_or_else(|| sampler.decide(&record.trace_id, None));
+                    record.flags = u8::from(decided);
                 }
             }
         }

@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod log;
+pub mod other_formats;
 pub mod peer;
 pub mod status_filter;
 pub mod task;
