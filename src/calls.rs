@@ -87,7 +87,7 @@ pub fn trace_request(ctx: &mut Ctx) {
     // An unsampled span is never exported: it only carries the context, so skip the rest.
     if record.sampled() {
         // SAFETY: ctx.raw is the running request's context.
-        unsafe { server_attributes(&ctx.raw, req, &mut record) };
+        unsafe { server_attributes(ctx.raw, req, &mut record) };
     }
     // The context is written into the request only when it goes to a backend (see
     // `cache_result`): a cache hit, the common case, never pays for the header.
