@@ -22,6 +22,10 @@ use crate::worker::Worker;
 /// at the default 2048 holds 400k spans/s, beyond what one varnishd serves here.
 pub const EXPORT_TICK: Duration = Duration::from_millis(5);
 
+/// How often the exporter looks for spans while it has none (the counters are published at this
+/// pace then).
+pub const IDLE_TICK: Duration = Duration::from_millis(20);
+
 /// How long the CLI thread may wait for the exporter to drain at the last cold VCL; well under
 /// Varnish's default `cli_timeout` of 60 s.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
@@ -226,7 +230,7 @@ fn start_exporter(life: &mut Lifecycle, cfg: &Config) -> Result<(Worker<Box<Span
     let counters = life.counters.get_or_insert_with(|| Arc::new(SharedCounters(Vsc::new("OPENTRACING", "")))).clone();
     let stop = StopSignal::new();
     let job = ExportJob::new(cfg.export.clone(), Some(counters), stop.clone())?;
-    let worker = Worker::spawn("otel-export", cfg.export.queue_size, EXPORT_TICK, job)
+    let worker = Worker::spawn_with_idle_tick("otel-export", cfg.export.queue_size, EXPORT_TICK, IDLE_TICK, job)
         .map_err(|e| format!("cannot start the exporter thread: {e}"))?;
     Ok((worker, stop))
 }

@@ -42,6 +42,11 @@ pub trait Job<M>: Send + 'static {
     fn tick(&mut self, inbox: &Inbox<'_, M>);
     /// Called once after the channel is closed and drained, before the thread exits.
     fn finish(&mut self);
+    /// Whether the job has nothing in hand: the worker then sleeps its longer idle tick, so that
+    /// an untraced varnishd is not woken a thousand times a second for nothing.
+    fn idle(&self) -> bool {
+        false
+    }
 }
 
 pub struct Worker<M: Send + 'static> {
@@ -53,7 +58,19 @@ pub struct Worker<M: Send + 'static> {
 }
 
 impl<M: Send + 'static> Worker<M> {
-    pub fn spawn(name: &'static str, capacity: usize, tick: Duration, mut job: impl Job<M>) -> io::Result<Self> {
+    pub fn spawn(name: &'static str, capacity: usize, tick: Duration, job: impl Job<M>) -> io::Result<Self> {
+        Worker::spawn_with_idle_tick(name, capacity, tick, tick, job)
+    }
+
+    /// `spawn`, sleeping `idle_tick` instead of `tick` while the job says it is idle. Messages
+    /// sent meanwhile wait at most `idle_tick` (the queue must hold that many).
+    pub fn spawn_with_idle_tick(
+        name: &'static str,
+        capacity: usize,
+        tick: Duration,
+        idle_tick: Duration,
+        mut job: impl Job<M>,
+    ) -> io::Result<Self> {
         let (tx, rx) = bounded::<M>(capacity);
         let (stop_tx, stop_rx) = bounded::<()>(1);
         let (done_tx, done) = bounded::<()>(1);
@@ -70,8 +87,9 @@ impl<M: Send + 'static> Worker<M> {
                         }
                     }
                     job.tick(&Inbox(&rx));
+                    let sleep = if rx.is_empty() && job.idle() { idle_tick } else { tick };
                     // Sleep on the stop channel, not the data channel: sends never wake us.
-                    match stop_rx.recv_timeout(tick) {
+                    match stop_rx.recv_timeout(sleep) {
                         Err(RecvTimeoutError::Timeout) => {}
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => {
                             while let Ok(msg) = rx.try_recv() {

@@ -247,6 +247,10 @@ impl Job<Box<SpanRecord>> for ExportJob {
         self.export(due);
     }
 
+    fn idle(&self) -> bool {
+        self.waiting.is_empty() && self.batch.is_empty()
+    }
+
     fn finish(&mut self) {
         // Stopping: send everything, retrying until the stop deadline (the OTLP client gives up
         // at the same instant), then count what is left as dropped.

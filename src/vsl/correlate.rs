@@ -17,9 +17,9 @@
 //!
 //! Cost: all of this runs once or more per traced request, on one thread that must keep up with
 //! the log. So records are parsed as bytes (no UTF-8 validation, no allocation but for the rare
-//! error texts), and the spans followed live in the slots of a slab, reused with their buffers:
-//! a span costs one hash insert and removal per VXID and one lookup per batch, and its events
-//! one allocation, which goes to the exporter with the span.
+//! texts we keep), and the spans followed live in the slots of a slab, reused with their
+//! buffers: a span costs a few hash operations, and one allocation, for its events, which go to
+//! the exporter with it.
 //!
 //! Threading: owned by the tailer thread; no locks.
 
