@@ -365,4 +365,24 @@ mod tests {
         assert_eq!(vtim_to_unix_nano(f64::NAN), 0);
         assert_eq!(vtim_to_unix_nano(-1.0), 0);
     }
+
+    #[test]
+    fn limits_come_from_the_settings_span_specific_first() {
+        use crate::config::Settings;
+        let l = AttributeLimits::from_settings(&Settings::only(&[]).unwrap()).unwrap();
+        assert_eq!(l, AttributeLimits::default());
+        let l = AttributeLimits::from_settings(
+            &Settings::only(&[
+                ("OTEL_ATTRIBUTE_COUNT_LIMIT", "10"),
+                ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "20"),
+                ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "30"),
+                ("OTEL_SPAN_EVENT_COUNT_LIMIT", "5"),
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!((l.count, l.value_len, l.events, l.links), (20, 30, 5, 128));
+        let e = AttributeLimits::from_settings(&Settings::only(&[("OTEL_SPAN_LINK_COUNT_LIMIT", "-1")]).unwrap());
+        assert!(e.unwrap_err().contains("OTEL_SPAN_LINK_COUNT_LIMIT"));
+    }
 }
