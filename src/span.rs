@@ -287,6 +287,13 @@ impl SpanRecord {
         self.attributes.iter().find(|a| a.key == key).map(|a| &a.value)
     }
 
+    /// Adds a span link, within `OTEL_SPAN_LINK_COUNT_LIMIT`.
+    pub fn add_link(&mut self, trace_id: TraceId, span_id: SpanId) {
+        if self.links.len() < max_links() {
+            self.links.push(Link { trace_id, span_id });
+        }
+    }
+
     pub fn add_event(&mut self, time_unix_nano: u64, name: impl Into<Cow<'static, str>>) {
         // Bounded like attributes: a looping VCL must not grow a record without limit.
         if self.events.len() < max_events() {

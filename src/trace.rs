@@ -94,7 +94,7 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &
 pub fn restart_as_root(record: &mut SpanRecord, sampler: &Sampler, link: bool) {
     let Some(parent) = record.parent_span_id.take() else { return };
     if link {
-        record.links.push(crate::span::Link { trace_id: record.trace_id, span_id: parent });
+        record.add_link(record.trace_id, parent);
     }
     record.trace_id = TraceId::random();
     record.parent_is_remote = false;

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use super::record::{Record, Tag, TagTable};
 use crate::ids::{SpanId, TraceId};
-use crate::span::{ClosedBy, Event, Link, SpanKind, SpanRecord, StatusCode, Value};
+use crate::span::{ClosedBy, Event, SpanKind, SpanRecord, StatusCode, Value};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -147,7 +147,7 @@ impl LogData {
         }
         if let Some(obj) = self.hit_obj {
             if let Some(&(trace_id, span_id)) = fetched.get(&obj) {
-                record.links.push(Link { trace_id, span_id });
+                record.add_link(trace_id, span_id);
             }
         }
         if self.start_ns.is_some() {
