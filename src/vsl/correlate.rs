@@ -677,6 +677,7 @@ fn backstop(mut record: Box<SpanRecord>) -> Box<SpanRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::span::Link;
     use crate::vsl::record::{encode, records};
 
     // Tag numbers of the synthetic log.
