@@ -110,7 +110,8 @@ ensure() {
     candidate="$(apt-cache policy varnish 2>/dev/null | awk '/Candidate:/ { print $2 }' | sed 's/^[0-9]*://; s/-.*//')"
     if [ -n "$candidate" ] && [ "$candidate" != "(none)" ] && version_ge "$candidate" "$MIN_VERSION"; then
         log "installing the distribution's Varnish $candidate"
-        apt_install varnish varnish-dev pkgconf libclang-dev
+        # Debian's development package is libvarnishapi-dev (there is no varnish-dev).
+        apt_install varnish libvarnishapi-dev pkgconf libclang-dev
     else
         build_from_debian_source
     fi
