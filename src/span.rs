@@ -235,7 +235,9 @@ impl SpanRecord {
             Value::Str(s) => Value::Str(truncate(s, max_value_len())),
             other => other,
         };
-        if let Some(existing) = self.attributes.iter_mut().find(|a| a.key == key) {
+        // From the end: the keys set again (status, sizes at the task's end and from the log)
+        // are the ones set last, so the search usually stops after a few comparisons.
+        if let Some(existing) = self.attributes.iter_mut().rev().find(|a| a.key == key) {
             existing.value = value;
         } else if self.attributes.len() < max_attributes() {
             if self.attributes.capacity() == 0 {
@@ -284,7 +286,7 @@ impl SpanRecord {
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.attributes.iter().find(|a| a.key == key).map(|a| &a.value)
+        self.attributes.iter().rev().find(|a| a.key == key).map(|a| &a.value)
     }
 
     /// Adds a span link, within `OTEL_SPAN_LINK_COUNT_LIMIT`.
