@@ -66,7 +66,10 @@ fn number(out: &mut String, n: impl itoa::Integer) {
 
 fn float(out: &mut String, f: f64) {
     use std::fmt::Write;
-    let _ = write!(out, "{f}");
+    // `{:?}` switches to an exponent for very large and very small values ("1e300"), which
+    // JSON allows; `{}` would print f64::MAX as 309 digits, which JSON parsers refuse as out of
+    // range.
+    let _ = write!(out, "{f:?}");
 }
 
 /// A 64-bit integer as the proto3 JSON mapping wants it: a decimal string.
@@ -304,5 +307,15 @@ mod tests {
         assert!(v.get("parentSpanId").is_none());
         assert!(v["status"].get("code").is_none());
         assert_eq!(v["flags"], 0x101);
+    }
+
+    #[test]
+    fn extreme_floats_stay_parseable_json() {
+        for f in [f64::MAX, f64::MIN_POSITIVE, 1e-300, -2.5e200, 0.1, 3.0] {
+            let mut out = String::new();
+            float(&mut out, f);
+            let back: f64 = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));
+            assert_eq!(back, f, "{out}");
+        }
     }
 }
