@@ -10,7 +10,6 @@ use varnish::vcl::Ctx;
 
 use crate::config::{self, propagators, Trust};
 use crate::pipeline::{self, STATS};
-use crate::propagation::traceparent;
 use crate::span::{vtim_to_unix_nano, SpanKind, Value};
 use crate::trace::{self, outgoing_traceparent, Parent};
 use crate::varnish::other_formats;
@@ -50,26 +49,27 @@ pub fn trace_request(ctx: &mut Ctx) {
         trace::start(SpanKind::Server, parent, true, &sampler)
     } else {
         // ESI: the sub-request holds the client's original headers; the parent is the request
-        // that included it (published in its vcl_deliver), checked against the top request.
-        let top = unsafe { http::trace_fields(ctx.raw.http_req_top.0) };
-        let top_trace = traceparent::parse(&top.traceparent).ok().flatten().map(|c| c.trace_id);
-        match task::esi_parent(esi_level).filter(|p| Some(p.trace_id.0) == top_trace) {
+        // that included it (published in its vcl_deliver on this thread), when it belongs to
+        // the same top request (a cached page never rewrote its headers, so they cannot tell).
+        let top_req = req.top as usize;
+        match task::esi_parent(esi_level).filter(|p| p.top == top_req) {
             Some(p) => trace::start(
                 SpanKind::Internal,
                 Parent::Local { trace_id: p.trace_id, span_id: p.span_id, flags: p.flags, tracestate: None },
                 false,
                 &sampler,
             ),
-            None => trace::start(
-                SpanKind::Internal,
-                Parent::Headers {
+            // Untraced parent: the client's context, if it is trusted; a new trace otherwise.
+            None if hot.trust == Trust::Extract => {
+                let top = unsafe { http::trace_fields(ctx.raw.http_req_top.0) };
+                let parent = Parent::Headers {
                     traceparent: &top.traceparent,
                     tracestate: &top.tracestate,
                     too_many_fields: top.too_many,
-                },
-                false,
-                &sampler,
-            ),
+                };
+                trace::start(SpanKind::Internal, parent, false, &sampler)
+            }
+            None => trace::start(SpanKind::Internal, Parent::Other { ids: None, sampled: None }, false, &sampler),
         }
     };
     if let Some(why) = started.restarted_because {
@@ -78,14 +78,19 @@ pub fn trace_request(ctx: &mut Ctx) {
     if let Some(why) = started.tracestate_dropped_because {
         log::vcl(ctx, format!("invalid tracestate ({why}): dropped"));
     }
+    let caller_sampled = started.caller_sampled;
     let mut record = started.record;
     record.start_unix_nano = vtim_to_unix_nano(req.t_first.0);
     record.vxid = task::current_vxid(ctx);
-    if hot.trust != Trust::Extract && esi_level == 0 {
+    let incoming = if esi_level == 0 { trace::Incoming::of(&record, caller_sampled) } else { None };
+    let mut trust = Trust::Extract;
+    if hot.trust != Trust::Extract && incoming.is_some() {
         trace::restart_as_root(&mut record, &sampler, hot.trust == Trust::Link);
+        trust = hot.trust;
     }
     // An unsampled span is never exported: it only carries the context, so skip the rest.
-    if record.sampled() {
+    let described = record.sampled();
+    if described {
         // SAFETY: ctx.raw is the running request's context.
         unsafe { server_attributes(ctx.raw, req, &mut record) };
     }
@@ -94,6 +99,9 @@ pub fn trace_request(ctx: &mut Ctx) {
     let mut state = TaskState::new(record);
     state.repeats_seen = req.restarts;
     state.had_tracestate = !own.tracestate.is_empty();
+    state.described = described;
+    state.incoming = incoming;
+    state.trust = trust;
     STATS.spans_started.fetch_add(1, Relaxed);
     if state.record.sampled() {
         crate::vsl::tailer::track(state.record.vxid);
@@ -171,7 +179,12 @@ pub fn finish(ctx: &mut Ctx) -> bool {
                 state.record.set_str("varnish.cache_result", "synth");
             }
             let r = &state.record;
-            task::publish_esi_parent(level, EsiParent { trace_id: r.trace_id, span_id: r.span_id, flags: r.flags });
+            // SAFETY: ctx->req is valid in vcl_deliver/vcl_synth.
+            let top = unsafe { (*ctx.raw.req).top as usize };
+            task::publish_esi_parent(
+                level,
+                EsiParent { trace_id: r.trace_id, span_id: r.span_id, flags: r.flags, top },
+            );
             // SAFETY: ctx->req is valid in vcl_deliver/vcl_synth.
             let (req_http, resp) = unsafe { ((*ctx.raw.req).http, (*ctx.raw.req).resp) };
             want_filter = r.sampled() && status == 200 && unsafe { http::is_conditional(req_http) };
@@ -391,17 +404,27 @@ pub fn sample(ctx: &mut Ctx, on: bool) {
     if state.record.sampled() == on {
         return;
     }
-    if on {
-        state.record.flags |= 1;
-        // SAFETY: a client task in vcl_recv; `raw` is its context.
-        unsafe {
-            let raw = &*raw;
-            server_attributes(raw, &*raw.req, &mut state.record);
+    state.record.flags = (state.record.flags & !1) | u8::from(on);
+    // SAFETY: a client task in vcl_recv; `raw` is its context.
+    unsafe { sampling_changed(&*raw, state, !on) };
+}
+
+/// After the sampled flag of a client span changed in `vcl_recv`: record the request's
+/// attributes the first time it is sampled, and tell the tailer.
+///
+/// # Safety
+/// `raw` must be the running client task's context.
+unsafe fn sampling_changed(raw: &varnish::ffi::vrt_ctx, state: &mut TaskState, was_sampled: bool) {
+    match (was_sampled, state.record.sampled()) {
+        (false, true) => {
+            if !state.described {
+                server_attributes(raw, &*raw.req, &mut state.record);
+                state.described = true;
+            }
+            crate::vsl::tailer::track(state.record.vxid);
         }
-        crate::vsl::tailer::track(state.record.vxid);
-    } else {
-        state.record.flags &= !1;
-        crate::vsl::tailer::forget(state.record.vxid);
+        (true, false) => crate::vsl::tailer::forget(state.record.vxid),
+        _ => {}
     }
 }
 
@@ -420,21 +443,22 @@ pub fn trust(ctx: &mut Ctx, mode: &CStr) {
         log::vcl(ctx, "trust() before trace_request(); ignored");
         return;
     };
-    if mode == Trust::Extract || state.record.kind != SpanKind::Server {
+    // Nothing came from the caller (or an ESI sub-request): every mode is the same.
+    let Some(incoming) = state.incoming.clone().filter(|_| state.record.kind == SpanKind::Server) else { return };
+    if mode == state.trust {
         return;
     }
     let was_sampled = state.record.sampled();
-    trace::restart_as_root(&mut state.record, &sampling::active(), mode == Trust::Link);
-    match (was_sampled, state.record.sampled()) {
-        (false, true) => {
-            let raw = ctx.raw as *const varnish::ffi::vrt_ctx;
-            // SAFETY: a client task in vcl_recv.
-            unsafe { server_attributes(&*raw, &*(*raw).req, &mut state.record) };
-            crate::vsl::tailer::track(state.record.vxid);
-        }
-        (true, false) => crate::vsl::tailer::forget(state.record.vxid),
-        _ => {}
+    let sampler = sampling::active();
+    // Back to the caller's context, then the new mode from there.
+    incoming.restore(&mut state.record, &sampler);
+    if mode != Trust::Extract {
+        trace::restart_as_root(&mut state.record, &sampler, mode == Trust::Link);
     }
+    state.trust = mode;
+    let raw = ctx.raw as *const varnish::ffi::vrt_ctx;
+    // SAFETY: a client task in vcl_recv.
+    unsafe { sampling_changed(&*raw, state, was_sampled) };
 }
 
 /// The value of `key` in the W3C Baggage of the request (client side) or fetch (backend side),

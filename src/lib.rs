@@ -241,7 +241,15 @@ mod opentracing {
         }));
         match result {
             Ok(r) => r.map_err(|e| format!("opentracing: {e}")),
-            Err(_) => Err("opentracing: internal error in the VCL event handler".to_owned()),
+            // Only the load event may fail: Varnish asserts that COLD and DISCARD succeed, and a
+            // failure from a varnish-rs WARM handler trips an assertion too (it calls VRT_fail).
+            Err(_) if matches!(event, Event::Load) => {
+                Err("opentracing: internal error in the VCL event handler".to_owned())
+            }
+            Err(_) => {
+                crate::varnish::log::global("internal error in the VCL event handler; ignored");
+                Ok(())
+            }
         }
     }
 }

@@ -294,6 +294,8 @@ pub fn vcl_warm(settings: &Settings) -> String {
 
 fn warm_up(life: &mut Lifecycle, settings: &Settings) -> Result<(&'static str, String), String> {
     let cfg = Config::from_settings(settings)?;
+    // What the request path reads applies whatever happens to the exporter.
+    apply_request_path_settings(&cfg);
     let what = if !is_running() {
         let (worker, stop) = start_exporter(life, &cfg)?;
         *EXPORTER.write() = Some(worker);
@@ -353,18 +355,20 @@ pub fn vcl_cold() -> String {
         return format!("pipeline kept for {} warm VCLs", life.warm_vcls);
     }
     life.running = None;
-    // The tailer first: its last tick hands every finished span to the exporter.
-    if !crate::vsl::tailer::stop(STOP_DEADLINE) {
-        STATS.stop_timeouts.fetch_add(1, Relaxed);
-    }
+    // One deadline for the whole stop, tailer and exporter together.
+    let deadline = Instant::now() + STOP_DEADLINE;
     // Requests in flight give up in time for the exporter to count what is left and stop.
     if let Some(s) = &life.stop_signal {
-        s.stop_by(Instant::now() + STOP_DEADLINE.saturating_sub(Duration::from_millis(500)));
+        s.stop_by(deadline - Duration::from_millis(500));
+    }
+    // The tailer first: its last tick hands every finished span to the exporter.
+    if !crate::vsl::tailer::stop(STOP_DEADLINE / 2) {
+        STATS.stop_timeouts.fetch_add(1, Relaxed);
     }
     let worker = EXPORTER.write().take();
     match worker {
         Some(w) => {
-            if w.stop(STOP_DEADLINE) {
+            if w.stop(deadline.saturating_duration_since(Instant::now())) {
                 "pipeline stopped".to_owned()
             } else {
                 STATS.stop_timeouts.fetch_add(1, Relaxed);

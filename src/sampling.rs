@@ -81,7 +81,9 @@ impl Sampler {
 }
 
 fn rate(arg: Option<&str>) -> Result<f64, String> {
-    let a = arg.map(str::trim).unwrap_or("");
+    // Without an argument, 1 trace per second (the SDK defaults a missing ratio to 1.0 too), so
+    // that `opentracing.set()` calls for the sampler and its argument work in either order.
+    let a = arg.map(str::trim).filter(|a| !a.is_empty()).unwrap_or("1");
     a.parse::<f64>()
         .ok()
         .filter(|r| r.is_finite() && *r > 0.0)
@@ -109,7 +111,8 @@ fn rate_limit_allows() -> bool {
     let mut tat = RATE_TAT.load(Relaxed);
     loop {
         let next = tat.max(now).saturating_add(interval);
-        if next > now.saturating_add(BURST_NS) {
+        // The burst is at least one trace: below 1 trace/s the interval exceeds a second.
+        if next > now.saturating_add(BURST_NS.max(interval)) {
             return false;
         }
         match RATE_TAT.compare_exchange_weak(tat, next, Relaxed, Relaxed) {
@@ -240,7 +243,7 @@ mod tests {
         let s = Sampler::from_env_values(Some("ratelimiting"), Some("10")).unwrap();
         assert_eq!(s.root, Root::RateLimit(10.0));
         assert!(Sampler::from_env_values(Some("ratelimiting"), Some("0")).unwrap_err().contains("traces per second"));
-        assert!(Sampler::from_env_values(Some("ratelimiting"), None).is_err());
+        assert_eq!(Sampler::from_env_values(Some("ratelimiting"), None).unwrap().root, Root::RateLimit(1.0));
         let pb = Sampler::from_env_values(Some("parentbased_ratelimiting"), Some("1")).unwrap();
         assert!(pb.parent_based && pb.decide(&tid(1), Some(true)));
         // The limiter itself, driven directly: a burst of one second's worth (10), then no more
@@ -251,6 +254,10 @@ mod tests {
         assert!((10..=11).contains(&allowed), "allowed {allowed}");
         RATE_TAT.store(monotonic_ns().saturating_sub(2_000_000_000), Relaxed);
         assert!(rate_limit_allows(), "allowed again once the arrival time is in the past");
+        // Below one trace per second: one trace, then none until the interval has passed.
+        RATE_INTERVAL_NS.store(2_000_000_000, Relaxed);
+        RATE_TAT.store(0, Relaxed);
+        assert_eq!((0..100).filter(|_| rate_limit_allows()).count(), 1);
     }
 
     #[test]

@@ -31,11 +31,14 @@ pub struct Started {
     pub restarted_because: Option<&'static str>,
     /// Why the incoming `tracestate` was dropped, for a VSL line.
     pub tracestate_dropped_because: Option<&'static str>,
+    /// The caller's sampling decision, when it sent one.
+    pub caller_sampled: Option<bool>,
 }
 
 pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &Sampler) -> Started {
     let mut restarted_because = None;
     let mut tracestate_dropped_because = None;
+    let mut caller_sampled = None;
     let span_id = SpanId::random();
     let mut record;
     match parent {
@@ -43,6 +46,7 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &
             let parsed = if too_many_fields { Err(traceparent::Invalid::Repeated) } else { traceparent::parse(tp) };
             match parsed {
                 Ok(Some(ctx)) => {
+                    caller_sampled = Some(ctx.sampled());
                     record = SpanRecord::new(kind, TraceId(ctx.trace_id), span_id, Some(SpanId(ctx.span_id)));
                     record.parent_is_remote = remote_parent;
                     record.flags = u8::from(sampler.decide(&record.trace_id, Some(ctx.sampled())));
@@ -64,6 +68,7 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &
             }
         }
         Parent::Other { ids, sampled } => {
+            caller_sampled = sampled;
             match ids {
                 Some((trace_id, parent_id)) => {
                     record = SpanRecord::new(kind, trace_id, span_id, Some(parent_id));
@@ -85,21 +90,61 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &
             record.tracestate = tracestate;
         }
     }
-    Started { record, restarted_because, tracestate_dropped_because }
+    Started { record, restarted_because, tracestate_dropped_because, caller_sampled }
 }
 
 /// Makes `record` the root of a new trace (trust modes `ignore` and `link`): the incoming
 /// context is not continued, its `tracestate` is dropped, the sampler decides afresh as for a
 /// root, and with `link` the incoming context becomes a span link.
 pub fn restart_as_root(record: &mut SpanRecord, sampler: &Sampler, link: bool) {
-    let Some(parent) = record.parent_span_id.take() else { return };
-    if link {
-        record.add_link(record.trace_id, parent);
+    if let Some(parent) = record.parent_span_id.take() {
+        if link {
+            record.add_link(record.trace_id, parent);
+        }
+        record.trace_id = TraceId::random();
     }
-    record.trace_id = TraceId::random();
     record.parent_is_remote = false;
     record.tracestate = None;
+    // Decided afresh even without a parent: a caller's bare sampling decision (B3's `b3: 1`)
+    // must not count either.
     record.flags = u8::from(sampler.decide(&record.trace_id, None));
+}
+
+/// The caller's context as it came, kept so that VCL can change its mind with `trust()`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Incoming {
+    pub trace_id: TraceId,
+    /// `None` for a bare sampling decision (B3's sampling-only form).
+    pub span_id: Option<SpanId>,
+    pub sampled: Option<bool>,
+    pub tracestate: Option<String>,
+}
+
+impl Incoming {
+    /// What a just-started span took from its caller, if anything.
+    pub fn of(record: &SpanRecord, caller_sampled: Option<bool>) -> Option<Incoming> {
+        (record.parent_span_id.is_some() || caller_sampled.is_some()).then(|| Incoming {
+            trace_id: record.trace_id,
+            span_id: record.parent_span_id,
+            sampled: caller_sampled,
+            tracestate: record.tracestate.clone(),
+        })
+    }
+
+    /// Makes `record` continue this context again (`trust("extract")` after `ignore`/`link`).
+    pub fn restore(&self, record: &mut SpanRecord, sampler: &Sampler) {
+        if let Some(parent) = self.span_id {
+            record.links.retain(|l| !(l.trace_id == self.trace_id && l.span_id == parent));
+            record.trace_id = self.trace_id;
+            record.parent_span_id = Some(parent);
+            record.parent_is_remote = true;
+        }
+        record.tracestate = self.tracestate.clone();
+        record.flags = match (self.span_id, self.sampled) {
+            (None, Some(decided)) => u8::from(decided),
+            (_, sampled) => u8::from(sampler.decide(&record.trace_id, sampled)),
+        };
+    }
 }
 
 /// The `traceparent` to send downstream for `record`, NUL-terminated for Varnish.

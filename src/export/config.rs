@@ -82,6 +82,8 @@ pub const DEFAULT_FILE: &str = "opentracing-spans.jsonl";
 /// workers, which can delay it; 2048 dropped a quarter of the spans at 60k spans/s in
 /// `make bench` (docs/performance.md). 16384 spans are at most ~8 MB.
 pub const DEFAULT_QUEUE_SIZE: usize = 16384;
+pub const MAX_QUEUE_SIZE: usize = 1 << 20;
+pub const MAX_BATCH_SIZE: usize = 1 << 16;
 const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318";
 const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
 
@@ -111,13 +113,18 @@ impl ExportConfig {
             }
         };
         let queue_size = s.number("OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_QUEUE_SIZE, false)?;
-        let batch_size = s.number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, false)?;
-        if batch_size > queue_size {
-            // The SDK specification requires this of the two settings.
-            return Err(format!(
-                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE={batch_size} is larger than OTEL_BSP_MAX_QUEUE_SIZE={queue_size}"
-            ));
+        // Upper bounds: the queue's slots are allocated up front, and an allocation failure
+        // aborts the process (no unwinding), so a typo must fail the load instead.
+        if queue_size > MAX_QUEUE_SIZE {
+            return Err(format!("OTEL_BSP_MAX_QUEUE_SIZE={queue_size} is larger than {MAX_QUEUE_SIZE}"));
         }
+        let batch_size = s.number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, false)?;
+        if batch_size > MAX_BATCH_SIZE {
+            return Err(format!("OTEL_BSP_MAX_EXPORT_BATCH_SIZE={batch_size} is larger than {MAX_BATCH_SIZE}"));
+        }
+        // The SDK specification wants the batch no larger than the queue; cutting it (rather
+        // than refusing) keeps `opentracing.set()` calls independent of their order.
+        let batch_size = batch_size.min(queue_size);
         Ok(ExportConfig {
             sink,
             queue_size,
@@ -232,6 +239,9 @@ mod tests {
         assert_eq!((c.queue_size, c.batch_size), (DEFAULT_QUEUE_SIZE, 512));
         assert_eq!(c.flush_interval, Duration::from_secs(5));
         assert_eq!(c.export_timeout, Duration::from_secs(30));
+        // A batch larger than the queue is cut to it (order-independent `set()` calls).
+        let small = cfg(&[("OTEL_BSP_MAX_QUEUE_SIZE", "10"), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "20")]).unwrap();
+        assert_eq!((small.queue_size, small.batch_size), (10, 10));
         let o = otlp_of(&[]);
         assert_eq!(o.protocol, Protocol::HttpProtobuf);
         assert_eq!(o.endpoint, "http://localhost:4318/v1/traces");
@@ -297,7 +307,14 @@ mod tests {
             (&[("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")][..], "OTEL_EXPORTER_OTLP_COMPRESSION=\"zstd\""),
             (&[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem")][..], "OTEL_EXPORTER_OTLP_CERTIFICATE"),
             (&[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/hostname")][..], "holds no PEM certificate"),
-            (&[("OTEL_BSP_MAX_QUEUE_SIZE", "10"), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "20")][..], "is larger than"),
+            (
+                &[("OTEL_BSP_MAX_QUEUE_SIZE", "1000000000000")][..],
+                "OTEL_BSP_MAX_QUEUE_SIZE=1000000000000 is larger than",
+            ),
+            (
+                &[("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1000000000")][..],
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE=1000000000 is larger",
+            ),
         ] {
             let e = err(pairs);
             assert!(e.contains(expect), "{pairs:?}: {e}");

@@ -59,6 +59,8 @@ pub struct ExportJob {
     bytes: Vec<u8>,
     text: String,
     failures: FailureLog,
+    /// The pipeline's stop deadline, once it is stopping (shared with the OTLP client).
+    stop: StopSignal,
 }
 
 /// Rate-limited reporting of export failures, and of the recovery after them.
@@ -107,7 +109,7 @@ impl ExportJob {
                     .map_err(|e| format!("cannot open the span file {}: {e}", p.display()))?,
             ),
             Sink::Stdout => Output::Stdout,
-            Sink::Otlp(o) => Output::Otlp(Box::new(OtlpClient::new(o, stop)?)),
+            Sink::Otlp(o) => Output::Otlp(Box::new(OtlpClient::new(o, stop.clone())?)),
             Sink::None => Output::Discard,
         };
         Ok(ExportJob {
@@ -121,6 +123,7 @@ impl ExportJob {
             bytes: Vec::new(),
             text: String::new(),
             failures: FailureLog::default(),
+            stop,
         })
     }
 
@@ -168,7 +171,9 @@ impl ExportJob {
                 let attempts = self.retry.as_ref().map_or(1, |r| r.attempts + 1);
                 let give_up = self.retry.as_ref().map_or(now + self.cfg.export_timeout, |r| r.give_up);
                 let backoff = (FIRST_BACKOFF * 2u32.saturating_pow(attempts - 1)).min(MAX_BACKOFF);
-                let next = now + e.retry_after.unwrap_or(backoff).min(MAX_BACKOFF);
+                // A collector's Retry-After is honoured within [FIRST_BACKOFF, MAX_BACKOFF]: a 0
+                // must not turn into a retry every tick, nor a long one hold the queue.
+                let next = now + e.retry_after.unwrap_or(backoff).clamp(FIRST_BACKOFF, MAX_BACKOFF);
                 if e.retryable && next < give_up {
                     self.failures.failed(&self.cfg.sink, &e, "retrying");
                     self.retry = Some(Retry { attempts, next, give_up });
@@ -254,21 +259,24 @@ impl Job<Box<SpanRecord>> for ExportJob {
     fn finish(&mut self) {
         // Stopping: send everything, retrying until the stop deadline (the OTLP client gives up
         // at the same instant), then count what is left as dropped.
-        let stop_by = match &self.out {
+        // The pipeline's deadline when it set one (the stop began before this thread got here:
+        // an export in flight may have used most of it), else our own.
+        let own = match &self.out {
             Output::Otlp(_) => {
                 Instant::now() + crate::pipeline::STOP_DEADLINE.saturating_sub(Duration::from_millis(500))
             }
             _ => Instant::now() + Duration::from_secs(3600),
         };
+        let stop_by = self.stop.deadline().map_or(own, |d| d.min(own));
         // A collector that failed twice in a row at shutdown is not waited for any longer.
         let mut failures_in_a_row = 0;
         while !(self.waiting.is_empty() && self.batch.is_empty()) && Instant::now() < stop_by && failures_in_a_row < 2 {
             if let Some(r) = &mut self.retry {
-                let wait = r
-                    .next
-                    .saturating_duration_since(Instant::now())
-                    .min(stop_by.saturating_duration_since(Instant::now()));
-                std::thread::sleep(wait);
+                // Waiting for a retry only makes sense if it can happen before the deadline.
+                if r.next >= stop_by {
+                    break;
+                }
+                std::thread::sleep(r.next.saturating_duration_since(Instant::now()));
                 r.next = Instant::now();
             }
             let before = STATS.export_failures.load(Relaxed);

@@ -74,30 +74,58 @@ pub unsafe fn trace_fields<'a>(hp: *const ffi::http) -> TraceFields<'a> {
 
 /// Replaces every field of `hdr` with one field holding `value`. The header line is assembled
 /// here and copied once into the task's workspace (`http_ForceHeader` would format it with
-/// printf, a measurable cost per request). Returns false when the workspace is full; the header
-/// is then left as it was.
+/// printf, a measurable cost per request). Returns false when the workspace is full (the header
+/// is then left as it was) or the header table is (the header is then removed).
 ///
 /// # Safety
 /// `hp` must be a valid, writable `struct http` of the current task; `value` must hold only
 /// characters valid in a header value (we only write what we generated or validated).
 pub unsafe fn force(hp: *mut ffi::http, hdr: &CStr, value: &[u8]) -> bool {
     let Some(h) = hp.as_mut() else { return false };
-    // "name:" from the hdr_t (after its length byte), a space, the value, a NUL.
-    let name = &hdr.to_bytes()[1..];
-    let mut line = [0u8; 1024];
-    let len = name.len() + 1 + value.len();
-    if len + 1 > line.len() {
-        return false;
-    }
-    line[..name.len()].copy_from_slice(name);
-    line[name.len()] = b' ';
-    line[name.len() + 1..len].copy_from_slice(value);
-    let copy = ffi::WS_Copy(h.ws, line.as_ptr().cast(), (len + 1) as std::ffi::c_int);
-    if copy.is_null() {
-        return false;
-    }
+    let Some(copy) = header_line(h.ws, hdr, value) else { return false };
     ffi::http_Unset(hp, hdr.as_ptr());
-    ffi::http_SetHeader(hp, copy.cast());
+    set_line(h, copy)
+}
+
+/// "name: value" with its NUL, copied into the workspace `ws`. Reserve-and-release rather than
+/// `WS_Copy`: a failed `WS_Copy` marks the workspace overflowed, which Varnish later turns into
+/// a failed request (a 500); tracing must not do that, it just does without the header.
+///
+/// # Safety
+/// `ws` must be the valid, unreserved workspace of the current task.
+unsafe fn header_line(ws: *mut ffi::ws, hdr: &CStr, value: &[u8]) -> Option<*const std::ffi::c_char> {
+    // "name:" from the hdr_t (after its length byte), a space, the value.
+    let name = &hdr.to_bytes()[1..];
+    let len = name.len() + 1 + value.len();
+    if ws.is_null() {
+        return None;
+    }
+    let available = ffi::WS_ReserveAll(ws) as usize;
+    let dst = (*ws).f.cast::<u8>();
+    if available < len + 1 || dst.is_null() {
+        ffi::WS_Release(ws, 0);
+        return None;
+    }
+    std::ptr::copy_nonoverlapping(name.as_ptr(), dst, name.len());
+    *dst.add(name.len()) = b' ';
+    std::ptr::copy_nonoverlapping(value.as_ptr(), dst.add(name.len() + 1), value.len());
+    *dst.add(len) = 0;
+    ffi::WS_Release(ws, (len + 1) as std::ffi::c_uint);
+    Some(dst.cast_const().cast())
+}
+
+/// Header slots left free for Varnish's own additions (`X-Varnish` on the backend request,
+/// `Age`, `Via` and others on the response): if our header took the last slot, Varnish would
+/// fail the request when it adds its own.
+const HEADROOM: u16 = 4;
+
+/// Appends a header line to `h` if its table has room to spare (`http_SetHeader` on a full
+/// table marks the request failed).
+unsafe fn set_line(h: &mut ffi::http, line: *const std::ffi::c_char) -> bool {
+    if h.nhd.saturating_add(HEADROOM) >= h.shd {
+        return false;
+    }
+    ffi::http_SetHeader(h, line);
     true
 }
 
@@ -108,21 +136,11 @@ pub unsafe fn force(hp: *mut ffi::http, hdr: &CStr, value: &[u8]) -> bool {
 /// As for `force`.
 pub unsafe fn add(hp: *mut ffi::http, hdr: &CStr, value: &[u8]) -> bool {
     let Some(h) = hp.as_mut() else { return false };
-    let name = &hdr.to_bytes()[1..];
-    let mut line = [0u8; 1024];
-    let len = name.len() + 1 + value.len();
-    if len + 1 > line.len() {
+    if h.nhd.saturating_add(HEADROOM) >= h.shd {
         return false;
     }
-    line[..name.len()].copy_from_slice(name);
-    line[name.len()] = b' ';
-    line[name.len() + 1..len].copy_from_slice(value);
-    let copy = ffi::WS_Copy(h.ws, line.as_ptr().cast(), (len + 1) as std::ffi::c_int);
-    if copy.is_null() {
-        return false;
-    }
-    ffi::http_SetHeader(hp, copy.cast());
-    true
+    let Some(copy) = header_line(h.ws, hdr, value) else { return false };
+    set_line(h, copy)
 }
 
 /// Every header field of `hp` as `(name, value)`, the value without its leading whitespace.

@@ -46,6 +46,12 @@ pub struct TaskState {
     pub had_tracestate: bool,
     /// VCL named the span (`set_name`): a route no longer renames it.
     pub name_fixed: bool,
+    /// The request's attributes were recorded (`sample()`/`trust()` must not add them twice).
+    pub described: bool,
+    /// The caller's context as it came (for `trust()`); `None` when there was none.
+    pub incoming: Option<crate::trace::Incoming>,
+    /// What is done with it now (`OPENTRACING_TRUST`, then `trust()`).
+    pub trust: crate::config::Trust,
 }
 
 impl TaskState {
@@ -58,6 +64,9 @@ impl TaskState {
             repeats_seen: 0,
             had_tracestate: false,
             name_fixed: false,
+            described: false,
+            incoming: None,
+            trust: crate::config::Trust::Extract,
         }
     }
 }
@@ -355,6 +364,9 @@ pub struct EsiParent {
     pub trace_id: TraceId,
     pub span_id: SpanId,
     pub flags: u8,
+    /// The top request (`req->top`) the publishing request belongs to: a sub-request takes this
+    /// parent only if it belongs to the same one.
+    pub top: usize,
 }
 
 thread_local! {

@@ -5,7 +5,7 @@ usage: span_check.py FILE COUNT [COND ...]
 COND is FIELD=VALUE or FIELD!=VALUE, FIELD one of: kind (server, client, internal), name,
 traceId, spanId, parentSpanId ("" for a root), status (unset, ok, error), event (a span event
 name that must be present), or any attribute key (compared as text).
-Prints the matching spans; exits 1 when the count differs.
+Prints the matching spans; exits 1 when the count differs, or when a span repeats an attribute key.
 """
 import json
 import sys
@@ -22,6 +22,11 @@ def spans(path):
                     resource = rs.get("resource", {}).get("attributes", [])
                     for ss in rs["scopeSpans"]:
                         for span in ss["spans"]:
+                            keys = [a["key"] for a in span.get("attributes", [])]
+                            if len(keys) != len(set(keys)):
+                                # OTLP: attribute keys are unique within a span.
+                                print(f"span_check: duplicate attribute keys in {json.dumps(span)}", file=sys.stderr)
+                                sys.exit(1)
                             yield dict(span, _resource=resource)
 
 
