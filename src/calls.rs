@@ -355,7 +355,8 @@ pub fn set_name(ctx: &mut Ctx, name: &CStr) {
     }
 }
 
-/// `http.route`, and the span name `{method} {route}` (unless VCL named the span).
+/// `http.route` on the request's span (`url.template` on a fetch's, as the conventions name it
+/// for clients), and the span name `{method} {route}` (unless VCL named the span).
 pub fn set_route(ctx: &mut Ctx, route: &CStr) {
     let route = route.to_string_lossy().into_owned();
     let Some(state) = sampled_span(ctx, "set_route()") else { return };
@@ -366,7 +367,8 @@ pub fn set_route(ctx: &mut Ctx, route: &CStr) {
         };
         state.record.name = semconv::span_name(method, Some(&route));
     }
-    state.record.set("http.route", Value::Str(route));
+    let key = if state.record.kind == SpanKind::Client { "url.template" } else { "http.route" };
+    state.record.set(key, Value::Str(route));
 }
 
 pub fn add_event(ctx: &mut Ctx, name: &CStr) {
@@ -567,18 +569,16 @@ unsafe fn client_attributes(bereq: *const varnish::ffi::http, record: &mut crate
     let host = http::header(bereq, b"host").and_then(|h| std::str::from_utf8(h).ok());
     if let Some((address, port)) = host.and_then(semconv::split_host) {
         record.add("server.address", Value::Str(address.to_owned()));
-        if let Some(p) = port {
-            record.add("server.port", Value::Int(i64::from(p)));
-        }
+        // Required on CLIENT spans: the scheme's default when Host names none.
+        record.add("server.port", Value::Int(i64::from(port.unwrap_or(80))));
     }
-    // url.full, with the query only when enabled (and redacted).
+    // url.full (absolute, so only with a Host), with the query only when enabled (redacted).
     let query = query.filter(|_| spans.capture_query).map(|q| spans.redact.as_ref().map_or(q.into(), |r| r.apply(q)));
-    let full = match (host, query) {
-        (Some(h), Some(q)) => format!("http://{h}{path}?{q}"),
-        (Some(h), None) => format!("http://{h}{path}"),
-        (None, _) => path.to_owned(),
-    };
-    record.add("url.full", Value::Str(full));
+    match (host, query) {
+        (Some(h), Some(q)) => record.add("url.full", Value::Str(format!("http://{h}{path}?{q}"))),
+        (Some(h), None) => record.add("url.full", Value::Str(format!("http://{h}{path}"))),
+        (None, _) => {}
+    }
     if let Some(v) = std::str::from_utf8(http::proto(bereq)).ok().and_then(semconv::protocol_version) {
         record.add("network.protocol.version", Value::Str(v.to_owned()));
     }

@@ -310,14 +310,20 @@ fn warm_up(life: &mut Lifecycle, settings: &Settings) -> Result<(&'static str, S
         }
         "pipeline started"
     } else if life.running.as_ref() != Some(&cfg) {
-        // Start the new exporter before touching the old one: if it cannot start, nothing changes.
-        let (worker, stop) = start_exporter(life, &cfg)?;
-        let old = EXPORTER.write().replace(worker);
-        let old_stop = life.stop_signal.replace(stop).unwrap_or_default();
-        if let Some(old) = old {
-            retire_exporter(old, old_stop);
+        // Only a change of export settings replaces the exporter. Start the new one before
+        // touching the old one: if it cannot start, the old one keeps going.
+        if life.running.as_ref().is_none_or(|r| r.export != cfg.export) {
+            let (worker, stop) = start_exporter(life, &cfg)?;
+            let old = EXPORTER.write().replace(worker);
+            let old_stop = life.stop_signal.replace(stop).unwrap_or_default();
+            if let Some(old) = old {
+                retire_exporter(old, old_stop);
+            }
+            // Stays in force even if the tailer step below fails.
+            if let Some(r) = life.running.as_mut() {
+                r.export = cfg.export.clone();
+            }
         }
-        apply_request_path_settings(&cfg);
         let tailer_wanted = cfg.read_log && !cfg.disabled;
         if tailer_wanted != crate::vsl::tailer::is_running() {
             if tailer_wanted {
