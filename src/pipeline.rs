@@ -132,6 +132,9 @@ pub struct Counters {
     /// 1 while the tailer is attached to the log
     #[gauge]
     vsl_attached: AtomicU64,
+    /// Internal errors (panics) caught in the background threads; each cost one span or batch
+    #[counter]
+    internal_errors: AtomicU64,
 }
 
 impl Counters {
@@ -156,6 +159,7 @@ impl Counters {
         copy(&self.vsl_overruns, &STATS.vsl_overruns);
         copy(&self.vsl_pending, &STATS.vsl_pending);
         self.vsl_attached.store(u64::from(crate::vsl::tailer::ATTACHED.load(Relaxed)), Relaxed);
+        copy(&self.internal_errors, &crate::worker::PANICS);
     }
 }
 

@@ -16,6 +16,9 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 
+/// Messages and ticks that panicked, in every worker (published as `OPENTRACING.internal_errors`).
+pub static PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The worker's side of its channel, for jobs that need to look at waiting messages in the
 /// middle of a tick (the tailer does, before deciding a transaction is not one of ours).
 pub struct Inbox<'a, M>(&'a Receiver<M>);
@@ -75,25 +78,44 @@ impl<M: Send + 'static> Worker<M> {
         let (stop_tx, stop_rx) = bounded::<()>(1);
         let (done_tx, done) = bounded::<()>(1);
         let handle = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
-            // A panic in the job must not unwind out of the thread silently leaving the
-            // channel full: catch it, and the worker ends as if stopped.
+            // A panic in one message or tick (a bug) costs that message or tick, counted in
+            // `PANICS`, not the worker: a dead worker would leave its channel to fill up.
+            // The outer guard is for what remains (finish, the loop itself): the worker then
+            // ends as if stopped.
+            let guarded = |f: &mut dyn FnMut()| {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+                    PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            };
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 'run: loop {
                     loop {
                         match rx.try_recv() {
-                            Ok(msg) => job.handle(msg),
+                            Ok(msg) => {
+                                let mut msg = Some(msg);
+                                guarded(&mut || {
+                                    if let Some(m) = msg.take() {
+                                        job.handle(m);
+                                    }
+                                });
+                            }
                             Err(TryRecvError::Empty) => break,
                             Err(TryRecvError::Disconnected) => break 'run,
                         }
                     }
-                    job.tick(&Inbox(&rx));
+                    guarded(&mut || job.tick(&Inbox(&rx)));
                     let sleep = if rx.is_empty() && job.idle() { idle_tick } else { tick };
                     // Sleep on the stop channel, not the data channel: sends never wake us.
                     match stop_rx.recv_timeout(sleep) {
                         Err(RecvTimeoutError::Timeout) => {}
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => {
                             while let Ok(msg) = rx.try_recv() {
-                                job.handle(msg);
+                                let mut msg = Some(msg);
+                                guarded(&mut || {
+                                    if let Some(m) = msg.take() {
+                                        job.handle(m);
+                                    }
+                                });
                             }
                             break 'run;
                         }
@@ -204,5 +226,37 @@ mod tests {
         let t = Instant::now();
         assert!(!w.stop(Duration::from_millis(100)));
         assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    struct Fragile {
+        seen: Arc<AtomicUsize>,
+        finished: Arc<AtomicUsize>,
+    }
+
+    impl Job<u32> for Fragile {
+        fn handle(&mut self, msg: u32) {
+            if msg == 3 {
+                panic!("a bug in one message");
+            }
+            self.seen.fetch_add(1, Ordering::SeqCst);
+        }
+        fn tick(&mut self, _inbox: &Inbox<'_, u32>) {}
+        fn finish(&mut self) {
+            self.finished.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_panic_costs_one_message_not_the_worker() {
+        let (seen, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let job = Fragile { seen: seen.clone(), finished: finished.clone() };
+        let w = Worker::spawn("test-fragile", 100, Duration::from_millis(5), job).unwrap();
+        for i in 0..10 {
+            w.try_send(i).unwrap();
+        }
+        assert!(w.stop(Duration::from_secs(5)));
+        assert_eq!(seen.load(Ordering::SeqCst), 9, "every message but the one that panicked");
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
+        assert!(PANICS.load(Ordering::SeqCst) >= 1);
     }
 }

@@ -155,7 +155,16 @@ impl ExportJob {
     /// One attempt at `self.batch`. Returns whether the exporter may go on with the next one.
     fn send_batch(&mut self) -> bool {
         let n = self.batch.len() as u64;
-        let result = self.write_batch();
+        // A bug in encoding or sending must cost this batch, not the exporter thread (the
+        // worker would end, and every later span would be dropped).
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_batch())).unwrap_or_else(|_| {
+                Err(ExportError {
+                    message: "internal error in the exporter".to_owned(),
+                    retryable: false,
+                    retry_after: None,
+                })
+            });
         STATS.batches.fetch_add(1, Relaxed);
         match result {
             Ok(()) => {
