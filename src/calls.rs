@@ -149,7 +149,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
     unsafe { write_context(bo.bereq, &state) };
     STATS.spans_started.fetch_add(1, Relaxed);
     if state.record.sampled() {
-        crate::vsl::tailer::track(state.record.vxid);
+        crate::vsl::tailer::track_fetch(state.record.vxid, state.record.trace_id, state.record.span_id);
     }
     if task::install(ctx, state).is_err() {
         log::vcl(ctx, "out of workspace: span not recorded");

@@ -603,6 +603,20 @@ impl Correlator {
         }
     }
 
+    /// A traced fetch started in transaction `vxid`: a hit on the object it stores links to it
+    /// from now on, even if that hit's log is read before the fetch's span is complete (a
+    /// fetch's task ends when its busy object is released, which may be after the hit).
+    pub fn fetch_started(&mut self, vxid: u64, trace_id: TraceId, span_id: SpanId) {
+        if self.fetched.insert(vxid, (trace_id, span_id)).is_none() {
+            self.fetched_order.push_back(vxid);
+        }
+        while self.fetched_order.len() > self.limits.fetches_remembered {
+            if let Some(old) = self.fetched_order.pop_front() {
+                self.fetched.remove(&old);
+            }
+        }
+    }
+
     /// Stops following the span in `slot`: its VXIDs leave the index, its slot is freed.
     fn forget(&mut self, slot: usize) {
         for c in &self.slab.slots[slot].chain {
@@ -958,6 +972,25 @@ mod tests {
         // client_log's Hit names object 1002
         let done = done.unwrap();
         assert_eq!(done.links, vec![Link { trace_id: fetch_trace, span_id: fetch_span }]);
+    }
+
+    #[test]
+    fn a_hit_read_before_its_fetch_completes_still_links_to_it() {
+        let now = Instant::now();
+        let mut c = Correlator::new(tags(), limits());
+        c.track(1002, now);
+        let fetch = task_record(SpanKind::Client, 1002, T0, T0 + 1, 200);
+        c.fetch_started(1002, fetch.trace_id, fetch.span_id);
+        let (fetch_trace, fetch_span) = (fetch.trace_id, fetch.span_id);
+        // The hit completes first; the fetch's task has not even ended.
+        c.track(1005, now);
+        c.finished(task_record(SpanKind::Server, 1005, T0, T0 + 1, 200), 1005, now);
+        let done = feed(&mut c, &client_log(1005, "200")[..]).pop().unwrap();
+        assert_eq!(done.links, vec![Link { trace_id: fetch_trace, span_id: fetch_span }]);
+        // The fetch completes later, as usual.
+        c.finished(fetch, 1002, now);
+        let done = feed(&mut c, &batch(1002, false, &[(TS, "BerespBody: 1700000000.000300 0 0"), (END, "")]));
+        assert_eq!(done.len(), 1);
     }
 
     #[test]

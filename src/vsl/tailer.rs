@@ -18,6 +18,7 @@ use parking_lot::RwLock;
 use super::correlate::{Correlator, Limits};
 use super::ffi::{tag_number, LogReader, Step};
 use super::record::{records, TagTable};
+use crate::ids::{SpanId, TraceId};
 use crate::pipeline::{self, STATS};
 use crate::span::{SpanRecord, Value};
 use crate::worker::{Inbox, Job, Worker};
@@ -27,6 +28,9 @@ pub enum Msg {
     Track { vxid: u64 },
     /// VCL unsampled the span of transaction `vxid` before it finished.
     Forget { vxid: u64 },
+    /// A sampled fetch started in transaction `vxid`, as span `span_id` of trace `trace_id`
+    /// (for the links from the hits on the object it stores).
+    TrackFetch { vxid: u64, trace_id: TraceId, span_id: SpanId },
     /// The task of a span ended; `record` holds what the task knew. The span's first VXID is
     /// `record.vxid`; `final_vxid` is the one it ended with (restarts and retries change it).
     Finished { record: Box<SpanRecord>, final_vxid: u64 },
@@ -85,6 +89,13 @@ pub fn is_running() -> bool {
 pub fn track(vxid: u64) {
     if let Some(w) = TAILER.read().as_ref() {
         let _ = w.try_send(Msg::Track { vxid });
+    }
+}
+
+/// A sampled fetch started (any worker thread; never blocks): `track`, plus its IDs.
+pub fn track_fetch(vxid: u64, trace_id: TraceId, span_id: SpanId) {
+    if let Some(w) = TAILER.read().as_ref() {
+        let _ = w.try_send(Msg::TrackFetch { vxid, trace_id, span_id });
     }
 }
 
@@ -182,6 +193,10 @@ impl TailerJob {
         match msg {
             Msg::Track { vxid } => self.correlator.track(vxid, now),
             Msg::Forget { vxid } => self.correlator.untrack(vxid),
+            Msg::TrackFetch { vxid, trace_id, span_id } => {
+                self.correlator.track(vxid, now);
+                self.correlator.fetch_started(vxid, trace_id, span_id);
+            }
             Msg::Finished { record, final_vxid } => {
                 if let Some(done) = self.correlator.finished(record, final_vxid, now) {
                     self.done.push(done);
