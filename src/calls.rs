@@ -82,10 +82,10 @@ pub fn trace_request(ctx: &mut Ctx) {
     let mut record = started.record;
     record.start_unix_nano = vtim_to_unix_nano(req.t_first.0);
     record.vxid = task::current_vxid(ctx);
-    let incoming = if esi_level == 0 { trace::Incoming::of(&record, caller_sampled) } else { None };
+    let mut incoming = if esi_level == 0 { trace::Incoming::of(&record, caller_sampled) } else { None };
     let mut trust = Trust::Extract;
-    if hot.trust != Trust::Extract && incoming.is_some() {
-        trace::restart_as_root(&mut record, &sampler, hot.trust == Trust::Link);
+    if let Some(inc) = incoming.as_mut().filter(|_| hot.trust != Trust::Extract) {
+        inc.set_aside(&mut record, &sampler, hot.trust == Trust::Link);
         trust = hot.trust;
     }
     // An unsampled span is never exported: it only carries the context, so skip the rest.
@@ -445,17 +445,19 @@ pub fn trust(ctx: &mut Ctx, mode: &CStr) {
         log::vcl(ctx, "trust() before trace_request(); ignored");
         return;
     };
-    // Nothing came from the caller (or an ESI sub-request): every mode is the same.
-    let Some(incoming) = state.incoming.clone().filter(|_| state.record.kind == SpanKind::Server) else { return };
-    if mode == state.trust {
+    if mode == state.trust || state.record.kind != SpanKind::Server {
         return;
     }
+    // Nothing came from the caller: every mode is the same.
+    let Some(incoming) = state.incoming.as_mut() else { return };
     let was_sampled = state.record.sampled();
     let sampler = sampling::active();
     // Back to the caller's context, then the new mode from there.
-    incoming.restore(&mut state.record, &sampler);
+    if state.trust != Trust::Extract {
+        incoming.restore(&mut state.record, &sampler);
+    }
     if mode != Trust::Extract {
-        trace::restart_as_root(&mut state.record, &sampler, mode == Trust::Link);
+        incoming.set_aside(&mut state.record, &sampler, mode == Trust::Link);
     }
     state.trust = mode;
     let raw = ctx.raw as *const varnish::ffi::vrt_ctx;
@@ -506,20 +508,14 @@ unsafe fn server_attributes(
     record: &mut crate::span::SpanRecord,
 ) {
     let spans = config::active_spans();
-    let (method_original, url) = http::request_line(req.http);
-    let (method, other) = semconv::method(&method_original);
-    record.name =
-        if req.esi_level > 0 { format!("ESI {method_original}").into() } else { semconv::span_name(method, None) };
-    // A fresh record: `add` skips the search for an existing key.
-    record.add("http.request.method", Value::Str(method.to_owned()));
-    if other {
-        record.add("http.request.method_original", Value::Str(method_original));
-    }
-    let (path, query) = semconv::path_and_query(&url);
-    record.add("url.path", Value::Str(path.to_owned()));
-    if let Some(q) = query.filter(|_| spans.capture_query) {
-        let q = spans.redact.as_ref().map_or(q.into(), |r| r.apply(q));
-        record.add("url.query", Value::Str(q.into_owned()));
+    let line = request_attributes(req.http, &spans, record);
+    record.name = if req.esi_level > 0 {
+        format!("ESI {}", line.method_original).into()
+    } else {
+        semconv::span_name(line.method, None)
+    };
+    if let Some(q) = line.query {
+        record.add("url.query", Value::Str(q));
     }
     record.add("url.scheme", Value::Str("http".to_owned()));
     if let Some((host, port)) =
@@ -527,9 +523,6 @@ unsafe fn server_attributes(
     {
         record.add("server.address", Value::Str(host.to_owned()));
         record.add("server.port", Value::Int(i64::from(port.unwrap_or(80))));
-    }
-    if let Some(v) = std::str::from_utf8(http::proto(req.http)).ok().and_then(semconv::protocol_version) {
-        record.add("network.protocol.version", Value::Str(v.to_owned()));
     }
     if let Some(ua) = http::header(req.http, b"user-agent") {
         record.add("user_agent.original", Value::Str(String::from_utf8_lossy(ua).into_owned()));
@@ -545,9 +538,6 @@ unsafe fn server_attributes(
     if req.esi_level > 0 {
         record.add("varnish.esi_level", Value::Int(i64::from(req.esi_level)));
     }
-    if let Some(role) = spans.role {
-        record.add("varnish.server.role", Value::Str(role.to_owned()));
-    }
     capture_headers(req.http, &spans.server_request_headers, "http.request.header.", &spans, record);
 }
 
@@ -557,15 +547,8 @@ unsafe fn server_attributes(
 /// `bereq` must be the running fetch's.
 unsafe fn client_attributes(bereq: *const varnish::ffi::http, record: &mut crate::span::SpanRecord) {
     let spans = config::active_spans();
-    let (method_original, url) = http::request_line(bereq);
-    let (method, other) = semconv::method(&method_original);
-    record.name = semconv::span_name(method, None);
-    record.add("http.request.method", Value::Str(method.to_owned()));
-    if other {
-        record.add("http.request.method_original", Value::Str(method_original));
-    }
-    let (path, query) = semconv::path_and_query(&url);
-    record.add("url.path", Value::Str(path.to_owned()));
+    let line = request_attributes(bereq, &spans, record);
+    record.name = semconv::span_name(line.method, None);
     let host = http::header(bereq, b"host").and_then(|h| std::str::from_utf8(h).ok());
     if let Some((address, port)) = host.and_then(semconv::split_host) {
         record.add("server.address", Value::Str(address.to_owned()));
@@ -573,18 +556,52 @@ unsafe fn client_attributes(bereq: *const varnish::ffi::http, record: &mut crate
         record.add("server.port", Value::Int(i64::from(port.unwrap_or(80))));
     }
     // url.full (absolute, so only with a Host), with the query only when enabled (redacted).
-    let query = query.filter(|_| spans.capture_query).map(|q| spans.redact.as_ref().map_or(q.into(), |r| r.apply(q)));
-    match (host, query) {
+    let path = &line.path;
+    match (host, line.query) {
         (Some(h), Some(q)) => record.add("url.full", Value::Str(format!("http://{h}{path}?{q}"))),
         (Some(h), None) => record.add("url.full", Value::Str(format!("http://{h}{path}"))),
         (None, _) => {}
     }
-    if let Some(v) = std::str::from_utf8(http::proto(bereq)).ok().and_then(semconv::protocol_version) {
+}
+
+/// What `request_attributes` read from a request line.
+struct RequestLine {
+    method: &'static str,
+    method_original: String,
+    path: String,
+    /// The query, redacted, when `OPENTRACING_CAPTURE_URL_QUERY` is on.
+    query: Option<String>,
+}
+
+/// The attributes both span kinds take from their request: `http.request.method` (and
+/// `_original`), `url.path`, `network.protocol.version`, `varnish.server.role`. The record is
+/// fresh: `add` skips the search for an existing key.
+///
+/// # Safety
+/// `hp` must be NULL or a valid `struct http` of the running task.
+unsafe fn request_attributes(
+    hp: *const varnish::ffi::http,
+    spans: &config::SpanSettings,
+    record: &mut crate::span::SpanRecord,
+) -> RequestLine {
+    let (method_original, url) = http::request_line(hp);
+    let (method, other) = semconv::method(&method_original);
+    record.add("http.request.method", Value::Str(method.to_owned()));
+    if other {
+        record.add("http.request.method_original", Value::Str(method_original.clone()));
+    }
+    let (path, query) = semconv::path_and_query(&url);
+    record.add("url.path", Value::Str(path.to_owned()));
+    if let Some(v) = std::str::from_utf8(http::proto(hp)).ok().and_then(semconv::protocol_version) {
         record.add("network.protocol.version", Value::Str(v.to_owned()));
     }
     if let Some(role) = spans.role {
         record.add("varnish.server.role", Value::Str(role.to_owned()));
     }
+    let query = query
+        .filter(|_| spans.capture_query)
+        .map(|q| spans.redact.as_ref().map_or(q.into(), |r| r.apply(q)).into_owned());
+    RequestLine { method, method_original, path: path.to_owned(), query }
 }
 
 /// Copies the allowed headers of `hp` into `{prefix}{lowercase name}` attributes (string

@@ -117,29 +117,38 @@ pub struct Incoming {
     /// `None` for a bare sampling decision (B3's sampling-only form).
     pub span_id: Option<SpanId>,
     pub sampled: Option<bool>,
+    /// Filled in only when the context is set aside (`set_aside`): while the span continues
+    /// it, the record holds it, and every request need not copy it.
     pub tracestate: Option<String>,
 }
 
 impl Incoming {
     /// What a just-started span took from its caller, if anything.
     pub fn of(record: &SpanRecord, caller_sampled: Option<bool>) -> Option<Incoming> {
-        (record.parent_span_id.is_some() || caller_sampled.is_some()).then(|| Incoming {
+        (record.parent_span_id.is_some() || caller_sampled.is_some()).then_some(Incoming {
             trace_id: record.trace_id,
             span_id: record.parent_span_id,
             sampled: caller_sampled,
-            tracestate: record.tracestate.clone(),
+            tracestate: None,
         })
     }
 
+    /// `record` stops continuing this context (`ignore`, `link`): keep its `tracestate` for a
+    /// later `extract`, and make `record` a root.
+    pub fn set_aside(&mut self, record: &mut SpanRecord, sampler: &Sampler, link: bool) {
+        self.tracestate = record.tracestate.take();
+        restart_as_root(record, sampler, link);
+    }
+
     /// Makes `record` continue this context again (`trust("extract")` after `ignore`/`link`).
-    pub fn restore(&self, record: &mut SpanRecord, sampler: &Sampler) {
+    pub fn restore(&mut self, record: &mut SpanRecord, sampler: &Sampler) {
         if let Some(parent) = self.span_id {
             record.links.retain(|l| !(l.trace_id == self.trace_id && l.span_id == parent));
             record.trace_id = self.trace_id;
             record.parent_span_id = Some(parent);
             record.parent_is_remote = true;
         }
-        record.tracestate = self.tracestate.clone();
+        record.tracestate = self.tracestate.take();
         record.flags = match (self.span_id, self.sampled) {
             (None, Some(decided)) => u8::from(decided),
             (_, sampled) => u8::from(sampler.decide(&record.trace_id, sampled)),

@@ -157,14 +157,8 @@ impl ExportJob {
         let n = self.batch.len() as u64;
         // A bug in encoding or sending must cost this batch, not the exporter thread (the
         // worker would end, and every later span would be dropped).
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_batch())).unwrap_or_else(|_| {
-                Err(ExportError {
-                    message: "internal error in the exporter".to_owned(),
-                    retryable: false,
-                    retry_after: None,
-                })
-            });
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_batch()))
+            .unwrap_or_else(|_| Err(ExportError::fatal("internal error in the exporter".to_owned())));
         STATS.batches.fetch_add(1, Relaxed);
         match result {
             Ok(()) => {
@@ -199,7 +193,7 @@ impl ExportJob {
     }
 
     fn write_batch(&mut self) -> Result<(), ExportError> {
-        let io_error = |e: io::Error| ExportError { message: e.to_string(), retryable: false, retry_after: None };
+        let io_error = |e: io::Error| ExportError::fatal(e.to_string());
         match &mut self.out {
             Output::Discard => Ok(()),
             Output::File(_) | Output::Stdout => {

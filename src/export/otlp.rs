@@ -29,7 +29,7 @@ impl ExportError {
     fn retryable(message: String) -> Self {
         ExportError { message, retryable: true, retry_after: None }
     }
-    fn fatal(message: String) -> Self {
+    pub(crate) fn fatal(message: String) -> Self {
         ExportError { message, retryable: false, retry_after: None }
     }
 }

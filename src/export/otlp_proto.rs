@@ -413,7 +413,9 @@ pub fn write_export_request(out: &mut Vec<u8>, resource: &Resource, spans: &[Spa
     for (r, &len) in spans.iter().zip(&span_lens) {
         put_span(out, r, len);
     }
-    // Every size above agrees with what was written, or the request would be garbage.
+    // Every size above agrees with what was written, or the request would be garbage. Runs on
+    // the exporter thread only; a panic here (a bug) is caught by `ExportJob::send_batch`, which
+    // drops and counts the batch: garbage is never sent, varnishd never sees the panic.
     assert_eq!(out.at, total, "OTLP protobuf size mismatch");
     SPAN_LENS.set(span_lens);
 }

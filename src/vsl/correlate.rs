@@ -591,15 +591,9 @@ impl Correlator {
 
     /// Remembers the VXIDs of the fetch in `slot` as the span `trace_id`/`span_id`.
     fn remember_fetch(&mut self, slot: usize, trace_id: TraceId, span_id: SpanId) {
-        for c in &self.slab.slots[slot].chain {
-            if self.fetched.insert(c.vxid, (trace_id, span_id)).is_none() {
-                self.fetched_order.push_back(c.vxid);
-            }
-        }
-        while self.fetched_order.len() > self.limits.fetches_remembered {
-            if let Some(old) = self.fetched_order.pop_front() {
-                self.fetched.remove(&old);
-            }
+        for i in 0..self.slab.slots[slot].chain.len() {
+            let vxid = self.slab.slots[slot].chain[i].vxid;
+            self.fetch_started(vxid, trace_id, span_id);
         }
     }
 
