@@ -98,7 +98,7 @@ impl HeaderCapture {
         for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             if name == "*" {
                 c.all = true;
-            } else if name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b)) {
+            } else if crate::propagation::baggage::is_token(name.as_bytes()) {
                 c.names.push(name.to_ascii_lowercase());
             } else {
                 return Err(format!("{setting}: {name:?} is not a header name"));

@@ -160,7 +160,7 @@ fn otlp(s: &Settings) -> Result<OtlpConfig, String> {
         Some((text, name)) => {
             let kv = key_values(name, &text)?;
             for (k, v) in &kv {
-                let name_ok = k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b));
+                let name_ok = crate::propagation::baggage::is_token(k.as_bytes());
                 if !name_ok || v.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
                     return Err(format!("{name}: {k:?} is not a valid HTTP header"));
                 }

@@ -95,7 +95,8 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Whether `s` is a token: one or more token characters.
+/// Whether `s` is an RFC 7230 token (one or more token characters): baggage keys, and the header
+/// names of our settings.
 #[must_use]
 pub fn is_token(s: &[u8]) -> bool {
     !s.is_empty() && s.iter().all(|&b| is_tchar(b))
