@@ -13,7 +13,11 @@ counts), pinned with wrk so that it does not take varnishd's CPU; one configurat
 OTLP/JSON file exporter's lines to /dev/null instead, for comparison.
 
 Environment: BENCH_ROUNDS (default 8), BENCH_SECONDS per run (2), BENCH_CONNECTIONS (10),
-BENCH_WORKLOADS (hit,pass), BENCH_CONFIGS (all), BENCH_OUT (bench/results).
+BENCH_WORKLOADS (hit,pass), BENCH_CONFIGS (all), BENCH_OUT (bench/results),
+BENCH_PROFILE=<folder>: also `perf record` the varnishd child during the instruction pass, one
+`<workload>-<configuration>.data` per run in that folder (read with `perf report -i`);
+BENCH_PROFILE_EVENT picks what is sampled (default cycles:u; instructions:u attributes the
+instruction counts).
 """
 import json
 import os
@@ -37,6 +41,7 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "2"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "10"))
 WORKLOADS = os.environ.get("BENCH_WORKLOADS", "hit,pass").split(",")
 OUT = os.environ.get("BENCH_OUT", os.path.join(REPO, "bench", "results"))
+PROFILE = os.environ.get("BENCH_PROFILE")
 
 # name -> (uses the module, environment of varnishd)
 CONFIGS = {
@@ -192,6 +197,25 @@ class InstructionCounter:
         return counts.get("instructions:u"), counts.get("instructions:k")
 
 
+class Profiler:
+    """`perf record` of the varnishd child (user space, call graphs) for BENCH_PROFILE."""
+
+    def __init__(self, pid, name):
+        os.makedirs(PROFILE, exist_ok=True)
+        out = os.path.join(PROFILE, name + ".data")
+        self.proc = subprocess.Popen(["perf", "record", "-q", "-e", os.environ.get("BENCH_PROFILE_EVENT", "cycles:u"), "-F", "2999", "--call-graph", "dwarf,16384",
+                                      "-p", str(pid), "-o", out],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.1)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 class Receiver:
     """tools/otlp-receiver in discard mode: decodes nothing, answers 200, counts spans."""
 
@@ -316,8 +340,11 @@ def main():
             for w in WORKLOADS:
                 for c in CONFIGS:
                     counter = InstructionCounter(proxies[c].child_pid())
+                    profiler = Profiler(proxies[c].child_pid(), f"{w}-{c}") if PROFILE else None
                     r = wrk(proxies[c].port, paths[w], SECONDS, wcpu)
                     user, kernel = counter.stop()
+                    if profiler:
+                        profiler.stop()
                     n = max(r["requests"], 1)
                     instructions[w][c] = {"user": user / n, "kernel": kernel / n} if user else None
         time.sleep(1)  # the last batches reach the receiver

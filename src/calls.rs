@@ -13,7 +13,7 @@ use crate::pipeline::{self, STATS};
 use crate::span::{vtim_to_unix_nano, SpanKind, Value};
 use crate::trace::{self, outgoing_traceparent, Parent};
 use crate::varnish::other_formats;
-use crate::varnish::task::{self, EsiParent, TaskState};
+use crate::varnish::task::{self, EsiParent, Slot, TaskState};
 use crate::varnish::{http, log, method};
 use crate::{sampling, semconv};
 
@@ -30,69 +30,135 @@ pub fn trace_request(ctx: &mut Ctx) {
         log::vcl(ctx, "trace_request() is for client subroutines (vcl_recv); ignored");
         return;
     };
-    if let Some(state) = task::current(ctx) {
-        // Called again in the same task: a restart (new VXID, same span) or a repeated call.
-        if req.restarts > state.repeats_seen {
-            state.repeats_seen = req.restarts;
-            state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.restart");
-        }
-        return;
-    }
-    let esi_level = req.esi_level;
-    let sampler = sampling::active();
-    // SAFETY: the header tables of the running request stay valid during this call.
-    let own = unsafe { http::trace_fields(req.http) };
-    let hot = config::hot();
-    let started = if esi_level == 0 {
-        // SAFETY: as above.
-        let parent = unsafe { incoming(req.http, &own, hot.propagators) };
-        trace::start(SpanKind::Server, parent, true, &sampler)
-    } else {
-        // ESI: the sub-request holds the client's original headers; the parent is the request
-        // that included it (published in its vcl_deliver on this thread), when it belongs to
-        // the same top request (a cached page never rewrote its headers, so they cannot tell).
-        let top_req = req.top as usize;
-        match task::esi_parent(esi_level).filter(|p| p.top == top_req) {
-            Some(p) => trace::start(
-                SpanKind::Internal,
-                Parent::Local { trace_id: p.trace_id, span_id: p.span_id, flags: p.flags, tracestate: None },
-                false,
-                &sampler,
-            ),
-            // Untraced parent: the client's context, if it is trusted; a new trace otherwise.
-            None if hot.trust == Trust::Extract => {
-                let top = unsafe { http::trace_fields(ctx.raw.http_req_top.0) };
-                let parent = Parent::Headers {
-                    traceparent: &top.traceparent,
-                    tracestate: &top.tracestate,
-                    too_many_fields: top.too_many,
-                };
-                trace::start(SpanKind::Internal, parent, false, &sampler)
+    match task::slot(ctx) {
+        Slot::Traced(state) => {
+            // Called again in the same task: a restart (new VXID, same span) or a repeated call.
+            if req.restarts > state.repeats_seen {
+                state.repeats_seen = req.restarts;
+                state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.restart");
             }
-            None => trace::start(SpanKind::Internal, Parent::Other { ids: None, sampled: None }, false, &sampler),
+            return;
         }
-    };
+        // The same, for a request that is not sampled: nothing to record.
+        Slot::Unsampled => return,
+        Slot::Empty => {}
+    }
+    let hot = config::hot();
+    // SAFETY: ctx.raw is the running request's context.
+    let (state, started) = unsafe { start_client_span(ctx.raw, req, &sampling::active(), hot, true) };
     if let Some(why) = started.restarted_because {
         log::vcl(ctx, format!("invalid traceparent ({why}): starting a new trace"));
     }
     if let Some(why) = started.tracestate_dropped_because {
         log::vcl(ctx, format!("invalid tracestate ({why}): dropped"));
     }
+    STATS.spans_started.fetch_add(1, Relaxed);
+    // The common case at low sampling rates: keep only the decision; `state()` rebuilds the
+    // same (unsampled) context from the request's headers if the task ever needs it. Not for
+    // ESI sub-requests, whose parent lives in another task, nor when the caller's context was
+    // set aside (`OPENTRACING_TRUST`), which the headers alone cannot replay.
+    if started.unsampled_from_headers {
+        if !task::install_unsampled(ctx) {
+            log::vcl(ctx, "out of workspace: trace context not kept");
+        }
+        return;
+    }
+    let Some(state) = state else { return };
+    if state.record.sampled() {
+        crate::vsl::tailer::track(state.record.vxid);
+    }
+    if task::install(ctx, state).is_err() {
+        log::vcl(ctx, "out of workspace: span not recorded");
+    }
+}
+
+/// What `start_client_span` found besides the state: VSL lines to write, and whether the span is
+/// an unsampled one that `state()` can rebuild from the request's headers alone.
+struct ClientStart {
+    restarted_because: Option<&'static str>,
+    tracestate_dropped_because: Option<&'static str>,
+    unsampled_from_headers: bool,
+}
+
+/// Starts the span of the running client request: from its headers (top level) or from the
+/// request that included it (ESI). With `decision_only`, returns no state for a span
+/// `unsampled_from_headers`: the caller keeps only that decision.
+///
+/// # Safety
+/// `raw` and `req` must be the running client task's context and request.
+unsafe fn start_client_span(
+    raw: &varnish::ffi::vrt_ctx,
+    req: &varnish::ffi::req,
+    sampler: &sampling::Sampler,
+    hot: config::Hot,
+    decision_only: bool,
+) -> (Option<TaskState>, ClientStart) {
+    let esi_level = req.esi_level;
+    // SAFETY: the header tables of the running request stay valid during this call.
+    let own = http::trace_fields(req.http);
+    let started = if esi_level == 0 {
+        let parent = incoming(req.http, &own, hot.propagators);
+        trace::start(SpanKind::Server, parent, true, sampler)
+    } else {
+        // ESI: the sub-request holds the client's original headers; the parent is the request
+        // that included it (published in its vcl_deliver on this thread), when it belongs to
+        // the same top request (a cached page never rewrote its headers, so they cannot tell).
+        let top_req = req.top as usize;
+        let top_fields = || http::trace_fields(raw.http_req_top.0);
+        match task::esi_parent(esi_level).filter(|p| p.top() == top_req) {
+            Some(EsiParent::Traced { trace_id, span_id, flags, .. }) => trace::start(
+                SpanKind::Internal,
+                Parent::Local { trace_id, span_id, flags, tracestate: None },
+                false,
+                sampler,
+            ),
+            // An unsampled parent that kept only its decision: the client's context (or a new
+            // trace), unsampled like its parent.
+            Some(EsiParent::Unsampled { .. }) => {
+                let top = top_fields();
+                let parent = Parent::Headers {
+                    traceparent: &top.traceparent,
+                    tracestate: &top.tracestate,
+                    too_many_fields: top.too_many,
+                };
+                trace::start(SpanKind::Internal, parent, false, &sampling::Sampler::ALWAYS_OFF)
+            }
+            // Untraced parent: the client's context, if it is trusted; a new trace otherwise.
+            None if hot.trust == Trust::Extract => {
+                let top = top_fields();
+                let parent = Parent::Headers {
+                    traceparent: &top.traceparent,
+                    tracestate: &top.tracestate,
+                    too_many_fields: top.too_many,
+                };
+                trace::start(SpanKind::Internal, parent, false, sampler)
+            }
+            None => trace::start(SpanKind::Internal, Parent::Other { ids: None, sampled: None }, false, sampler),
+        }
+    };
+    let mut info = ClientStart {
+        restarted_because: started.restarted_because,
+        tracestate_dropped_because: started.tracestate_dropped_because,
+        unsampled_from_headers: false,
+    };
+    if decision_only && esi_level == 0 && hot.trust == Trust::Extract && !started.record.sampled() {
+        info.unsampled_from_headers = true;
+        return (None, info);
+    }
     let caller_sampled = started.caller_sampled;
     let mut record = started.record;
     record.start_unix_nano = vtim_to_unix_nano(req.t_first.0);
-    record.vxid = task::current_vxid(ctx);
+    record.vxid = crate::varnish::vxid_of(raw.vsl);
     let mut incoming = if esi_level == 0 { trace::Incoming::of(&record, caller_sampled) } else { None };
     let mut trust = Trust::Extract;
     if let Some(inc) = incoming.as_mut().filter(|_| hot.trust != Trust::Extract) {
-        inc.set_aside(&mut record, &sampler, hot.trust == Trust::Link);
+        inc.set_aside(&mut record, sampler, hot.trust == Trust::Link);
         trust = hot.trust;
     }
     // An unsampled span is never exported: it only carries the context, so skip the rest.
     let described = record.sampled();
     if described {
-        // SAFETY: ctx.raw is the running request's context.
-        unsafe { server_attributes(ctx.raw, req, &mut record) };
+        server_attributes(raw, req, &mut record);
     }
     // The context is written into the request only when it goes to a backend (see
     // `cache_result`): a cache hit, the common case, never pays for the header.
@@ -102,12 +168,28 @@ pub fn trace_request(ctx: &mut Ctx) {
     state.described = described;
     state.incoming = incoming;
     state.trust = trust;
-    STATS.spans_started.fetch_add(1, Relaxed);
-    if state.record.sampled() {
-        crate::vsl::tailer::track(state.record.vxid);
-    }
-    if task::install(ctx, state).is_err() {
-        log::vcl(ctx, "out of workspace: span not recorded");
+    (Some(state), info)
+}
+
+/// The state of the current task, built now for an unsampled request that kept only its
+/// decision (see `trace_request`): the same context, rebuilt from the request's headers as they
+/// are now (VCL may have changed them since `vcl_recv`, and then they are what it wants sent),
+/// unsampled whatever the sampler would say.
+fn state<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
+    match task::slot(ctx) {
+        Slot::Traced(state) => Some(state),
+        Slot::Empty => None,
+        Slot::Unsampled => {
+            // SAFETY: only a client task installs the marker; ctx->req is its request.
+            let req = unsafe { ctx.raw.req.as_ref()? };
+            let mut hot = config::hot();
+            hot.trust = Trust::Extract;
+            // SAFETY: as above.
+            let (state, _) = unsafe { start_client_span(ctx.raw, req, &sampling::Sampler::ALWAYS_OFF, hot, false) };
+            let mut state = state?;
+            state.repeats_seen = req.restarts;
+            task::install(ctx, state).ok()
+        }
     }
 }
 
@@ -165,7 +247,26 @@ pub fn trace_backend(ctx: &mut Ctx) {
 /// status. Other requests skip the filter and its cost.
 pub fn finish(ctx: &mut Ctx) -> bool {
     let m = ctx.raw.method;
-    let Some(state) = task::current(ctx) else { return false };
+    let state = match task::slot(ctx) {
+        Slot::Traced(state) => state,
+        Slot::Empty => return false,
+        Slot::Unsampled => {
+            if m != method::DELIVER && m != method::SYNTH {
+                return false;
+            }
+            let hot = config::hot();
+            // SAFETY: in vcl_deliver/vcl_synth ctx->req is valid.
+            let req = unsafe { &*ctx.raw.req };
+            if !(hot.traceresponse || hot.server_timing) || req.esi_level > 0 {
+                // Nothing to record; ESI sub-requests inherit the decision.
+                task::publish_esi_parent(req.esi_level, EsiParent::Unsampled { top: req.top as usize });
+                return false;
+            }
+            // The client is told the context: build it.
+            let Some(state) = state(ctx) else { return false };
+            state
+        }
+    };
     let mut want_filter = false;
     match m {
         method::DELIVER | method::SYNTH => {
@@ -183,7 +284,7 @@ pub fn finish(ctx: &mut Ctx) -> bool {
             let top = unsafe { (*ctx.raw.req).top as usize };
             task::publish_esi_parent(
                 level,
-                EsiParent { trace_id: r.trace_id, span_id: r.span_id, flags: r.flags, top },
+                EsiParent::Traced { trace_id: r.trace_id, span_id: r.span_id, flags: r.flags, top },
             );
             // SAFETY: ctx->req is valid in vcl_deliver/vcl_synth.
             let (req_http, resp) = unsafe { ((*ctx.raw.req).http, (*ctx.raw.req).resp) };
@@ -256,13 +357,22 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
     let m = ctx.raw.method;
     let now = ctx.raw.now.0;
     let bereq = ctx.raw.http_bereq.0;
-    let Some(state) = task::current(ctx) else { return };
     let target = match m {
         method::MISS | method::PASS => req.http,
         method::PIPE => bereq,
         // SAFETY: in vcl_hit req->objcore is the object found.
         method::HIT if unsafe { is_stale(req, now) } => req.http,
         _ => std::ptr::null_mut(),
+    };
+    // An unsampled request that kept only its decision needs its context only where a fetch
+    // follows (the common unsampled cache hit needs nothing).
+    let state = match task::slot(ctx) {
+        Slot::Traced(state) => state,
+        Slot::Unsampled if !target.is_null() => match state(ctx) {
+            Some(state) => state,
+            None => return,
+        },
+        Slot::Unsampled | Slot::Empty => return,
     };
     if !target.is_null() {
         // SAFETY: a header table of the running task.
@@ -316,10 +426,10 @@ pub fn tag(ctx: &mut Ctx, key: &CStr, value: &CStr) {
 
 /// The current task's sampled span, or `None` with a log line naming the call (`what`).
 fn sampled_span<'a>(ctx: &mut Ctx, what: &str) -> Option<&'a mut TaskState> {
-    match task::current(ctx) {
-        Some(state) if state.record.sampled() => Some(state),
-        Some(_) => None, // never exported: nothing to record
-        None => {
+    match task::slot(ctx) {
+        Slot::Traced(state) if state.record.sampled() => Some(state),
+        Slot::Traced(_) | Slot::Unsampled => None, // never exported: nothing to record
+        Slot::Empty => {
             log::vcl(ctx, format!("{what} before trace_request()/trace_backend() in this task; ignored"));
             None
         }
@@ -398,8 +508,11 @@ pub fn sample(ctx: &mut Ctx, on: bool) {
         log::vcl(ctx, "sample() is for vcl_recv; ignored");
         return;
     }
+    if !on && matches!(task::slot(ctx), Slot::Unsampled) {
+        return;
+    }
     let raw = ctx.raw as *const varnish::ffi::vrt_ctx;
-    let Some(state) = task::current(ctx) else {
+    let Some(state) = state(ctx) else {
         log::vcl(ctx, "sample() before trace_request(); ignored");
         return;
     };
@@ -441,7 +554,10 @@ pub fn trust(ctx: &mut Ctx, mode: &CStr) {
         log::vcl(ctx, "trust(): use extract, ignore or link; ignored");
         return;
     };
-    let Some(state) = task::current(ctx) else {
+    if mode == Trust::Extract && matches!(task::slot(ctx), Slot::Unsampled) {
+        return; // kept only because the request continues its caller's context unsampled
+    }
+    let Some(state) = state(ctx) else {
         log::vcl(ctx, "trust() before trace_request(); ignored");
         return;
     };
@@ -485,15 +601,15 @@ pub fn baggage(ctx: &mut Ctx, key: &CStr) -> String {
 }
 
 pub fn trace_id(ctx: &mut Ctx) -> String {
-    task::current(ctx).map(|s| s.record.trace_id.to_hex()).unwrap_or_default()
+    state(ctx).map(|s| s.record.trace_id.to_hex()).unwrap_or_default()
 }
 
 pub fn span_id(ctx: &mut Ctx) -> String {
-    task::current(ctx).map(|s| s.record.span_id.to_hex()).unwrap_or_default()
+    state(ctx).map(|s| s.record.span_id.to_hex()).unwrap_or_default()
 }
 
 pub fn traceparent(ctx: &mut Ctx) -> String {
-    task::current(ctx)
+    state(ctx)
         .map(|s| String::from_utf8_lossy(&outgoing_traceparent(&s.record)[..55]).into_owned())
         .unwrap_or_default()
 }

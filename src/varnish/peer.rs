@@ -2,6 +2,7 @@
 //! it, after the PROXY protocol) and `network.peer.address`/`port` (the TCP peer).
 
 use std::ffi::CStr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use varnish::ffi;
 
@@ -17,11 +18,46 @@ pub unsafe fn client_and_peer(ctx: &ffi::vrt_ctx) -> (Option<String>, Option<(St
     let client = (!ip.is_null()).then(|| CStr::from_ptr(ip).to_string_lossy().into_owned());
     let mut sa: *mut ffi::suckaddr = std::ptr::null_mut();
     let peer = if ffi::SES_Get_remote_addr(sp, &mut sa) == 0 && !sa.is_null() {
-        // Formats into the task's workspace: the string lives as long as the request.
-        let text = ffi::VRT_IP_string(ctx, ffi::VCL_IP(sa));
-        text.0.as_ref().map(|_| (CStr::from_ptr(text.0).to_string_lossy().into_owned(), ffi::VSA_Port(sa) as u16))
+        let port = ffi::VSA_Port(sa) as u16;
+        address_text(sa).or_else(|| {
+            // Not IPv4/IPv6 (a Unix socket listener): Varnish's own text for it, which formats
+            // into the task's workspace, so the string lives as long as the request.
+            let text = ffi::VRT_IP_string(ctx, ffi::VCL_IP(sa));
+            text.0.as_ref().map(|_| CStr::from_ptr(text.0).to_string_lossy().into_owned())
+        })
+        .map(|a| (a, port))
     } else {
         None
     };
     (client, peer)
+}
+
+/// The numeric text of an IPv4 or IPv6 address, as `getnameinfo(NI_NUMERICHOST)` (which
+/// `VRT_IP_string` calls, at several times the cost) prints it.
+///
+/// # Safety
+/// `sa` must be a valid `suckaddr`.
+unsafe fn address_text(sa: *const ffi::suckaddr) -> Option<String> {
+    let mut bytes: *const u8 = std::ptr::null();
+    match ffi::VSA_GetPtr(sa, &mut bytes) {
+        f if f == libc_af::INET && !bytes.is_null() => {
+            Some(Ipv4Addr::from(*bytes.cast::<[u8; 4]>()).to_string())
+        }
+        f if f == libc_af::INET6 && !bytes.is_null() => {
+            Some(Ipv6Addr::from(*bytes.cast::<[u8; 16]>()).to_string())
+        }
+        _ => None,
+    }
+}
+
+/// Address families as `VSA_GetPtr` returns them. Elsewhere than Linux, Varnish's own text.
+#[cfg(target_os = "linux")]
+mod libc_af {
+    pub const INET: i32 = 2;
+    pub const INET6: i32 = 10;
+}
+#[cfg(not(target_os = "linux"))]
+mod libc_af {
+    pub const INET: i32 = -1;
+    pub const INET6: i32 = -1;
 }

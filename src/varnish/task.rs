@@ -92,6 +92,16 @@ static METHODS_HEAP: ffi::vmod_priv_methods = ffi::vmod_priv_methods {
     fini: Some(task_fini_heap),
 };
 
+static METHODS_UNSAMPLED: ffi::vmod_priv_methods = ffi::vmod_priv_methods {
+    magic: ffi::VMOD_PRIV_METHODS_MAGIC,
+    type_: c"opentracing unsampled".as_ptr(),
+    fini: Some(task_fini_unsampled),
+};
+
+fn is_unsampled(p: &ffi::vmod_priv) -> bool {
+    std::ptr::eq(p.methods, &METHODS_UNSAMPLED)
+}
+
 fn is_ours(p: &ffi::vmod_priv) -> bool {
     !p.priv_.is_null() && (std::ptr::eq(p.methods, &METHODS_WS) || std::ptr::eq(p.methods, &METHODS_HEAP))
 }
@@ -111,23 +121,74 @@ unsafe fn take(p: &mut ffi::vmod_priv) -> TaskState {
     state
 }
 
-/// The state of the current task, taking it back from the stash after a rollback.
-pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
+/// What the current task holds.
+pub enum Slot<'a> {
+    /// Nothing of ours: `trace_request()`/`trace_backend()` did not run in this task.
+    Empty,
+    /// An unsampled request that has needed nothing more than its decision so far (see
+    /// `install_unsampled`).
+    Unsampled,
+    Traced(&'a mut TaskState),
+}
+
+/// The slot of the current task, taking it back from the stash after a rollback.
+pub fn slot<'a>(ctx: &Ctx) -> Slot<'a> {
     // SAFETY: VRT_priv_task_get only looks up the task's priv list; the pointer it returns stays
     // valid for the task, and only this thread uses the task.
     unsafe {
         let p = ffi::VRT_priv_task_get(ctx.raw, key());
         if let Some(p) = p.as_mut() {
             if is_ours(p) {
-                return p.priv_.cast::<TaskState>().as_mut();
+                if let Some(state) = p.priv_.cast::<TaskState>().as_mut() {
+                    return Slot::Traced(state);
+                }
+            } else if is_unsampled(p) {
+                return Slot::Unsampled;
             }
         }
     }
     if STASHED.load(Relaxed) == 0 {
-        return None;
+        return Slot::Empty;
     }
-    let state = take_stashed(task_address(ctx)?, current_vxid(ctx))?;
-    install(ctx, *state).ok()
+    let Some(address) = task_address(ctx) else { return Slot::Empty };
+    match take_stashed(address, current_vxid(ctx)) {
+        Some(Parked::Traced(state)) => install(ctx, *state).map_or(Slot::Empty, Slot::Traced),
+        Some(Parked::Unsampled) => {
+            if install_unsampled(ctx) {
+                Slot::Unsampled
+            } else {
+                Slot::Empty
+            }
+        }
+        None => Slot::Empty,
+    }
+}
+
+/// The traced state of the current task (not an unsampled marker: see `calls::state` for that).
+pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
+    match slot(ctx) {
+        Slot::Traced(state) => Some(state),
+        Slot::Unsampled | Slot::Empty => None,
+    }
+}
+
+/// Marks the current task as an unsampled request. Most requests are not sampled, and most of
+/// them are cache hits that never send anything downstream: for those, the decision is all we
+/// keep (no span record, no copy, a fini that returns at once). A later call that needs the
+/// context (a fetch, VCL asking for the IDs, `sample()`) builds it then (`calls::state`).
+/// Returns false if Varnish has no room for the slot.
+pub fn install_unsampled(ctx: &Ctx) -> bool {
+    // SAFETY: as in `current`.
+    unsafe {
+        let Some(p) = ffi::VRT_priv_task(ctx.raw, key()).as_mut() else { return false };
+        if is_ours(p) {
+            close_orphan(take(p), ClosedBy::TaskEnd);
+        }
+        // Any non-NULL value: Varnish calls the fini only for a non-NULL priv.
+        p.priv_ = key().cast_mut();
+        p.methods = &METHODS_UNSAMPLED;
+        true
+    }
 }
 
 /// Attaches `state` to the current task. Gives it back if Varnish has no room for the slot.
@@ -199,6 +260,16 @@ unsafe extern "C" fn task_fini_ws(ctx: *const ffi::vrt_ctx, p: *mut c_void) {
     }
 }
 
+unsafe extern "C" fn task_fini_unsampled(ctx: *const ffi::vrt_ctx, _: *mut c_void) {
+    // Nothing to close; only a rollback must keep the decision for the rest of the task.
+    // SAFETY: the context Varnish passes to a fini.
+    let Some(ctx) = (unsafe { ctx.as_ref() }) else { return };
+    if unsafe { is_rollback(ctx) } {
+        let address = if !ctx.req.is_null() { ctx.req as usize } else { ctx.bo as usize };
+        stash(address, unsafe { vxid_of(ctx.vsl) }, Parked::Unsampled);
+    }
+}
+
 unsafe extern "C" fn task_fini_heap(ctx: *const ffi::vrt_ctx, p: *mut c_void) {
     if !p.is_null() {
         // SAFETY: `p` is the Box we leaked in `install`; fini runs once per install.
@@ -215,7 +286,7 @@ fn finish_task(ctx: *const ffi::vrt_ctx, state: TaskState) {
         };
         if unsafe { is_rollback(ctx) } {
             let address = if !ctx.req.is_null() { ctx.req as usize } else { ctx.bo as usize };
-            stash(address, unsafe { vxid_of(ctx.vsl) }, Box::new(state));
+            stash(address, unsafe { vxid_of(ctx.vsl) }, Parked::Traced(Box::new(state)));
             return;
         }
         // An unsampled span only carried the context: nothing to complete or export.
@@ -298,13 +369,19 @@ struct Stashed {
     address: usize,
     vxid: u64,
     since: Instant,
-    state: Box<TaskState>,
+    state: Parked,
+}
+
+/// What a rolled-back task left.
+enum Parked {
+    Traced(Box<TaskState>),
+    Unsampled,
 }
 
 static STASH: Mutex<Vec<Stashed>> = Mutex::new(Vec::new());
 static STASHED: AtomicUsize = AtomicUsize::new(0);
 
-fn stash(address: usize, vxid: u64, state: Box<TaskState>) {
+fn stash(address: usize, vxid: u64, state: Parked) {
     let evicted = {
         let mut s = STASH.lock();
         let evicted = if s.len() >= STASH_CAPACITY { Some(s.remove(0)) } else { None };
@@ -312,13 +389,13 @@ fn stash(address: usize, vxid: u64, state: Box<TaskState>) {
         STASHED.store(s.len(), Relaxed);
         evicted
     };
-    if let Some(old) = evicted {
+    if let Some(Stashed { state: Parked::Traced(old), .. }) = evicted {
         STATS.spans_closed_by_deadline.fetch_add(1, Relaxed);
-        close_orphan(*old.state, ClosedBy::Deadline);
+        close_orphan(*old, ClosedBy::Deadline);
     }
 }
 
-fn take_stashed(address: usize, vxid: u64) -> Option<Box<TaskState>> {
+fn take_stashed(address: usize, vxid: u64) -> Option<Parked> {
     let mut s = STASH.lock();
     let i = s.iter().position(|e| e.address == address && e.vxid == vxid)?;
     let e = s.swap_remove(i);
@@ -341,8 +418,9 @@ pub fn sweep_stash() -> Vec<Box<SpanRecord>> {
     expired
         .into_iter()
         .filter_map(|e| {
+            let Parked::Traced(state) = e.state else { return None };
             STATS.spans_closed_by_deadline.fetch_add(1, Relaxed);
-            let mut record = Box::new(e.state.record);
+            let mut record = Box::new(state.record);
             record.closed_by = ClosedBy::Deadline;
             record.end_unix_nano = now_unix_nano().max(record.start_unix_nano);
             record.set_str("varnish.span.closed_by", ClosedBy::Deadline.as_str());
@@ -360,13 +438,25 @@ pub fn sweep_stash() -> Vec<Box<SpanRecord>> {
 pub const MAX_ESI_DEPTH: usize = 16;
 
 #[derive(Clone, Copy)]
-pub struct EsiParent {
-    pub trace_id: TraceId,
-    pub span_id: SpanId,
-    pub flags: u8,
-    /// The top request (`req->top`) the publishing request belongs to: a sub-request takes this
-    /// parent only if it belongs to the same one.
-    pub top: usize,
+pub enum EsiParent {
+    Traced {
+        trace_id: TraceId,
+        span_id: SpanId,
+        flags: u8,
+        /// The top request (`req->top`) the publishing request belongs to: a sub-request takes
+        /// this parent only if it belongs to the same one.
+        top: usize,
+    },
+    /// An unsampled request that kept only its decision (`install_unsampled`).
+    Unsampled { top: usize },
+}
+
+impl EsiParent {
+    pub fn top(&self) -> usize {
+        match *self {
+            EsiParent::Traced { top, .. } | EsiParent::Unsampled { top } => top,
+        }
+    }
 }
 
 thread_local! {
