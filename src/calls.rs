@@ -385,15 +385,17 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
     if result == b"synth" && state.record.get("varnish.cache_result").is_some() {
         return;
     }
-    let value = match result {
+    let value: std::borrow::Cow<'static, str> = match result {
         // SAFETY: in vcl_hit req->objcore is the object found.
-        b"hit" if m == method::HIT && unsafe { is_stale(req, now) } => "grace".to_owned(),
-        b"hit" => "hit".to_owned(),
-        b"miss" if req.is_hitmiss() != 0 => "hit-for-miss".to_owned(),
-        b"miss" => "miss".to_owned(),
-        b"pass" if req.is_hitpass() != 0 => "hit-for-pass".to_owned(),
-        b"pass" => "pass".to_owned(),
-        other => String::from_utf8_lossy(other).into_owned(),
+        b"hit" if m == method::HIT && unsafe { is_stale(req, now) } => "grace".into(),
+        b"hit" => "hit".into(),
+        b"miss" if req.is_hitmiss() != 0 => "hit-for-miss".into(),
+        b"miss" => "miss".into(),
+        b"pass" if req.is_hitpass() != 0 => "hit-for-pass".into(),
+        b"pass" => "pass".into(),
+        b"pipe" => "pipe".into(),
+        b"synth" => "synth".into(),
+        other => String::from_utf8_lossy(other).into_owned().into(),
     };
     if m == method::HIT {
         // SAFETY: as above.
@@ -420,7 +422,7 @@ unsafe fn is_stale(req: &varnish::ffi::req, now: f64) -> bool {
 }
 
 pub fn tag(ctx: &mut Ctx, key: &CStr, value: &CStr) {
-    let value = Value::Str(value.to_string_lossy().into_owned());
+    let value = Value::Str(value.to_string_lossy().into_owned().into());
     tag_value(ctx, "tag()", key, value);
 }
 
@@ -478,7 +480,7 @@ pub fn set_route(ctx: &mut Ctx, route: &CStr) {
         state.record.name = semconv::span_name(method, Some(&route));
     }
     let key = if state.record.kind == SpanKind::Client { "url.template" } else { "http.route" };
-    state.record.set(key, Value::Str(route));
+    state.record.set(key, Value::Str(route.into()));
 }
 
 pub fn add_event(ctx: &mut Ctx, name: &CStr) {
@@ -631,24 +633,24 @@ unsafe fn server_attributes(
         semconv::span_name(line.method, None)
     };
     if let Some(q) = line.query {
-        record.add("url.query", Value::Str(q));
+        record.add("url.query", Value::Str(q.into()));
     }
-    record.add("url.scheme", Value::Str("http".to_owned()));
+    record.add("url.scheme", Value::Str("http".into()));
     if let Some((host, port)) =
         http::header(req.http, b"host").and_then(|h| semconv::split_host(std::str::from_utf8(h).ok()?))
     {
-        record.add("server.address", Value::Str(host.to_owned()));
+        record.add("server.address", Value::Str(host.to_owned().into()));
         record.add("server.port", Value::Int(i64::from(port.unwrap_or(80))));
     }
     if let Some(ua) = http::header(req.http, b"user-agent") {
-        record.add("user_agent.original", Value::Str(String::from_utf8_lossy(ua).into_owned()));
+        record.add("user_agent.original", Value::Str(String::from_utf8_lossy(ua).into_owned().into()));
     }
     let (client, peer) = crate::varnish::peer::client_and_peer(ctx);
     if let Some(c) = client {
-        record.add("client.address", Value::Str(c));
+        record.add("client.address", Value::Str(c.into()));
     }
     if let Some((addr, port)) = peer {
-        record.add("network.peer.address", Value::Str(addr));
+        record.add("network.peer.address", Value::Str(addr.into()));
         record.add("network.peer.port", Value::Int(i64::from(port)));
     }
     if req.esi_level > 0 {
@@ -667,26 +669,40 @@ unsafe fn client_attributes(bereq: *const varnish::ffi::http, record: &mut crate
     record.name = semconv::span_name(line.method, None);
     let host = http::header(bereq, b"host").and_then(|h| std::str::from_utf8(h).ok());
     if let Some((address, port)) = host.and_then(semconv::split_host) {
-        record.add("server.address", Value::Str(address.to_owned()));
+        record.add("server.address", Value::Str(address.to_owned().into()));
         // Required on CLIENT spans: the scheme's default when Host names none.
         record.add("server.port", Value::Int(i64::from(port.unwrap_or(80))));
     }
     // url.full (absolute, so only with a Host), with the query only when enabled (redacted).
-    let path = &line.path;
-    match (host, line.query) {
-        (Some(h), Some(q)) => record.add("url.full", Value::Str(format!("http://{h}{path}?{q}"))),
-        (Some(h), None) => record.add("url.full", Value::Str(format!("http://{h}{path}"))),
-        (None, _) => {}
+    if let Some(h) = host {
+        let query = line.query.as_deref();
+        let path = line.path();
+        let mut full = String::with_capacity(7 + h.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        full.push_str("http://");
+        full.push_str(h);
+        full.push_str(path);
+        if let Some(q) = query {
+            full.push('?');
+            full.push_str(q);
+        }
+        record.add("url.full", Value::Str(full.into()));
     }
 }
 
 /// What `request_attributes` read from a request line.
-struct RequestLine {
+/// Borrows the request's header table (valid during the VCL call) where it is UTF-8.
+struct RequestLine<'a> {
     method: &'static str,
-    method_original: String,
-    path: String,
+    method_original: std::borrow::Cow<'a, str>,
+    url: std::borrow::Cow<'a, str>,
     /// The query, redacted, when `OPENTRACING_CAPTURE_URL_QUERY` is on.
     query: Option<String>,
+}
+
+impl RequestLine<'_> {
+    fn path(&self) -> &str {
+        semconv::path_and_query(&self.url).0
+    }
 }
 
 /// The attributes both span kinds take from their request: `http.request.method` (and
@@ -695,29 +711,29 @@ struct RequestLine {
 ///
 /// # Safety
 /// `hp` must be NULL or a valid `struct http` of the running task.
-unsafe fn request_attributes(
+unsafe fn request_attributes<'a>(
     hp: *const varnish::ffi::http,
     spans: &config::SpanSettings,
     record: &mut crate::span::SpanRecord,
-) -> RequestLine {
+) -> RequestLine<'a> {
     let (method_original, url) = http::request_line(hp);
     let (method, other) = semconv::method(&method_original);
-    record.add("http.request.method", Value::Str(method.to_owned()));
+    record.add("http.request.method", Value::Str(method.into()));
     if other {
-        record.add("http.request.method_original", Value::Str(method_original.clone()));
+        record.add("http.request.method_original", Value::Str(method_original.clone().into_owned().into()));
     }
     let (path, query) = semconv::path_and_query(&url);
-    record.add("url.path", Value::Str(path.to_owned()));
+    record.add("url.path", Value::Str(path.to_owned().into()));
     if let Some(v) = std::str::from_utf8(http::proto(hp)).ok().and_then(semconv::protocol_version) {
-        record.add("network.protocol.version", Value::Str(v.to_owned()));
+        record.add("network.protocol.version", Value::Str(v.into()));
     }
     if let Some(role) = spans.role {
-        record.add("varnish.server.role", Value::Str(role.to_owned()));
+        record.add("varnish.server.role", Value::Str(role.into()));
     }
     let query = query
         .filter(|_| spans.capture_query)
         .map(|q| spans.redact.as_ref().map_or(q.into(), |r| r.apply(q)).into_owned());
-    RequestLine { method, method_original, path: path.to_owned(), query }
+    RequestLine { method, method_original, url, query }
 }
 
 /// Copies the allowed headers of `hp` into `{prefix}{lowercase name}` attributes (string
@@ -753,7 +769,7 @@ unsafe fn capture_headers(
         }
     }
     for (k, v) in captured {
-        record.set(k, Value::Str(v));
+        record.set(k, Value::Str(v.into()));
     }
 }
 

@@ -104,7 +104,9 @@ impl SpanKind {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
-    Str(String),
+    /// Borrowed for the values we know at compile time (method names, cache results, `http`):
+    /// most attribute values of a span then cost no allocation.
+    Str(Cow<'static, str>),
     Int(i64),
     Float(f64),
     Bool(bool),
@@ -237,7 +239,7 @@ impl SpanRecord {
     pub fn set(&mut self, key: impl Into<Cow<'static, str>>, value: Value) {
         let key = key.into();
         let value = match value {
-            Value::Str(s) => Value::Str(truncate(s, max_value_len())),
+            Value::Str(s) => Value::Str(truncate_cow(s, max_value_len())),
             other => other,
         };
         // From the end: the keys set again (status, sizes at the task's end and from the log)
@@ -267,7 +269,7 @@ impl SpanRecord {
         }
     }
 
-    pub fn set_str(&mut self, key: &'static str, value: impl Into<String>) {
+    pub fn set_str(&mut self, key: &'static str, value: impl Into<Cow<'static, str>>) {
         self.set(key, Value::Str(value.into()));
     }
 
@@ -282,7 +284,7 @@ impl SpanRecord {
         let error = status >= 500 || (status >= 400 && self.kind == SpanKind::Client);
         if error {
             self.status = StatusCode::Error;
-            self.set("error.type", Value::Str(status.to_string()));
+            self.set("error.type", Value::Str(status.to_string().into()));
         } else if self.get("error.type").is_some_and(|v| matches!(v, Value::Str(s) if s.parse::<u16>().is_ok())) {
             // A later, better source (the log) says the status was not an error after all.
             self.status = StatusCode::Unset;
@@ -310,6 +312,15 @@ impl SpanRecord {
 }
 
 /// Cuts `s` to at most `max` bytes without splitting a UTF-8 character.
+/// `truncate` for a value that may be borrowed (ours are short: only owned ones are ever cut).
+pub fn truncate_cow(s: Cow<'static, str>, max: usize) -> Cow<'static, str> {
+    match s {
+        Cow::Owned(o) => Cow::Owned(truncate(o, max)),
+        Cow::Borrowed(b) if b.len() > max => Cow::Owned(truncate(b.to_owned(), max)),
+        b => b,
+    }
+}
+
 pub fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut cut = max;

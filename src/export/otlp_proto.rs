@@ -586,7 +586,7 @@ mod tests {
     fn attribute_values_of_every_type_and_edge() {
         let mut r = full();
         r.attributes = vec![
-            attr("empty", Value::Str(String::new())),
+            attr("empty", Value::Str("".into())),
             attr("unicode", Value::Str("Grüße, 世界 🦀 \u{0}\n\"".into())),
             attr("zero", Value::Int(0)),
             attr("minus one", Value::Int(-1)),
@@ -736,9 +736,9 @@ mod tests {
         let long_key = "k".repeat(130);
         let mut r = full();
         r.attributes = vec![
-            attr(&long_key, Value::Str("v".repeat(200))),
-            attr("20k", Value::Str("é".repeat(10_000))),
-            attr("2M", Value::Str("x".repeat(2_100_000))),
+            attr(&long_key, Value::Str("v".repeat(200).into())),
+            attr("20k", Value::Str("é".repeat(10_000).into())),
+            attr("2M", Value::Str("x".repeat(2_100_000).into())),
         ];
         r.status_message = Some("m".repeat(128));
         let s = encode_one(&r);
@@ -790,7 +790,7 @@ mod tests {
         let mut records = vec![full()];
         let mut edge = full();
         edge.attributes = vec![
-            attr("empty", Value::Str(String::new())),
+            attr("empty", Value::Str("".into())),
             attr("unicode", Value::Str("Grüße 世界 🦀 \u{1}\t\"\\".into())),
             attr("zero", Value::Int(0)),
             attr("min", Value::Int(i64::MIN)),
@@ -814,7 +814,7 @@ mod tests {
         bare.name = "".into();
         records.push(bare);
         let mut large = full();
-        large.attributes.push(attr("large", Value::Str("y".repeat(20_000))));
+        large.attributes.push(attr("large", Value::Str("y".repeat(20_000).into())));
         records.push(large);
 
         for res in [resource(), Resource { attributes: vec![] }] {

@@ -4,6 +4,7 @@
 //! of them (two `traceparent` fields restart the trace, `tracestate` fields are combined), so we
 //! walk the header table ourselves. No UTF-8 is assumed: values are bytes until validated.
 
+use std::borrow::Cow;
 use std::ffi::CStr;
 
 use varnish::ffi;
@@ -229,18 +230,19 @@ pub unsafe fn status(hp: *const ffi::http) -> u16 {
 ///
 /// # Safety
 /// `hp` must be NULL or a valid `struct http`.
-pub unsafe fn request_line(hp: *const ffi::http) -> (String, String) {
-    let Some(h) = hp.as_ref() else { return (String::new(), String::new()) };
-    let get = |i: u32| -> String {
+pub unsafe fn request_line<'a>(hp: *const ffi::http) -> (Cow<'a, str>, Cow<'a, str>) {
+    let Some(h) = hp.as_ref() else { return (Cow::Borrowed(""), Cow::Borrowed("")) };
+    // Borrowed from the header table (valid for the VCL call) unless it is not UTF-8.
+    let get = |i: u32| -> Cow<'a, str> {
         if (i as usize) >= h.nhd as usize {
-            return String::new();
+            return Cow::Borrowed("");
         }
         let t = &*h.hd.add(i as usize);
         if t.b.is_null() || t.e.is_null() || t.e < t.b {
-            return String::new();
+            return Cow::Borrowed("");
         }
         let bytes = std::slice::from_raw_parts(t.b.cast::<u8>(), t.e.offset_from(t.b) as usize);
-        String::from_utf8_lossy(bytes).into_owned()
+        String::from_utf8_lossy(bytes)
     };
     (get(ffi::HTTP_HDR_METHOD), get(ffi::HTTP_HDR_URL))
 }

@@ -2,7 +2,7 @@
 //! it, after the PROXY protocol) and `network.peer.address`/`port` (the TCP peer).
 
 use std::ffi::CStr;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::Ipv6Addr;
 
 use varnish::ffi;
 
@@ -40,14 +40,26 @@ pub unsafe fn client_and_peer(ctx: &ffi::vrt_ctx) -> (Option<String>, Option<(St
 unsafe fn address_text(sa: *const ffi::suckaddr) -> Option<String> {
     let mut bytes: *const u8 = std::ptr::null();
     match ffi::VSA_GetPtr(sa, &mut bytes) {
-        f if f == libc_af::INET && !bytes.is_null() => {
-            Some(Ipv4Addr::from(*bytes.cast::<[u8; 4]>()).to_string())
-        }
+        f if f == libc_af::INET && !bytes.is_null() => Some(ipv4_text(*bytes.cast::<[u8; 4]>())),
         f if f == libc_af::INET6 && !bytes.is_null() => {
             Some(Ipv6Addr::from(*bytes.cast::<[u8; 16]>()).to_string())
         }
         _ => None,
     }
+}
+
+/// Dotted-quad text, as `Ipv4Addr`'s `Display` writes it, without the formatting machinery
+/// (which cost about 1,700 instructions per address, more than the rest of the span's start).
+fn ipv4_text(octets: [u8; 4]) -> String {
+    let mut s = String::with_capacity(15);
+    let mut digits = itoa::Buffer::new();
+    for (i, o) in octets.iter().enumerate() {
+        if i > 0 {
+            s.push('.');
+        }
+        s.push_str(digits.format(*o));
+    }
+    s
 }
 
 /// Address families as `VSA_GetPtr` returns them. Elsewhere than Linux, Varnish's own text.
@@ -60,4 +72,17 @@ mod libc_af {
 mod libc_af {
     pub const INET: i32 = -1;
     pub const INET6: i32 = -1;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ipv4_text;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn ipv4_text_is_what_display_writes() {
+        for octets in [[127, 0, 0, 1], [0, 0, 0, 0], [255, 255, 255, 255], [10, 200, 3, 45], [192, 168, 100, 9]] {
+            assert_eq!(ipv4_text(octets), Ipv4Addr::from(octets).to_string());
+        }
+    }
 }

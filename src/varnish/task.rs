@@ -323,7 +323,7 @@ unsafe fn complete(ctx: &ffi::vrt_ctx, state: TaskState) -> Box<SpanRecord> {
             record.set_int("varnish.retries", i64::from(bo.retries));
         }
         if let Some(name) = ffi::VRT_BACKEND_string(ffi::VCL_BACKEND(bo.director_resp)).0.as_ref() {
-            record.set("varnish.backend", Value::Str(CStr::from_ptr(name).to_string_lossy().into_owned()));
+            record.set("varnish.backend", Value::Str(CStr::from_ptr(name).to_string_lossy().into_owned().into()));
         }
         if fetch_failed {
             record.status = StatusCode::Error;

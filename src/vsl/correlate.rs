@@ -126,7 +126,7 @@ impl LogData {
         if let Some(err) = self.fetch_error.take() {
             record.status = StatusCode::Error;
             if record.get("error.type").is_none() {
-                record.set("error.type", Value::Str("fetch_error".to_owned()));
+                record.set("error.type", Value::Str("fetch_error".into()));
             }
             record.status_message = Some(err);
         }
@@ -134,13 +134,13 @@ impl LogData {
             // VCL_Error is also logged for problems VCL survives; it names the cause only of a
             // request that failed.
             if record.status == StatusCode::Error {
-                record.set("error.type", Value::Str("vcl_error".to_owned()));
+                record.set("error.type", Value::Str("vcl_error".into()));
                 record.status_message = Some(err);
             }
         }
         if let Some((name, addr, port)) = self.peer.take() {
-            record.set("varnish.backend", Value::Str(name));
-            record.set("network.peer.address", Value::Str(addr));
+            record.set("varnish.backend", Value::Str(name.into()));
+            record.set("network.peer.address", Value::Str(addr.into()));
             if let Some(port) = port {
                 record.set("network.peer.port", Value::Int(port));
             }
@@ -678,7 +678,7 @@ impl Correlator {
 /// A span closed from its task's data alone, marked so that a trace UI can tell.
 fn backstop(mut record: Box<SpanRecord>) -> Box<SpanRecord> {
     record.closed_by = ClosedBy::TaskEnd;
-    record.set("varnish.span.closed_by", Value::Str("backstop".to_owned()));
+    record.set("varnish.span.closed_by", Value::Str("backstop".into()));
     record
 }
 

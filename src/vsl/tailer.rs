@@ -124,7 +124,7 @@ pub fn finished(record: Box<SpanRecord>, final_vxid: u64) {
     };
     if let Some(Msg::Finished { mut record, .. }) = rejected {
         STATS.vsl_closed_by_backstop.fetch_add(1, Relaxed);
-        record.set("varnish.span.closed_by", Value::Str("backstop".to_owned()));
+        record.set("varnish.span.closed_by", Value::Str("backstop".into()));
         pipeline::submit(record);
     }
 }
