@@ -225,7 +225,7 @@ fn tailer_path(c: &mut Criterion) {
                 let now = Instant::now();
                 corr.track(1001, now);
                 corr.finished(record, 1001, now);
-                corr.records(records(black_box(&client)), &mut out);
+                corr.records(black_box(&client), &mut out);
                 out.clear();
             },
             BatchSize::SmallInput,
@@ -259,7 +259,7 @@ fn tailer_path(c: &mut Criterion) {
                     corr.finished(record, vxid, now);
                     buf.clear();
                     buf.extend_from_slice(black_box(batch));
-                    corr.records(records(&buf), &mut out);
+                    corr.records(&buf, &mut out);
                     out.pop()
                 },
                 BatchSize::SmallInput,

@@ -32,7 +32,7 @@ use std::str::FromStr;
 use rustc_hash::FxHashMap as HashMap;
 use std::time::{Duration, Instant};
 
-use super::record::{Record, Tag, TagTable};
+use super::record::{wanted, Tag, TagTable};
 use crate::ids::{SpanId, TraceId};
 use crate::span::{ClosedBy, Event, SpanKind, SpanRecord, StatusCode, Value};
 
@@ -339,6 +339,9 @@ fn timestamp_as_written(data: &[u8]) -> Option<(&[u8], u64)> {
     let end = data.iter().position(|&b| b == b':' || b.is_ascii_whitespace())?;
     let (label, rest) = data.split_at(end);
     let rest = rest.strip_prefix(b": ")?;
+    if let Some(t) = ten_dot_six(rest) {
+        return (!label.is_empty()).then_some((label, t));
+    }
     let (secs, secs_digits, rest) = leading_digits(rest);
     let (frac, frac_digits, rest) = leading_digits(rest.strip_prefix(b".")?);
     let ends = rest.first().is_none_or(u8::is_ascii_whitespace);
@@ -365,31 +368,88 @@ fn leading_digits(s: &[u8]) -> (u64, usize, &[u8]) {
 }
 
 fn event_name(label: &[u8]) -> Cow<'static, str> {
-    // The labels Varnish documents, without an allocation; anything else as it came. The most
-    // frequent first: this runs for every timestamp.
-    const KNOWN: &[&str] = &[
-        "Req",
-        "Process",
-        "Resp",
-        "Fetch",
-        "Bereq",
-        "Beresp",
-        "BerespBody",
-        "Start",
-        "ReqBody",
-        "Waitinglist",
-        "Restart",
-        "Reset",
-        "Pipe",
-        "PipeSess",
-        "Connected",
-        "Retry",
-        "Error",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| k.as_bytes() == label)
-        .map_or_else(|| Cow::Owned(String::from_utf8_lossy(label).into_owned()), |k| Cow::Borrowed(*k))
+    // The labels Varnish documents, without an allocation (a `match` on bytes: the compiler
+    // switches on the length first); anything else as it came. This runs for every timestamp.
+    let known = match label {
+        b"Req" => "Req",
+        b"Process" => "Process",
+        b"Resp" => "Resp",
+        b"Fetch" => "Fetch",
+        b"Bereq" => "Bereq",
+        b"Beresp" => "Beresp",
+        b"BerespBody" => "BerespBody",
+        b"Start" => "Start",
+        b"ReqBody" => "ReqBody",
+        b"Waitinglist" => "Waitinglist",
+        b"Restart" => "Restart",
+        b"Reset" => "Reset",
+        b"Pipe" => "Pipe",
+        b"PipeSess" => "PipeSess",
+        b"Connected" => "Connected",
+        b"Retry" => "Retry",
+        b"Error" => "Error",
+        _ => return Cow::Owned(String::from_utf8_lossy(label).into_owned()),
+    };
+    Cow::Borrowed(known)
+}
+
+/// The value of eight ASCII digits, or `None` if one of them is not a digit: a few arithmetic
+/// operations on one 64-bit word instead of a loop over the bytes (the timestamps of a traced
+/// transaction hold about a hundred digits).
+fn eight_digits(bytes: [u8; 8]) -> Option<u64> {
+    let v = u64::from_le_bytes(bytes);
+    // Each byte 0x30..=0x39: high nibble 3, and adding 6 does not carry into it.
+    const HIGH: u64 = 0xf0f0_f0f0_f0f0_f0f0;
+    const ZEROS: u64 = 0x3030_3030_3030_3030;
+    if v & HIGH != ZEROS || v.wrapping_add(0x0606_0606_0606_0606) & HIGH != ZEROS {
+        return None;
+    }
+    let d = v - ZEROS; // byte i holds digit i (the first digit in the lowest byte)
+    let pairs = d.wrapping_mul(10).wrapping_add(d >> 8); // bytes 0, 2, 4, 6: two-digit values
+    let quads = ((pairs & 0x0000_00ff_0000_00ff).wrapping_mul(100 + (1_000_000 << 32)))
+        .wrapping_add(((pairs >> 16) & 0x0000_00ff_0000_00ff).wrapping_mul(1 + (10_000 << 32)));
+    Some(quads >> 32)
+}
+
+/// `secs.micros` as Varnish prints every timestamp until the year 2286 (`%ju.%06ju`, ten digits
+/// of seconds), in nanoseconds; `None` for any other shape, which the general path then reads.
+fn ten_dot_six(s: &[u8]) -> Option<u64> {
+    let digits: &[u8; 17] = s.first_chunk()?;
+    if digits[10] != b'.' || s.get(17).is_some_and(|b| !b.is_ascii_whitespace()) {
+        return None;
+    }
+    let high = eight_digits(digits[..8].try_into().ok()?)?;
+    let (d8, d9) = (digits[8].wrapping_sub(b'0'), digits[9].wrapping_sub(b'0'));
+    if d8 > 9 || d9 > 9 {
+        return None;
+    }
+    let secs = high * 100 + u64::from(d8) * 10 + u64::from(d9);
+    let mut micros = [b'0'; 8];
+    micros[2..].copy_from_slice(&digits[11..17]);
+    Some(secs * 1_000_000_000 + eight_digits(micros)? * 1_000)
+}
+
+/// The six numbers of a `ReqAcct`/`BereqAcct` record as Varnish writes them (single spaces, plain
+/// digits), in one pass; `None` for anything else, which the general path then reads.
+fn six_numbers(data: &[u8]) -> Option<[u64; 6]> {
+    let mut n = [0u64; 6];
+    let (mut i, mut digits) = (0, 0);
+    for &b in data {
+        let d = b.wrapping_sub(b'0');
+        if d <= 9 {
+            if digits == 19 {
+                return None;
+            }
+            n[i] = n[i] * 10 + u64::from(d);
+            digits += 1;
+        } else if b == b' ' && digits > 0 && i < 5 {
+            i += 1;
+            digits = 0;
+        } else {
+            return None;
+        }
+    }
+    (i == 5 && digits > 0).then_some(n)
 }
 
 /// A record's whole text, as error messages are kept (rare: allocating is fine).
@@ -469,31 +529,30 @@ impl Correlator {
         None
     }
 
-    /// Feeds the records of one copied batch (or a single record). Returns the spans completed.
+    /// Feeds the records of one copied batch (or a single record), in the log's layout. Returns
+    /// the spans completed.
     ///
     /// Cost matters here (every record of every traced transaction): records of tags we do not
-    /// use are skipped on a table lookup, and the span a VXID belongs to is looked up once per
-    /// run of records of the same VXID (a batch is one transaction).
-    pub fn records<'a>(&mut self, records: impl Iterator<Item = Record<'a>>, out: &mut Vec<Box<SpanRecord>>) {
+    /// use are skipped on their header word, and the span a VXID belongs to is looked up once
+    /// per run of records of the same VXID (a batch is one transaction).
+    pub fn records(&mut self, batch: &[u8], out: &mut Vec<Box<SpanRecord>>) {
         let mut matched = false;
         let mut current: Option<(u64, Option<usize>)> = None;
-        for r in records {
-            let tag = self.tags.get(r.tag_number);
-            if tag == Tag::Other {
-                continue;
-            }
+        // A copy (256 bytes), so that the walk does not hold a borrow of `self`.
+        let tags = self.tags.clone();
+        for (tag, vxid, data) in wanted(batch, &tags) {
             let slot = match current {
-                Some((vxid, slot)) if vxid == r.vxid => slot,
+                Some((v, slot)) if v == vxid => slot,
                 _ => {
-                    let slot = self.index.get(&r.vxid).copied();
-                    current = Some((r.vxid, slot));
+                    let slot = self.index.get(&vxid).copied();
+                    current = Some((vxid, slot));
                     slot
                 }
             };
             let Some(slot) = slot else { continue };
             matched = true;
             self.stats.records += 1;
-            if let Some(done) = self.apply(slot, tag, r.vxid, r.data) {
+            if let Some(done) = self.apply(slot, tag, vxid, data) {
                 out.push(done);
                 current = None; // the slot is free again
             }
@@ -542,10 +601,16 @@ impl Correlator {
             }
             Tag::RespStatus | Tag::BerespStatus => log.status = Some(parse_int(fields.next()?)?),
             Tag::ReqAcct | Tag::BereqAcct => {
-                let mut n = [0u64; 6];
-                for v in &mut n {
-                    *v = parse_int(fields.next()?)?;
-                }
+                let n = match six_numbers(data) {
+                    Some(n) => n,
+                    None => {
+                        let mut n = [0u64; 6];
+                        for v in &mut n {
+                            *v = parse_int(fields.next()?)?;
+                        }
+                        n
+                    }
+                };
                 log.acct = Some(n);
             }
             Tag::Hit => log.hit_obj = Some(parse_int(fields.next()?)?),
@@ -686,7 +751,7 @@ fn backstop(mut record: Box<SpanRecord>) -> Box<SpanRecord> {
 mod tests {
     use super::*;
     use crate::span::Link;
-    use crate::vsl::record::{encode, records};
+    use crate::vsl::record::encode;
 
     // Tag numbers of the synthetic log.
     const BEGIN: u8 = 1;
@@ -744,7 +809,7 @@ mod tests {
     #[allow(clippy::vec_box)] // the spans as the correlator hands them out
     fn feed(c: &mut Correlator, bytes: &[u8]) -> Vec<Box<SpanRecord>> {
         let mut out = Vec::new();
-        c.records(records(bytes), &mut out);
+        c.records(bytes, &mut out);
         out
     }
 
@@ -1147,6 +1212,61 @@ mod tests {
         assert_eq!(parse_abs("1700000000"), None);
         assert_eq!(parse_abs("17x.1"), None);
         assert_eq!(parse_abs("1.-1"), None);
+    }
+
+    /// What the general path reads: fields split on whitespace, the label ending with ':'.
+    fn timestamp_by_fields(data: &[u8]) -> Option<(&[u8], u64)> {
+        let mut f = fields(data);
+        let label = f.next()?.strip_suffix(b":")?;
+        Some((label, parse_abs(f.next()?)?))
+    }
+
+    #[test]
+    fn fast_digit_paths_read_what_the_general_paths_read() {
+        // Every byte value in every position of eight digits, and numbers of every size.
+        for pos in 0..8 {
+            for b in 0..=255u8 {
+                let mut bytes = *b"12345678";
+                bytes[pos] = b;
+                let naive = bytes.iter().all(u8::is_ascii_digit).then(|| std::str::from_utf8(&bytes).unwrap().parse().unwrap());
+                assert_eq!(eight_digits(bytes), naive, "{bytes:?}");
+            }
+        }
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let v = rng.u64(..100_000_000);
+            assert_eq!(eight_digits(format!("{v:08}").as_bytes().try_into().unwrap()), Some(v));
+            let (secs, micros) = (rng.u64(1_000_000_000..10_000_000_000), rng.u64(..1_000_000));
+            let text = format!("Resp: {secs}.{micros:06} 0.000250 0.000040");
+            assert_eq!(ten_dot_six(&text.as_bytes()[6..]), Some(secs * 1_000_000_000 + micros * 1000));
+            assert_eq!(timestamp(text.as_bytes()), timestamp_by_fields(text.as_bytes()), "{text}");
+            let acct: Vec<u64> = (0..6)
+                .map(|_| {
+                    let bits = rng.u32(1..64); // up to 19 digits: more go to the general path
+                    rng.u64(..u64::MAX >> bits)
+                })
+                .collect();
+            let line = acct.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
+            assert_eq!(six_numbers(line.as_bytes()).map(|n| n.to_vec()), Some(acct), "{line}");
+        }
+        // Other shapes go to the general paths, which decide.
+        for text in [
+            "Start: 1700000000.00010 0 0",
+            "Start: 1700000000.0001000 0 0",
+            "Start: 170000000.000100 0 0",
+            "Start: 1700000000.000100x",
+            "Start: 1700000000,000100 0",
+            "Start: 17000000a0.000100 0",
+            "Start: 1700000000.00a100 0",
+            "Start: 1700000000.000100",
+            "Start:  1700000000.000100 0",
+            ": 1700000000.000100 0",
+        ] {
+            assert_eq!(timestamp(text.as_bytes()), timestamp_by_fields(text.as_bytes()), "{text}");
+        }
+        for line in ["1 2 3 4 5", "1 2 3 4 5 6 7", "1  2 3 4 5 6", " 1 2 3 4 5 6", "1 2 3 4 5 x", "1 2 3 4 5 ", "99999999999999999999 2 3 4 5 6"] {
+            assert_eq!(six_numbers(line.as_bytes()), None, "{line}");
+        }
     }
 
     #[test]

@@ -101,6 +101,33 @@ pub fn records(bytes: &[u8]) -> impl Iterator<Item = Record<'_>> {
 
 /// Builds log bytes as Varnish lays them out (tests, and the synthetic records of the
 /// correlation tests).
+/// The records of `bytes` whose tag `tags` knows, as `(tag, vxid, payload)`: `records` for the
+/// tailer's hot loop, which skips the records of other tags (about three in four of a
+/// transaction) on their header word alone.
+pub fn wanted<'a>(bytes: &'a [u8], tags: &'a TagTable) -> impl Iterator<Item = (Tag, u64, &'a [u8])> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || loop {
+        let head_bytes = rest.first_chunk::<4>()?;
+        let head = u32::from_ne_bytes(*head_bytes);
+        let len = (head & 0xffff) as usize;
+        let size = HEADER_WORDS * 4 + len.div_ceil(4) * 4;
+        let tag = tags.get((head >> 24) as u8);
+        if tag == Tag::Other {
+            rest = rest.get(size..).unwrap_or_default();
+            continue;
+        }
+        let (header, after) = rest.split_first_chunk::<{ HEADER_WORDS * 4 }>()?;
+        let word = |i: usize| {
+            u32::from_ne_bytes([header[i * 4], header[i * 4 + 1], header[i * 4 + 2], header[i * 4 + 3]])
+        };
+        let id = u64::from(word(1)) | (u64::from(word(2)) << 32);
+        let payload = after.get(..len)?;
+        rest = rest.get(size..).unwrap_or_default();
+        let data = payload.strip_suffix(&[0]).unwrap_or(payload);
+        return Some((tag, id & IDENT_MASK, data));
+    })
+}
+
 pub fn encode(out: &mut Vec<u8>, tag_number: u8, vxid: u64, client: bool, payload: &[u8]) {
     let len = payload.len() + 1;
     let head = (u32::from(tag_number) << 24) | (1 << 16) | len as u32;
@@ -118,6 +145,33 @@ pub fn encode(out: &mut Vec<u8>, tag_number: u8, vxid: u64, client: bool, payloa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wanted_gives_the_known_tags_records_as_records_does() {
+        let mut log = Vec::new();
+        encode(&mut log, 10, 1001, true, b"req 1000 rxreq");
+        encode(&mut log, 99, 1001, true, b"an unknown tag, skipped");
+        encode(&mut log, 20, 1001, true, b"Start: 1700000000.000100 0.000000 0.000000");
+        encode(&mut log, 99, 1002, false, b"");
+        encode(&mut log, 30, 1002, false, b"");
+        let tags = TagTable::new(|name| match name.to_bytes() {
+            b"Link" => Some(10),
+            b"Timestamp" => Some(20),
+            b"End" => Some(30),
+            _ => None,
+        });
+        let got: Vec<(Tag, u64, &[u8])> = wanted(&log, &tags).collect();
+        let expected: Vec<(Tag, u64, &[u8])> = records(&log)
+            .filter(|r| tags.get(r.tag_number) != Tag::Other)
+            .map(|r| (tags.get(r.tag_number), r.vxid, r.data))
+            .collect();
+        assert_eq!(got, expected);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[1], (Tag::Timestamp, 1001, &b"Start: 1700000000.000100 0.000000 0.000000"[..]));
+        // a record cut short (header or payload) ends the walk, as in `records`
+        assert_eq!(wanted(&log[..log.len() - 6], &tags).count(), 2);
+        assert_eq!(records(&log[..log.len() - 6]).count(), 4);
+    }
 
     #[test]
     fn records_round_trip_through_the_log_layout() {

@@ -17,7 +17,7 @@ use parking_lot::RwLock;
 
 use super::correlate::{Correlator, Limits};
 use super::ffi::{tag_number, LogReader, Step};
-use super::record::{records, TagTable};
+use super::record::TagTable;
 use crate::ids::{SpanId, TraceId};
 use crate::pipeline::{self, STATS};
 use crate::span::{SpanRecord, Value};
@@ -228,7 +228,7 @@ impl TailerJob {
                         }
                     }
                     if reader.copy_current(&mut self.buf) {
-                        self.correlator.records(records(&self.buf), &mut self.done);
+                        self.correlator.records(&self.buf, &mut self.done);
                     } else {
                         // Overwritten while we copied: as good as an overrun.
                         self.overruns += 1;
@@ -312,7 +312,7 @@ impl Job<Msg> for TailerJob {
                 match reader.step() {
                     Step::Batch { vxid } | Step::Single { vxid } if self.correlator.wants(vxid) => {
                         if reader.copy_current(&mut self.buf) {
-                            self.correlator.records(records(&self.buf), &mut self.done);
+                            self.correlator.records(&self.buf, &mut self.done);
                         }
                     }
                     Step::Batch { .. } | Step::Single { .. } => {}
