@@ -285,8 +285,12 @@ impl SpanRecord {
         if error {
             self.status = StatusCode::Error;
             self.set("error.type", Value::Str(status.to_string().into()));
-        } else if self.get("error.type").is_some_and(|v| matches!(v, Value::Str(s) if s.parse::<u16>().is_ok())) {
-            // A later, better source (the log) says the status was not an error after all.
+        } else if self.status == StatusCode::Error
+            && self.get("error.type").is_some_and(|v| matches!(v, Value::Str(s) if s.parse::<u16>().is_ok()))
+        {
+            // A later, better source (the log) says the status was not an error after all. (Only
+            // a span already marked failed can hold a status-made `error.type`, so the others,
+            // nearly all, skip the search.)
             self.status = StatusCode::Unset;
             self.attributes.retain(|a| a.key != "error.type");
         }
