@@ -3,10 +3,11 @@
 
 One varnishd per configuration (all from the same Varnish and the same VCL, with or without the
 module), a second varnishd as a fast synthetic origin, and wrk on loopback. Configurations are
-run in short, interleaved, shuffled rounds so that machine drift hits all of them alike; each
-round's requests per second are divided by the baseline's of the same round, and we report the
-median and the spread of those ratios, plus latency, varnishd CPU time per request (from /proc),
-peak RSS, and spans exported vs dropped.
+run in short, interleaved, shuffled rounds, with a baseline run before and after each of them:
+each run's requests per second are divided by the mean of those two baseline runs, so that the
+machine's drift cancels out, and we report the median and the spread of those ratios, the noise
+floor (the baseline against its own neighbours), latency, varnishd CPU time per request (from
+/proc), instructions per request (perf stat), peak RSS, and spans exported vs dropped.
 
 Spans go over OTLP/HTTP (protobuf) to tools/otlp-receiver in discard mode (it answers 200 and
 counts), pinned with wrk so that it does not take varnishd's CPU; one configuration writes the
@@ -192,7 +193,7 @@ class InstructionCounter:
         counts = {}
         for line in err.splitlines():
             fields = line.split(",")
-            if len(fields) > 2 and fields[2].startswith("instructions") and fields[0].isdigit():
+            if len(fields) > 2 and fields[0].isdigit():
                 counts[fields[2]] = int(fields[0])
         return counts.get("instructions:u"), counts.get("instructions:k")
 
@@ -317,21 +318,43 @@ def main():
             wrk(p.port, paths["hit"], 1, wcpu)
             wrk(p.port, paths["pass"], 1, wcpu)
         runs = {w: {c: [] for c in CONFIGS} for w in WORKLOADS}
+        noise = {}
         use_perf = perf_available()
         rng = random.Random(42)
         started = time.time()
+        def run(c, w):
+            p = proxies[c]
+            cpu0, tailer0 = p.cpu_seconds(), p.thread_cpu_seconds("otel-vsl")
+            r = wrk(p.port, paths[w], SECONDS, wcpu)
+            r["cpu_us_per_req"] = (p.cpu_seconds() - cpu0) * 1e6 / max(r["requests"], 1)
+            r["tailer_cpu_us_per_req"] = (p.thread_cpu_seconds("otel-vsl") - tailer0) * 1e6 / max(r["requests"], 1)
+            r["round"] = rnd
+            return r
+
         for rnd in range(ROUNDS):
             for w in WORKLOADS:
-                order = list(CONFIGS)
+                # The baseline runs before and after every configuration: each run is compared
+                # with the mean of the two baseline runs around it, so that the machine's drift
+                # (its speed changes by a factor of two over minutes) cancels out run by run.
+                order = [c for c in CONFIGS if c != "baseline"]
                 rng.shuffle(order)
+                before = run("baseline", w)
+                before["ratio"] = 1.0
+                runs[w]["baseline"].append(before)
                 for c in order:
-                    p = proxies[c]
-                    cpu0, tailer0 = p.cpu_seconds(), p.thread_cpu_seconds("otel-vsl")
-                    r = wrk(p.port, paths[w], SECONDS, wcpu)
-                    r["cpu_us_per_req"] = (p.cpu_seconds() - cpu0) * 1e6 / max(r["requests"], 1)
-                    r["tailer_cpu_us_per_req"] = (p.thread_cpu_seconds("otel-vsl") - tailer0) * 1e6 / max(r["requests"], 1)
-                    r["round"] = rnd
+                    r = run(c, w)
+                    after = run("baseline", w)
+                    after["ratio"] = 1.0
+                    r["ratio"] = r["rps"] / ((before["rps"] + after["rps"]) / 2)
+                    r["p99_added_us"] = (r["p99_us"] - (before["p99_us"] + after["p99_us"]) / 2
+                                         if r["p99_us"] and before["p99_us"] and after["p99_us"] else None)
                     runs[w][c].append(r)
+                    runs[w]["baseline"].append(after)
+                    before = after
+                # The noise floor: each inner baseline run against the mean of its neighbours.
+                bs = runs[w]["baseline"][-(len(order) + 1):]
+                for i in range(1, len(bs) - 1):
+                    noise.setdefault(w, []).append(bs[i]["rps"] / ((bs[i - 1]["rps"] + bs[i + 1]["rps"]) / 2))
             print(f"bench: round {rnd + 1}/{ROUNDS} done ({time.time() - started:.0f} s)", file=sys.stderr)
         # A separate, untimed pass counts instructions (perf slows what it watches, so the timed
         # rounds run without it): user space, where our code runs, and kernel.
@@ -358,27 +381,27 @@ def main():
 
     summary = {}
     for w in WORKLOADS:
-        base = runs[w]["baseline"]
         summary[w] = {}
         for c in CONFIGS:
             rs = runs[w][c]
-            ratios = [r["rps"] / b["rps"] for r, b in zip(rs, base)]
-            p99_added = [r["p99_us"] - b["p99_us"] for r, b in zip(rs, base) if r["p99_us"] and b["p99_us"]]
+            p99_added = [r["p99_added_us"] for r in rs if r.get("p99_added_us") is not None]
+            ins = instructions[w].get(c)
             summary[w][c] = {
                 "rps": spread([r["rps"] for r in rs]),
-                "ratio": spread(ratios),
+                "ratio": spread([r["ratio"] for r in rs]),
                 "p50_us": statistics.median([r["p50_us"] for r in rs if r["p50_us"]]),
                 "p99_us": statistics.median([r["p99_us"] for r in rs if r["p99_us"]]),
-                "p99_added_us": statistics.median(p99_added) if p99_added else None,
+                "p99_added_us": statistics.median(p99_added) if p99_added and c != "baseline" else None,
                 "cpu_us_per_req": spread([r["cpu_us_per_req"] for r in rs]),
                 "tailer_cpu_us_per_req": spread([r["tailer_cpu_us_per_req"] for r in rs]),
-                "instructions_per_req": instructions[w].get(c),
+                "instructions_per_req": ins,
                 "errors": sum(r["errors"] for r in rs),
                 "peak_rss_kib": rss[c],
                 "spans_exported": counters[c].get("spans_exported"),
                 "spans_dropped": (counters[c].get("spans_dropped") or 0) + (counters[c].get("spans_dropped_export") or 0)
                 if counters[c] else None,
             }
+        summary[w]["baseline"]["noise"] = spread(noise[w]) if noise.get(w) else None
     verdicts = budget_verdicts(summary)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"when": stamp, "machine": versions_, "method": {
@@ -412,10 +435,12 @@ def budget_verdicts(summary):
             out[c] = {"ratio_median": ratio, "floor": floor_, "p99_added_us": hit[c]["p99_added_us"],
                       "within_budget": ok}
     if "disabled" in hit:
-        # "No difference beyond the run-to-run spread": 1.0 lies within the disabled ratios' spread.
+        # "No difference beyond the run-to-run spread": the median ratio of `disabled` lies within
+        # the spread of the baseline measured against itself (each run against its neighbours).
         r = hit["disabled"]["ratio"]
-        out["disabled"] = {"ratio_median": r["median"], "spread": [r["min"], r["max"]],
-                           "within_budget": r["min"] <= 1.0 <= r["max"]}
+        noise = hit["baseline"].get("noise") or {"min": 1.0, "max": 1.0}
+        out["disabled"] = {"ratio_median": r["median"], "noise": [noise["min"], noise["max"]],
+                           "within_budget": noise["min"] <= r["median"] <= noise["max"]}
     return out
 
 
@@ -426,7 +451,8 @@ def markdown(res):
              f"{m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}.", "",
              f"Method: {meth['rounds']} interleaved rounds x {meth['seconds_per_run']} s per configuration and "
              f"workload, wrk -t1 -c{meth['connections']}, {meth['pinning']}; exporter: {meth['exporter']}. "
-             "Ratio = requests/s divided by the baseline's in the same round: median [min-max].", ""]
+             "Ratio = requests/s divided by the mean of the two baseline runs just before and after: median "
+             "[min-max].", ""]
     for w, rows in res["summary"].items():
         lines += [f"## Workload: {w}", "",
                   "| configuration | req/s (median) | ratio to baseline | p50 us | p99 us | p99 added us "
@@ -447,6 +473,10 @@ def markdown(res):
                 f"| {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {cpu['median']:.1f} | {s['tailer_cpu_us_per_req']['median']:.2f} | {ins_txt} | {ins_added} | {kernel_txt} "
                 f"| {s['peak_rss_kib'] / 1024:.0f} | {s['spans_exported'] if s['spans_exported'] is not None else '-'} "
                 f"| {s['spans_dropped'] if s['spans_dropped'] is not None else '-'} |")
+        noise = rows["baseline"].get("noise")
+        if noise:
+            lines += ["", f"Noise floor (each inner baseline run against the mean of its two neighbours): "
+                          f"{noise['median']:.3f} [{noise['min']:.3f}-{noise['max']:.3f}]."]
         lines.append("")
     lines += [f"Spans received by the OTLP receiver (all configurations, all workloads): {res.get('received_by_receiver')}.",
               ""]
