@@ -52,10 +52,6 @@ const ATTACH_PATIENCE: u32 = 1;
 const ATTACH_RETRY: Duration = Duration::from_secs(1);
 /// Steps read per tick at most, so that messages and deadlines are looked at in between.
 const STEPS_PER_TICK: usize = 200_000;
-/// Traced transactions read between two yields of the CPU: about 30 us of work at most, so that
-/// a request waiting for the CPU the tailer shares with the workers is not held up behind a
-/// whole tick's backlog.
-const YIELD_EVERY: usize = 64;
 
 static TAILER: RwLock<Option<Worker<Msg>>> = RwLock::new(None);
 
@@ -214,7 +210,6 @@ impl TailerJob {
         // Taken out for the loop, so that messages can be handled in the middle of it.
         let Some(mut reader) = self.reader.take() else { return };
         let mut keep = true;
-        let mut traced = 0usize;
         for _ in 0..STEPS_PER_TICK {
             match reader.step() {
                 Step::Batch { vxid } | Step::Single { vxid } => {
@@ -234,12 +229,6 @@ impl TailerJob {
                     }
                     if reader.copy_current(&mut self.buf) {
                         self.correlator.records(&self.buf, &mut self.done);
-                        traced += 1;
-                        if traced % YIELD_EVERY == 0 {
-                            // Let the workers sharing this CPU answer their requests between
-                            // slices of our backlog, rather than after all of it (p99 latency).
-                            std::thread::yield_now();
-                        }
                     } else {
                         // Overwritten while we copied: as good as an overrun.
                         self.overruns += 1;
