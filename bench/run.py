@@ -438,9 +438,11 @@ def budget_verdicts(summary):
         # "No difference beyond the run-to-run spread": the median ratio of `disabled` lies within
         # the spread of the baseline measured against itself (each run against its neighbours).
         r = hit["disabled"]["ratio"]
-        noise = hit["baseline"].get("noise") or {"min": 1.0, "max": 1.0}
-        out["disabled"] = {"ratio_median": r["median"], "noise": [noise["min"], noise["max"]],
-                           "within_budget": noise["min"] <= r["median"] <= noise["max"]}
+        noise = hit["baseline"].get("noise")
+        out["disabled"] = {"ratio_median": r["median"],
+                           "noise": [noise["min"], noise["max"]] if noise else None,
+                           # No noise floor without two configurations besides the baseline.
+                           "within_budget": noise["min"] <= r["median"] <= noise["max"] if noise else None}
     return out
 
 
@@ -482,7 +484,8 @@ def markdown(res):
               ""]
     lines += ["## Budget (cache hits)", ""]
     for c, v in res["budget"].items():
-        verdict = "within budget" if v["within_budget"] else "OVER BUDGET"
+        verdict = {True: "within budget", False: "OVER BUDGET",
+                   None: "no verdict: no noise floor measured (run two configurations or more)"}[v["within_budget"]]
         lines.append(f"- {c}: ratio {v['ratio_median']:.3f} ({verdict})")
     lines.append("")
     return "\n".join(lines)

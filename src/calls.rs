@@ -13,7 +13,7 @@ use crate::pipeline::{self, STATS};
 use crate::span::{vtim_to_unix_nano, SpanKind, Value};
 use crate::trace::{self, outgoing_traceparent, Parent};
 use crate::varnish::other_formats;
-use crate::varnish::task::{self, EsiParent, Slot, TaskState};
+use crate::varnish::task::{self, EsiParent, Slot, TaskState, Unsampled};
 use crate::varnish::{http, log, method};
 use crate::{sampling, semconv};
 
@@ -40,12 +40,12 @@ pub fn trace_request(ctx: &mut Ctx) {
             return;
         }
         // The same, for a request that is not sampled: nothing to record.
-        Slot::Unsampled => return,
+        Slot::Unsampled(_) => return,
         Slot::Empty => {}
     }
     let hot = config::hot();
     // SAFETY: ctx.raw is the running request's context.
-    let (state, started) = unsafe { start_client_span(ctx.raw, req, &sampling::active(), hot, true) };
+    let (mut state, started) = unsafe { start_client_span(ctx.raw, req, &sampling::active(), hot, true) };
     if let Some(why) = started.restarted_because {
         log::vcl(ctx, format!("invalid traceparent ({why}): starting a new trace"));
     }
@@ -53,15 +53,15 @@ pub fn trace_request(ctx: &mut Ctx) {
         log::vcl(ctx, format!("invalid tracestate ({why}): dropped"));
     }
     STATS.spans_started.fetch_add(1, Relaxed);
-    // The common case at low sampling rates: keep only the decision; `state()` rebuilds the
-    // same (unsampled) context from the request's headers if the task ever needs it. Not for
-    // ESI sub-requests, whose parent lives in another task, nor when the caller's context was
-    // set aside (`OPENTRACING_TRUST`), which the headers alone cannot replay.
-    if started.unsampled_from_headers {
-        if !task::install_unsampled(ctx) {
-            log::vcl(ctx, "out of workspace: trace context not kept");
+    // The common case at low sampling rates: keep only the decision and its IDs; `state()`
+    // builds the same (unsampled) context if the task ever needs it.
+    if let Some(u) = started.decision_only {
+        if task::install_unsampled(ctx, u) {
+            return;
         }
-        return;
+        // No room in the workspace for the marker: the full state (it can go on the heap).
+        // SAFETY: as above.
+        state = Some(unsafe { unsampled_state(ctx.raw, req, u) });
     }
     let Some(state) = state else { return };
     if state.record.sampled() {
@@ -72,17 +72,18 @@ pub fn trace_request(ctx: &mut Ctx) {
     }
 }
 
-/// What `start_client_span` found besides the state: VSL lines to write, and whether the span is
-/// an unsampled one that `state()` can rebuild from the request's headers alone.
+/// What `start_client_span` found besides the state: VSL lines to write, and, for an unsampled
+/// span whose decision is all the task needs to keep, that decision.
 struct ClientStart {
     restarted_because: Option<&'static str>,
     tracestate_dropped_because: Option<&'static str>,
-    unsampled_from_headers: bool,
+    decision_only: Option<Unsampled>,
 }
 
 /// Starts the span of the running client request: from its headers (top level) or from the
-/// request that included it (ESI). With `decision_only`, returns no state for a span
-/// `unsampled_from_headers`: the caller keeps only that decision.
+/// request that included it (ESI). With `decision_only`, returns no state for an unsampled span
+/// that can be kept as `Unsampled` (top level, the caller's context continued): the caller keeps
+/// only that.
 ///
 /// # Safety
 /// `raw` and `req` must be the running client task's context and request.
@@ -104,28 +105,16 @@ unsafe fn start_client_span(
         // that included it (published in its vcl_deliver on this thread), when it belongs to
         // the same top request (a cached page never rewrote its headers, so they cannot tell).
         let top_req = req.top as usize;
-        let top_fields = || http::trace_fields(raw.http_req_top.0);
-        match task::esi_parent(esi_level).filter(|p| p.top() == top_req) {
-            Some(EsiParent::Traced { trace_id, span_id, flags, .. }) => trace::start(
+        match task::esi_parent(esi_level).filter(|p| p.top == top_req) {
+            Some(p) => trace::start(
                 SpanKind::Internal,
-                Parent::Local { trace_id, span_id, flags, tracestate: None },
+                Parent::Local { trace_id: p.trace_id, span_id: p.span_id, flags: p.flags, tracestate: None },
                 false,
                 sampler,
             ),
-            // An unsampled parent that kept only its decision: the client's context (or a new
-            // trace), unsampled like its parent.
-            Some(EsiParent::Unsampled { .. }) => {
-                let top = top_fields();
-                let parent = Parent::Headers {
-                    traceparent: &top.traceparent,
-                    tracestate: &top.tracestate,
-                    too_many_fields: top.too_many,
-                };
-                trace::start(SpanKind::Internal, parent, false, &sampling::Sampler::ALWAYS_OFF)
-            }
             // Untraced parent: the client's context, if it is trusted; a new trace otherwise.
             None if hot.trust == Trust::Extract => {
-                let top = top_fields();
+                let top = http::trace_fields(raw.http_req_top.0);
                 let parent = Parent::Headers {
                     traceparent: &top.traceparent,
                     tracestate: &top.tracestate,
@@ -139,10 +128,20 @@ unsafe fn start_client_span(
     let mut info = ClientStart {
         restarted_because: started.restarted_because,
         tracestate_dropped_because: started.tracestate_dropped_because,
-        unsampled_from_headers: false,
+        decision_only: None,
     };
     if decision_only && esi_level == 0 && hot.trust == Trust::Extract && !started.record.sampled() {
-        info.unsampled_from_headers = true;
+        let r = &started.record;
+        info.decision_only = Some(Unsampled {
+            trace_id: r.trace_id,
+            span_id: r.span_id,
+            parent_span_id: r.parent_span_id,
+            parent_is_remote: r.parent_is_remote,
+            flags: r.flags,
+            caller_sampled: started.caller_sampled,
+            tracestate_applies: r.tracestate.is_some(),
+            had_tracestate: !own.tracestate.is_empty(),
+        });
         return (None, info);
     }
     let caller_sampled = started.caller_sampled;
@@ -172,25 +171,42 @@ unsafe fn start_client_span(
 }
 
 /// The state of the current task, built now for an unsampled request that kept only its
-/// decision (see `trace_request`): the same context, rebuilt from the request's headers as they
-/// are now (VCL may have changed them since `vcl_recv`, and then they are what it wants sent),
-/// unsampled whatever the sampler would say.
+/// decision (see `trace_request`).
 fn state<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
     match task::slot(ctx) {
         Slot::Traced(state) => Some(state),
         Slot::Empty => None,
-        Slot::Unsampled => {
+        Slot::Unsampled(u) => {
             // SAFETY: only a client task installs the marker; ctx->req is its request.
             let req = unsafe { ctx.raw.req.as_ref()? };
-            let mut hot = config::hot();
-            hot.trust = Trust::Extract;
             // SAFETY: as above.
-            let (state, _) = unsafe { start_client_span(ctx.raw, req, &sampling::Sampler::ALWAYS_OFF, hot, false) };
-            let mut state = state?;
-            state.repeats_seen = req.restarts;
-            task::install(ctx, state).ok()
+            task::install(ctx, unsafe { unsampled_state(ctx.raw, req, u) }).ok()
         }
     }
+}
+
+/// The state an unsampled request would have had from the start: the context it was decided on
+/// (IDs, parent, flags), with the caller's `tracestate` read again from the request (a rollback
+/// restores the headers it came with; VCL could have edited it meanwhile).
+///
+/// # Safety
+/// `raw` and `req` must be the running client task's context and request.
+unsafe fn unsampled_state(raw: &varnish::ffi::vrt_ctx, req: &varnish::ffi::req, u: Unsampled) -> TaskState {
+    let mut record = crate::span::SpanRecord::new(SpanKind::Server, u.trace_id, u.span_id, u.parent_span_id);
+    record.parent_is_remote = u.parent_is_remote;
+    record.flags = u.flags;
+    record.start_unix_nano = vtim_to_unix_nano(req.t_first.0);
+    record.vxid = crate::varnish::vxid_of(raw.vsl);
+    if u.tracestate_applies {
+        let own = http::trace_fields(req.http);
+        record.tracestate = crate::propagation::tracestate::combine(&own.tracestate).ok().flatten();
+    }
+    let incoming = trace::Incoming::of(&record, u.caller_sampled);
+    let mut state = TaskState::new(record);
+    state.repeats_seen = req.restarts;
+    state.had_tracestate = u.had_tracestate;
+    state.incoming = incoming;
+    state
 }
 
 pub fn trace_backend(ctx: &mut Ctx) {
@@ -250,7 +266,7 @@ pub fn finish(ctx: &mut Ctx) -> bool {
     let state = match task::slot(ctx) {
         Slot::Traced(state) => state,
         Slot::Empty => return false,
-        Slot::Unsampled => {
+        Slot::Unsampled(u) => {
             if m != method::DELIVER && m != method::SYNTH {
                 return false;
             }
@@ -258,8 +274,10 @@ pub fn finish(ctx: &mut Ctx) -> bool {
             // SAFETY: in vcl_deliver/vcl_synth ctx->req is valid.
             let req = unsafe { &*ctx.raw.req };
             if !(hot.traceresponse || hot.server_timing) || req.esi_level > 0 {
-                // Nothing to record; ESI sub-requests inherit the decision.
-                task::publish_esi_parent(req.esi_level, EsiParent::Unsampled { top: req.top as usize });
+                // Nothing to record; ESI sub-requests continue this (unsampled) context.
+                let parent =
+                    EsiParent { trace_id: u.trace_id, span_id: u.span_id, flags: u.flags, top: req.top as usize };
+                task::publish_esi_parent(req.esi_level, parent);
                 return false;
             }
             // The client is told the context: build it.
@@ -284,7 +302,7 @@ pub fn finish(ctx: &mut Ctx) -> bool {
             let top = unsafe { (*ctx.raw.req).top as usize };
             task::publish_esi_parent(
                 level,
-                EsiParent::Traced { trace_id: r.trace_id, span_id: r.span_id, flags: r.flags, top },
+                EsiParent { trace_id: r.trace_id, span_id: r.span_id, flags: r.flags, top },
             );
             // SAFETY: ctx->req is valid in vcl_deliver/vcl_synth.
             let (req_http, resp) = unsafe { ((*ctx.raw.req).http, (*ctx.raw.req).resp) };
@@ -368,11 +386,11 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
     // follows (the common unsampled cache hit needs nothing).
     let state = match task::slot(ctx) {
         Slot::Traced(state) => state,
-        Slot::Unsampled if !target.is_null() => match state(ctx) {
+        Slot::Unsampled(_) if !target.is_null() => match state(ctx) {
             Some(state) => state,
             None => return,
         },
-        Slot::Unsampled | Slot::Empty => return,
+        Slot::Unsampled(_) | Slot::Empty => return,
     };
     if !target.is_null() {
         // SAFETY: a header table of the running task.
@@ -430,7 +448,7 @@ pub fn tag(ctx: &mut Ctx, key: &CStr, value: &CStr) {
 fn sampled_span<'a>(ctx: &mut Ctx, what: &str) -> Option<&'a mut TaskState> {
     match task::slot(ctx) {
         Slot::Traced(state) if state.record.sampled() => Some(state),
-        Slot::Traced(_) | Slot::Unsampled => None, // never exported: nothing to record
+        Slot::Traced(_) | Slot::Unsampled(_) => None, // never exported: nothing to record
         Slot::Empty => {
             log::vcl(ctx, format!("{what} before trace_request()/trace_backend() in this task; ignored"));
             None
@@ -510,7 +528,7 @@ pub fn sample(ctx: &mut Ctx, on: bool) {
         log::vcl(ctx, "sample() is for vcl_recv; ignored");
         return;
     }
-    if !on && matches!(task::slot(ctx), Slot::Unsampled) {
+    if !on && matches!(task::slot(ctx), Slot::Unsampled(_)) {
         return;
     }
     let raw = ctx.raw as *const varnish::ffi::vrt_ctx;
@@ -556,7 +574,7 @@ pub fn trust(ctx: &mut Ctx, mode: &CStr) {
         log::vcl(ctx, "trust(): use extract, ignore or link; ignored");
         return;
     };
-    if mode == Trust::Extract && matches!(task::slot(ctx), Slot::Unsampled) {
+    if mode == Trust::Extract && matches!(task::slot(ctx), Slot::Unsampled(_)) {
         return; // kept only because the request continues its caller's context unsampled
     }
     let Some(state) = state(ctx) else {

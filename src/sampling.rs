@@ -35,9 +35,6 @@ impl Default for Sampler {
 }
 
 impl Sampler {
-    /// Decides "not sampled" for every span, with or without a parent.
-    pub const ALWAYS_OFF: Sampler = Sampler { root: Root::AlwaysOff, parent_based: false };
-
     /// Parses the SDK's environment variables (plus `ratelimiting` and `parentbased_ratelimiting`,
     /// whose argument is traces per second). Unknown names are errors (for `vcl.load`).
     pub fn from_env_values(name: Option<&str>, arg: Option<&str>) -> Result<Self, String> {

@@ -2,7 +2,6 @@
 //! it, after the PROXY protocol) and `network.peer.address`/`port` (the TCP peer).
 
 use std::ffi::CStr;
-use std::net::Ipv6Addr;
 
 use varnish::ffi;
 
@@ -20,8 +19,8 @@ pub unsafe fn client_and_peer(ctx: &ffi::vrt_ctx) -> (Option<String>, Option<(St
     let peer = if ffi::SES_Get_remote_addr(sp, &mut sa) == 0 && !sa.is_null() {
         let port = ffi::VSA_Port(sa) as u16;
         address_text(sa).or_else(|| {
-            // Not IPv4/IPv6 (a Unix socket listener): Varnish's own text for it, which formats
-            // into the task's workspace, so the string lives as long as the request.
+            // IPv6 or a Unix socket listener: Varnish's own text for it, which formats into the
+            // task's workspace, so the string lives as long as the request.
             let text = ffi::VRT_IP_string(ctx, ffi::VCL_IP(sa));
             text.0.as_ref().map(|_| CStr::from_ptr(text.0).to_string_lossy().into_owned())
         })
@@ -32,19 +31,18 @@ pub unsafe fn client_and_peer(ctx: &ffi::vrt_ctx) -> (Option<String>, Option<(St
     (client, peer)
 }
 
-/// The numeric text of an IPv4 or IPv6 address, as `getnameinfo(NI_NUMERICHOST)` (which
-/// `VRT_IP_string` calls, at several times the cost) prints it.
+/// The numeric text of an IPv4 address, as `getnameinfo(NI_NUMERICHOST)` (which `VRT_IP_string`
+/// calls, at several times the cost) prints it. IPv6 is left to Varnish: its text has cases
+/// (scope IDs, IPv4-mapped addresses) where Rust's differs.
 ///
 /// # Safety
 /// `sa` must be a valid `suckaddr`.
 unsafe fn address_text(sa: *const ffi::suckaddr) -> Option<String> {
     let mut bytes: *const u8 = std::ptr::null();
-    match ffi::VSA_GetPtr(sa, &mut bytes) {
-        f if f == libc_af::INET && !bytes.is_null() => Some(ipv4_text(*bytes.cast::<[u8; 4]>())),
-        f if f == libc_af::INET6 && !bytes.is_null() => {
-            Some(Ipv6Addr::from(*bytes.cast::<[u8; 16]>()).to_string())
-        }
-        _ => None,
+    if ffi::VSA_GetPtr(sa, &mut bytes) == AF_INET && !bytes.is_null() {
+        Some(ipv4_text(*bytes.cast::<[u8; 4]>()))
+    } else {
+        None
     }
 }
 
@@ -62,17 +60,11 @@ fn ipv4_text(octets: [u8; 4]) -> String {
     s
 }
 
-/// Address families as `VSA_GetPtr` returns them. Elsewhere than Linux, Varnish's own text.
+/// `AF_INET` as `VSA_GetPtr` returns it. Elsewhere than Linux, Varnish's own text.
 #[cfg(target_os = "linux")]
-mod libc_af {
-    pub const INET: i32 = 2;
-    pub const INET6: i32 = 10;
-}
+const AF_INET: i32 = 2;
 #[cfg(not(target_os = "linux"))]
-mod libc_af {
-    pub const INET: i32 = -1;
-    pub const INET6: i32 = -1;
-}
+const AF_INET: i32 = -1;
 
 #[cfg(test)]
 mod tests {

@@ -127,8 +127,27 @@ pub enum Slot<'a> {
     Empty,
     /// An unsampled request that has needed nothing more than its decision so far (see
     /// `install_unsampled`).
-    Unsampled,
+    Unsampled(Unsampled),
     Traced(&'a mut TaskState),
+}
+
+/// What an unsampled request keeps, in its workspace: the identity of the context it was decided
+/// on, so that the context built later (`calls::state`) is exactly that one, whatever VCL did to
+/// the request's headers meanwhile. Plain data: nothing to drop, so the workspace can hold it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unsampled {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub parent_span_id: Option<SpanId>,
+    pub parent_is_remote: bool,
+    /// W3C trace-flags as sent downstream (the sampled bit clear).
+    pub flags: u8,
+    /// The caller's own sampling decision, when it sent one (for `trust()`).
+    pub caller_sampled: Option<bool>,
+    /// The parent came from a valid `traceparent`, so the caller's `tracestate` goes on with it.
+    pub tracestate_applies: bool,
+    /// The request had `tracestate` fields (to be replaced or removed downstream).
+    pub had_tracestate: bool,
 }
 
 /// The slot of the current task, taking it back from the stash after a rollback.
@@ -143,7 +162,9 @@ pub fn slot<'a>(ctx: &Ctx) -> Slot<'a> {
                     return Slot::Traced(state);
                 }
             } else if is_unsampled(p) {
-                return Slot::Unsampled;
+                if let Some(u) = p.priv_.cast::<Unsampled>().as_ref() {
+                    return Slot::Unsampled(*u);
+                }
             }
         }
     }
@@ -153,9 +174,9 @@ pub fn slot<'a>(ctx: &Ctx) -> Slot<'a> {
     let Some(address) = task_address(ctx) else { return Slot::Empty };
     match take_stashed(address, current_vxid(ctx)) {
         Some(Parked::Traced(state)) => install(ctx, *state).map_or(Slot::Empty, Slot::Traced),
-        Some(Parked::Unsampled) => {
-            if install_unsampled(ctx) {
-                Slot::Unsampled
+        Some(Parked::Unsampled(u)) => {
+            if install_unsampled(ctx, u) {
+                Slot::Unsampled(u)
             } else {
                 Slot::Empty
             }
@@ -168,24 +189,30 @@ pub fn slot<'a>(ctx: &Ctx) -> Slot<'a> {
 pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
     match slot(ctx) {
         Slot::Traced(state) => Some(state),
-        Slot::Unsampled | Slot::Empty => None,
+        Slot::Unsampled(_) | Slot::Empty => None,
     }
 }
 
 /// Marks the current task as an unsampled request. Most requests are not sampled, and most of
-/// them are cache hits that never send anything downstream: for those, the decision is all we
-/// keep (no span record, no copy, a fini that returns at once). A later call that needs the
-/// context (a fetch, VCL asking for the IDs, `sample()`) builds it then (`calls::state`).
-/// Returns false if Varnish has no room for the slot.
-pub fn install_unsampled(ctx: &Ctx) -> bool {
-    // SAFETY: as in `current`.
+/// them are cache hits that never send anything downstream: for those, the decision and its IDs
+/// are all we keep (no span record, no copy, a fini that returns at once). A later call that
+/// needs the context (a fetch, VCL asking for the IDs, `sample()`) builds it then
+/// (`calls::state`). Returns false if the workspace has no room (keep the full state then).
+pub fn install_unsampled(ctx: &Ctx, u: Unsampled) -> bool {
+    // SAFETY: as in `current`; the workspace allocation lives as long as the task (a rollback
+    // releases it, after the fini has parked a copy).
     unsafe {
         let Some(p) = ffi::VRT_priv_task(ctx.raw, key()).as_mut() else { return false };
+        let size = std::mem::size_of::<Unsampled>() as std::ffi::c_uint;
+        let mem = ffi::WS_Alloc(ctx.raw.ws, size).cast::<Unsampled>();
+        if mem.is_null() || mem.align_offset(std::mem::align_of::<Unsampled>()) != 0 {
+            return false;
+        }
         if is_ours(p) {
             close_orphan(take(p), ClosedBy::TaskEnd);
         }
-        // Any non-NULL value: Varnish calls the fini only for a non-NULL priv.
-        p.priv_ = key().cast_mut();
+        mem.write(u);
+        p.priv_ = mem.cast();
         p.methods = &METHODS_UNSAMPLED;
         true
     }
@@ -260,13 +287,16 @@ unsafe extern "C" fn task_fini_ws(ctx: *const ffi::vrt_ctx, p: *mut c_void) {
     }
 }
 
-unsafe extern "C" fn task_fini_unsampled(ctx: *const ffi::vrt_ctx, _: *mut c_void) {
-    // Nothing to close; only a rollback must keep the decision for the rest of the task.
-    // SAFETY: the context Varnish passes to a fini.
-    let Some(ctx) = (unsafe { ctx.as_ref() }) else { return };
+unsafe extern "C" fn task_fini_unsampled(ctx: *const ffi::vrt_ctx, p: *mut c_void) {
+    // Nothing to close; only a rollback must keep the decision for the rest of the task (a copy:
+    // the rollback releases the workspace that holds it).
+    // SAFETY: the context Varnish passes to a fini, and the marker `install_unsampled` wrote.
+    let (Some(ctx), Some(u)) = (unsafe { ctx.as_ref() }, unsafe { p.cast::<Unsampled>().as_ref() }) else {
+        return;
+    };
     if unsafe { is_rollback(ctx) } {
         let address = if !ctx.req.is_null() { ctx.req as usize } else { ctx.bo as usize };
-        stash(address, unsafe { vxid_of(ctx.vsl) }, Parked::Unsampled);
+        stash(address, unsafe { vxid_of(ctx.vsl) }, Parked::Unsampled(*u));
     }
 }
 
@@ -375,7 +405,7 @@ struct Stashed {
 /// What a rolled-back task left.
 enum Parked {
     Traced(Box<TaskState>),
-    Unsampled,
+    Unsampled(Unsampled),
 }
 
 static STASH: Mutex<Vec<Stashed>> = Mutex::new(Vec::new());
@@ -438,25 +468,13 @@ pub fn sweep_stash() -> Vec<Box<SpanRecord>> {
 pub const MAX_ESI_DEPTH: usize = 16;
 
 #[derive(Clone, Copy)]
-pub enum EsiParent {
-    Traced {
-        trace_id: TraceId,
-        span_id: SpanId,
-        flags: u8,
-        /// The top request (`req->top`) the publishing request belongs to: a sub-request takes
-        /// this parent only if it belongs to the same one.
-        top: usize,
-    },
-    /// An unsampled request that kept only its decision (`install_unsampled`).
-    Unsampled { top: usize },
-}
-
-impl EsiParent {
-    pub fn top(&self) -> usize {
-        match *self {
-            EsiParent::Traced { top, .. } | EsiParent::Unsampled { top } => top,
-        }
-    }
+pub struct EsiParent {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub flags: u8,
+    /// The top request (`req->top`) the publishing request belongs to: a sub-request takes this
+    /// parent only if it belongs to the same one.
+    pub top: usize,
 }
 
 thread_local! {
