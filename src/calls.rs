@@ -176,13 +176,16 @@ fn state<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
     match task::slot(ctx) {
         Slot::Traced(state) => Some(state),
         Slot::Empty => None,
-        Slot::Unsampled(u) => {
-            // SAFETY: only a client task installs the marker; ctx->req is its request.
-            let req = unsafe { ctx.raw.req.as_ref()? };
-            // SAFETY: as above.
-            task::install(ctx, unsafe { unsampled_state(ctx.raw, req, u) }).ok()
-        }
+        Slot::Unsampled(u) => adopt(ctx, u),
     }
+}
+
+/// Builds and attaches the full state of an unsampled request that kept only `u`.
+fn adopt<'a>(ctx: &Ctx, u: Unsampled) -> Option<&'a mut TaskState> {
+    // SAFETY: only a client task installs the marker; ctx->req is its request.
+    let req = unsafe { ctx.raw.req.as_ref()? };
+    // SAFETY: as above.
+    task::install(ctx, unsafe { unsampled_state(ctx.raw, req, u) }).ok()
 }
 
 /// The state an unsampled request would have had from the start: the context it was decided on
@@ -281,7 +284,7 @@ pub fn finish(ctx: &mut Ctx) -> bool {
                 return false;
             }
             // The client is told the context: build it.
-            let Some(state) = state(ctx) else { return false };
+            let Some(state) = adopt(ctx, u) else { return false };
             state
         }
     };
@@ -386,7 +389,7 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
     // follows (the common unsampled cache hit needs nothing).
     let state = match task::slot(ctx) {
         Slot::Traced(state) => state,
-        Slot::Unsampled(_) if !target.is_null() => match state(ctx) {
+        Slot::Unsampled(u) if !target.is_null() => match adopt(ctx, u) {
             Some(state) => state,
             None => return,
         },
@@ -629,9 +632,7 @@ pub fn span_id(ctx: &mut Ctx) -> String {
 }
 
 pub fn traceparent(ctx: &mut Ctx) -> String {
-    state(ctx)
-        .map(|s| String::from_utf8_lossy(&outgoing_traceparent(&s.record)[..55]).into_owned())
-        .unwrap_or_default()
+    state(ctx).map(|s| String::from_utf8_lossy(&outgoing_traceparent(&s.record)[..55]).into_owned()).unwrap_or_default()
 }
 
 /// The attributes of a SERVER (or ESI INTERNAL) span from the request as received.

@@ -18,13 +18,14 @@ pub unsafe fn client_and_peer(ctx: &ffi::vrt_ctx) -> (Option<String>, Option<(St
     let mut sa: *mut ffi::suckaddr = std::ptr::null_mut();
     let peer = if ffi::SES_Get_remote_addr(sp, &mut sa) == 0 && !sa.is_null() {
         let port = ffi::VSA_Port(sa) as u16;
-        address_text(sa).or_else(|| {
-            // IPv6 or a Unix socket listener: Varnish's own text for it, which formats into the
-            // task's workspace, so the string lives as long as the request.
-            let text = ffi::VRT_IP_string(ctx, ffi::VCL_IP(sa));
-            text.0.as_ref().map(|_| CStr::from_ptr(text.0).to_string_lossy().into_owned())
-        })
-        .map(|a| (a, port))
+        address_text(sa)
+            .or_else(|| {
+                // IPv6 or a Unix socket listener: Varnish's own text for it, which formats into the
+                // task's workspace, so the string lives as long as the request.
+                let text = ffi::VRT_IP_string(ctx, ffi::VCL_IP(sa));
+                text.0.as_ref().map(|_| CStr::from_ptr(text.0).to_string_lossy().into_owned())
+            })
+            .map(|a| (a, port))
     } else {
         None
     };

@@ -1228,7 +1228,8 @@ mod tests {
             for b in 0..=255u8 {
                 let mut bytes = *b"12345678";
                 bytes[pos] = b;
-                let naive = bytes.iter().all(u8::is_ascii_digit).then(|| std::str::from_utf8(&bytes).unwrap().parse().unwrap());
+                let naive =
+                    bytes.iter().all(u8::is_ascii_digit).then(|| std::str::from_utf8(&bytes).unwrap().parse().unwrap());
                 assert_eq!(eight_digits(bytes), naive, "{bytes:?}");
             }
         }
@@ -1264,7 +1265,15 @@ mod tests {
         ] {
             assert_eq!(timestamp(text.as_bytes()), timestamp_by_fields(text.as_bytes()), "{text}");
         }
-        for line in ["1 2 3 4 5", "1 2 3 4 5 6 7", "1  2 3 4 5 6", " 1 2 3 4 5 6", "1 2 3 4 5 x", "1 2 3 4 5 ", "99999999999999999999 2 3 4 5 6"] {
+        for line in [
+            "1 2 3 4 5",
+            "1 2 3 4 5 6 7",
+            "1  2 3 4 5 6",
+            " 1 2 3 4 5 6",
+            "1 2 3 4 5 x",
+            "1 2 3 4 5 ",
+            "99999999999999999999 2 3 4 5 6",
+        ] {
             assert_eq!(six_numbers(line.as_bytes()), None, "{line}");
         }
     }

@@ -78,17 +78,8 @@ pub struct Record<'a> {
 pub fn records(bytes: &[u8]) -> impl Iterator<Item = Record<'_>> {
     let mut rest = bytes;
     std::iter::from_fn(move || {
-        // The header as a fixed-size array: one bounds check per record, none per word.
-        let (header, after) = rest.split_first_chunk::<{ HEADER_WORDS * 4 }>()?;
-        let word =
-            |i: usize| u32::from_ne_bytes([header[i * 4], header[i * 4 + 1], header[i * 4 + 2], header[i * 4 + 3]]);
-        let (head, id) = (word(0), u64::from(word(1)) | (u64::from(word(2)) << 32));
-        let len = (head & 0xffff) as usize;
-        let payload = after.get(..len)?;
-        // Padded to a word; a copy cut inside the padding ends after this record.
-        rest = after.get(len.div_ceil(4) * 4..).unwrap_or_default();
-        // The payload ends with its NUL; tolerate its absence rather than fail.
-        let data = payload.strip_suffix(&[0]).unwrap_or(payload);
+        let (head, id, data, next) = split_record(rest)?;
+        rest = next;
         Some(Record {
             tag_number: (head >> 24) as u8,
             vxid: id & IDENT_MASK,
@@ -99,35 +90,43 @@ pub fn records(bytes: &[u8]) -> impl Iterator<Item = Record<'_>> {
     })
 }
 
-/// Builds log bytes as Varnish lays them out (tests, and the synthetic records of the
-/// correlation tests).
+/// The record at the start of `rest`: its header word, its ID, its payload and what follows it;
+/// `None` if the record is cut short.
+fn split_record(rest: &[u8]) -> Option<(u32, u64, &[u8], &[u8])> {
+    // The header as a fixed-size array: one bounds check per record, none per word.
+    let (header, after) = rest.split_first_chunk::<{ HEADER_WORDS * 4 }>()?;
+    let word = |i: usize| u32::from_ne_bytes([header[i * 4], header[i * 4 + 1], header[i * 4 + 2], header[i * 4 + 3]]);
+    let (head, id) = (word(0), u64::from(word(1)) | (u64::from(word(2)) << 32));
+    let len = (head & 0xffff) as usize;
+    let payload = after.get(..len)?;
+    // Padded to a word; a copy cut inside the padding ends after this record.
+    let next = after.get(len.div_ceil(4) * 4..).unwrap_or_default();
+    // The payload ends with its NUL; tolerate its absence rather than fail.
+    let data = payload.strip_suffix(&[0]).unwrap_or(payload);
+    Some((head, id, data, next))
+}
+
 /// The records of `bytes` whose tag `tags` knows, as `(tag, vxid, payload)`: `records` for the
 /// tailer's hot loop, which skips the records of other tags (about three in four of a
 /// transaction) on their header word alone.
 pub fn wanted<'a>(bytes: &'a [u8], tags: &'a TagTable) -> impl Iterator<Item = (Tag, u64, &'a [u8])> {
     let mut rest = bytes;
     std::iter::from_fn(move || loop {
-        let head_bytes = rest.first_chunk::<4>()?;
-        let head = u32::from_ne_bytes(*head_bytes);
-        let len = (head & 0xffff) as usize;
-        let size = HEADER_WORDS * 4 + len.div_ceil(4) * 4;
+        let head = u32::from_ne_bytes(*rest.first_chunk::<4>()?);
         let tag = tags.get((head >> 24) as u8);
         if tag == Tag::Other {
-            rest = rest.get(size..).unwrap_or_default();
+            let len = (head & 0xffff) as usize;
+            rest = rest.get(HEADER_WORDS * 4 + len.div_ceil(4) * 4..).unwrap_or_default();
             continue;
         }
-        let (header, after) = rest.split_first_chunk::<{ HEADER_WORDS * 4 }>()?;
-        let word = |i: usize| {
-            u32::from_ne_bytes([header[i * 4], header[i * 4 + 1], header[i * 4 + 2], header[i * 4 + 3]])
-        };
-        let id = u64::from(word(1)) | (u64::from(word(2)) << 32);
-        let payload = after.get(..len)?;
-        rest = rest.get(size..).unwrap_or_default();
-        let data = payload.strip_suffix(&[0]).unwrap_or(payload);
+        let (_, id, data, next) = split_record(rest)?;
+        rest = next;
         return Some((tag, id & IDENT_MASK, data));
     })
 }
 
+/// Builds log bytes as Varnish lays them out (tests, and the synthetic records of the
+/// correlation tests).
 pub fn encode(out: &mut Vec<u8>, tag_number: u8, vxid: u64, client: bool, payload: &[u8]) {
     let len = payload.len() + 1;
     let head = (u32::from(tag_number) << 24) | (1 << 16) | len as u32;
