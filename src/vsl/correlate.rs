@@ -96,6 +96,7 @@ struct LogData {
 }
 
 impl LogData {
+    #[inline]
     fn push_event(&mut self, time_unix_nano: u64, name: Cow<'static, str>) {
         if self.events.capacity() == 0 {
             self.events.reserve_exact(EVENTS_RESERVED);
@@ -113,7 +114,9 @@ impl LogData {
         }
         // A fetch that failed (vcl_backend_error ran) got no response: the BerespStatus logged
         // then is the synthetic one VCL made, not something the backend sent.
-        let fetch_failed = matches!(record.get("error.type"), Some(Value::Str(t)) if t == "fetch_failed");
+        // (Only a failed span carries `error.type`: the others, nearly all, skip the search.)
+        let fetch_failed = record.status == StatusCode::Error
+            && matches!(record.get("error.type"), Some(Value::Str(t)) if t == "fetch_failed");
         if let Some(status) = self.status.filter(|_| !fetch_failed) {
             record.set_http_status(status);
         }
@@ -299,10 +302,13 @@ fn parse_int<T: FromStr + TryFrom<u64>>(field: &[u8]) -> Option<T> {
     }
 }
 
-/// Timestamp labels that end a span: client `Resp` (`PipeSess` for pipe), backend
-/// `BerespBody` or `Error`.
-fn is_end_label(label: &[u8]) -> bool {
-    matches!(label, b"Resp" | b"PipeSess" | b"BerespBody" | b"Error")
+/// What a timestamp label means for the span's bounds: `Start` opens it; client `Resp`
+/// (`PipeSess` for pipe), backend `BerespBody` or `Error` end it; the others are phases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LabelKind {
+    Start,
+    End,
+    Phase,
 }
 
 /// `1700000000.000100` to nanoseconds, exactly as printed (no floating point).
@@ -367,30 +373,32 @@ fn leading_digits(s: &[u8]) -> (u64, usize, &[u8]) {
     (value, count, &s[count..])
 }
 
-fn event_name(label: &[u8]) -> Cow<'static, str> {
-    // The labels Varnish documents, without an allocation (a `match` on bytes: the compiler
-    // switches on the length first); anything else as it came. This runs for every timestamp.
-    let known = match label {
-        b"Req" => "Req",
-        b"Process" => "Process",
-        b"Resp" => "Resp",
-        b"Fetch" => "Fetch",
-        b"Bereq" => "Bereq",
-        b"Beresp" => "Beresp",
-        b"BerespBody" => "BerespBody",
-        b"Start" => "Start",
-        b"ReqBody" => "ReqBody",
-        b"Waitinglist" => "Waitinglist",
-        b"Restart" => "Restart",
-        b"Reset" => "Reset",
-        b"Pipe" => "Pipe",
-        b"PipeSess" => "PipeSess",
-        b"Connected" => "Connected",
-        b"Retry" => "Retry",
-        b"Error" => "Error",
-        _ => return Cow::Owned(String::from_utf8_lossy(label).into_owned()),
+fn label_meaning(label: &[u8]) -> (Cow<'static, str>, LabelKind) {
+    // The labels Varnish documents, without an allocation, in one `match` on bytes (the
+    // compiler switches on the length first); anything else as it came. This runs for every
+    // timestamp.
+    use LabelKind::{End, Phase, Start};
+    let (name, kind) = match label {
+        b"Req" => ("Req", Phase),
+        b"Process" => ("Process", Phase),
+        b"Resp" => ("Resp", End),
+        b"Fetch" => ("Fetch", Phase),
+        b"Bereq" => ("Bereq", Phase),
+        b"Beresp" => ("Beresp", Phase),
+        b"BerespBody" => ("BerespBody", End),
+        b"Start" => ("Start", Start),
+        b"ReqBody" => ("ReqBody", Phase),
+        b"Waitinglist" => ("Waitinglist", Phase),
+        b"Restart" => ("Restart", Phase),
+        b"Reset" => ("Reset", Phase),
+        b"Pipe" => ("Pipe", Phase),
+        b"PipeSess" => ("PipeSess", End),
+        b"Connected" => ("Connected", Phase),
+        b"Retry" => ("Retry", Phase),
+        b"Error" => ("Error", End),
+        _ => return (Cow::Owned(String::from_utf8_lossy(label).into_owned()), Phase),
     };
-    Cow::Borrowed(known)
+    (Cow::Borrowed(name), kind)
 }
 
 /// The value of eight ASCII digits, or `None` if one of them is not a digit: a few arithmetic
@@ -572,12 +580,13 @@ impl Correlator {
         match tag {
             Tag::Timestamp => {
                 let (label, t) = timestamp(data)?;
-                if label == b"Start" && log.start_ns.is_none() {
+                let (name, kind) = label_meaning(label);
+                if kind == LabelKind::Start && log.start_ns.is_none() {
                     log.start_ns = Some(t);
                 } else {
-                    log.push_event(t, event_name(label));
+                    log.push_event(t, name);
                 }
-                if is_end_label(label) {
+                if kind == LabelKind::End {
                     log.end_ns = Some(t);
                 }
                 log.last_ts_ns = Some(t);
@@ -995,6 +1004,8 @@ mod tests {
         let mut c = Correlator::new(tags(), limits());
         c.track(1002, now);
         let mut r = task_record(SpanKind::Client, 1002, T0, T0 + 1, 0);
+        // As the task end records a fetch that failed (`varnish::task`).
+        r.status = StatusCode::Error;
         r.set("error.type", Value::Str("fetch_failed".into()));
         c.finished(r, 1002, now);
         let log = batch(
