@@ -265,6 +265,9 @@ pub fn trace_backend(ctx: &mut Ctx) {
 /// sampled: the include then adds the `opentracing` delivery filter, which reads the final
 /// status. Other requests skip the filter and its cost.
 pub fn finish(ctx: &mut Ctx) -> bool {
+    if pipeline::disabled() {
+        return false;
+    }
     let m = ctx.raw.method;
     let state = match task::slot(ctx) {
         Slot::Traced(state) => state,
@@ -370,6 +373,9 @@ pub fn finish(ctx: &mut Ctx) -> bool {
 /// the req after them), `pipe` (the bereq exists already), and a `hit` on a stale object (a
 /// background fetch starts when `vcl_hit` returns).
 pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
+    if pipeline::disabled() {
+        return;
+    }
     // SAFETY: ctx->req is NULL or the running request.
     let Some(req) = (unsafe { ctx.raw.req.as_ref() }) else {
         log::vcl(ctx, "cache_result() is for client subroutines; ignored");
@@ -452,6 +458,8 @@ fn sampled_span<'a>(ctx: &mut Ctx, what: &str) -> Option<&'a mut TaskState> {
     match task::slot(ctx) {
         Slot::Traced(state) if state.record.sampled() => Some(state),
         Slot::Traced(_) | Slot::Unsampled(_) => None, // never exported: nothing to record
+        // A disabled module has no spans, and says nothing about it on every request.
+        Slot::Empty if pipeline::disabled() => None,
         Slot::Empty => {
             log::vcl(ctx, format!("{what} before trace_request()/trace_backend() in this task; ignored"));
             None
@@ -527,6 +535,9 @@ pub fn set_error(ctx: &mut Ctx, message: &CStr) {
 /// Forces (`true`) or suppresses (`false`) tracing of this request. In `vcl_recv` only, before
 /// anything went downstream, so that the sampled flag sent on matches the decision.
 pub fn sample(ctx: &mut Ctx, on: bool) {
+    if pipeline::disabled() {
+        return;
+    }
     if ctx.raw.method != method::RECV {
         log::vcl(ctx, "sample() is for vcl_recv; ignored");
         return;
@@ -569,6 +580,9 @@ unsafe fn sampling_changed(raw: &varnish::ffi::vrt_ctx, state: &mut TaskState, w
 /// What to do with the incoming context of this request (`extract`, `ignore`, `link`), for
 /// example by client ACL. In `vcl_recv` only.
 pub fn trust(ctx: &mut Ctx, mode: &CStr) {
+    if pipeline::disabled() {
+        return;
+    }
     if ctx.raw.method != method::RECV {
         log::vcl(ctx, "trust() is for vcl_recv; ignored");
         return;
