@@ -300,8 +300,17 @@ pub fn finish(ctx: &mut Ctx) -> bool {
                 (http::status(req.resp), req.esi_level)
             };
             state.status_vcl = Some(status);
-            if m == method::SYNTH && state.record.get("varnish.cache_result").is_none() {
-                state.record.set_str("varnish.cache_result", "synth");
+            if !state.cache_result_known && state.record.sampled() {
+                // SAFETY: ctx->req is valid in vcl_deliver/vcl_synth; its objcore is the object
+                // delivered (a hit) or NULL.
+                let req = unsafe { &*ctx.raw.req };
+                if m == method::DELIVER && req.is_hit() != 0 {
+                    // A fresh hit: the include does not call cache_result() for it.
+                    record_cache_result(state, req, ctx.raw.now.0, "hit".into());
+                } else if m == method::SYNTH {
+                    state.record.set_str("varnish.cache_result", "synth");
+                    state.cache_result_known = true;
+                }
             }
             let r = &state.record;
             // SAFETY: ctx->req is valid in vcl_deliver/vcl_synth.
@@ -356,7 +365,10 @@ pub fn finish(ctx: &mut Ctx) -> bool {
             }
         }
         method::BACKEND_ERROR => state.fetch_failed = true,
-        method::PIPE => state.record.set_str("varnish.cache_result", "pipe"),
+        method::PIPE => {
+            state.record.set_str("varnish.cache_result", "pipe");
+            state.cache_result_known = true;
+        }
         _ => log::vcl(
             ctx,
             "finish() is for vcl_deliver, vcl_synth, vcl_pipe, vcl_backend_response and vcl_backend_error; ignored",
@@ -365,8 +377,9 @@ pub fn finish(ctx: &mut Ctx) -> bool {
     want_filter
 }
 
-/// Records how the cache served the request. `synth` never replaces an earlier result (a
-/// `return (synth())` from `vcl_hit` is still a hit).
+/// Records how the cache served the request. `synth` never replaces an earlier result. (A fresh
+/// hit is recorded by `finish()` in vcl_deliver; a `return (synth())` from its vcl_hit becomes a
+/// hit again when the log's `Hit` record is merged.)
 ///
 /// It is also where the span's context is written into what goes to the backend, because the
 /// include calls it exactly where a fetch follows: `miss` and `pass` (the bereq is built from
@@ -388,7 +401,7 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
         method::MISS | method::PASS => req.http,
         method::PIPE => bereq,
         // SAFETY: in vcl_hit req->objcore is the object found.
-        method::HIT if unsafe { is_stale(req, now) } => req.http,
+        method::HIT if unsafe { is_stale(req) } => req.http,
         _ => std::ptr::null_mut(),
     };
     // An unsampled request that kept only its decision needs its context only where a fetch
@@ -409,12 +422,12 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
         return;
     }
     let result = result.to_bytes();
-    if result == b"synth" && state.record.get("varnish.cache_result").is_some() {
+    if result == b"synth" && state.cache_result_known {
         return;
     }
     let value: std::borrow::Cow<'static, str> = match result {
         // SAFETY: in vcl_hit req->objcore is the object found.
-        b"hit" if m == method::HIT && unsafe { is_stale(req, now) } => "grace".into(),
+        b"hit" if m == method::HIT && unsafe { is_stale(req) } => "grace".into(),
         b"hit" => "hit".into(),
         b"miss" if req.is_hitmiss() != 0 => "hit-for-miss".into(),
         b"miss" => "miss".into(),
@@ -425,27 +438,42 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
         other => String::from_utf8_lossy(other).into_owned().into(),
     };
     if m == method::HIT {
-        // SAFETY: as above.
-        if let Some(oc) = unsafe { req.objcore.as_ref() } {
-            let age = now - oc.t_origin.0;
-            state.record.set("varnish.object.age", Value::Float((age * 1000.0).round() / 1000.0));
-            state.record.set("varnish.object.ttl", Value::Float((f64::from(oc.ttl) - age).max(0.0).round()));
-        }
+        record_cache_result(state, req, now, value);
+    } else {
+        state.record.set("varnish.cache_result", Value::Str(value));
+        state.cache_result_known = true;
     }
-    state.record.set("varnish.cache_result", Value::Str(value));
 }
 
-/// Whether the object found by a hit is past its TTL (served in grace, with a background fetch).
+/// Records a hit's result (`hit`, `grace`), with the object's age and remaining TTL at `now`.
+/// `req` is the running request in vcl_hit or vcl_deliver, where its objcore is the object.
+fn record_cache_result(
+    state: &mut TaskState,
+    req: &varnish::ffi::req,
+    now: f64,
+    value: std::borrow::Cow<'static, str>,
+) {
+    // SAFETY: req->objcore is NULL or the object found, for the running subroutine.
+    if let Some(oc) = unsafe { req.objcore.as_ref() } {
+        let age = now - oc.t_origin.0;
+        state.record.set("varnish.object.age", Value::Float((age * 1000.0).round() / 1000.0));
+        state.record.set("varnish.object.ttl", Value::Float((f64::from(oc.ttl) - age).max(0.0).round()));
+    }
+    state.record.set("varnish.cache_result", Value::Str(value));
+    state.cache_result_known = true;
+}
+
+/// Whether the object found by a hit is past its TTL (served in grace, with a background fetch):
+/// as Varnish's lookup decides it, against the time the request's headers were complete
+/// (`t_req`). `req.ttl` plays no part: the lookup treats an object older than it as a miss, so
+/// vcl_hit never sees one. The include asks the same in VCL (`obj.ttl <= 0s`) before calling
+/// `cache_result`.
 ///
 /// # Safety
 /// `req` must be the running request, in `vcl_hit`.
-unsafe fn is_stale(req: &varnish::ffi::req, now: f64) -> bool {
+unsafe fn is_stale(req: &varnish::ffi::req) -> bool {
     let Some(oc) = req.objcore.as_ref() else { return false };
-    let mut ttl = f64::from(oc.ttl);
-    if req.d_ttl.0 >= 0.0 && req.d_ttl.0 < ttl {
-        ttl = req.d_ttl.0;
-    }
-    oc.t_origin.0 + ttl <= now
+    oc.t_origin.0 + f64::from(oc.ttl) <= req.t_req.0
 }
 
 pub fn tag(ctx: &mut Ctx, key: &CStr, value: &CStr) {

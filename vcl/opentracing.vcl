@@ -34,9 +34,15 @@ sub opentracing_recv {
 }
 
 # cache_result() records the result and, where a fetch follows (miss, pass, pipe, a stale hit),
-# writes the span's context into req.http.traceparent, so that the fetch is its child.
+# writes the span's context into req.http.traceparent, so that the fetch is its child. A fresh
+# hit, the common case, needs no call: finish() in vcl_deliver reads the result from Varnish.
+# A hit past its TTL is served in grace with a background fetch, which starts when vcl_hit
+# returns: that one is recorded here, and its fetch gets the context. (An object older than
+# req.ttl is a miss for Varnish's lookup: vcl_hit never sees it.)
 sub opentracing_hit {
-    opentracing.cache_result("hit");
+    if (obj.ttl <= 0s) {
+        opentracing.cache_result("hit");
+    }
 }
 
 sub opentracing_miss {

@@ -52,6 +52,8 @@ pub struct TaskState {
     pub incoming: Option<crate::trace::Incoming>,
     /// What is done with it now (`OPENTRACING_TRUST`, then `trust()`).
     pub trust: crate::config::Trust,
+    /// `varnish.cache_result` was recorded (by `cache_result()`, or by `finish()` for a hit).
+    pub cache_result_known: bool,
 }
 
 impl TaskState {
@@ -67,6 +69,7 @@ impl TaskState {
             described: false,
             incoming: None,
             trust: crate::config::Trust::Extract,
+            cache_result_known: false,
         }
     }
 }

@@ -152,6 +152,11 @@ impl LogData {
             if let Some(&(trace_id, span_id)) = fetched.get(&obj) {
                 record.add_link(trace_id, span_id);
             }
+            // A `return (synth())` from vcl_hit: the include records a fresh hit only in
+            // vcl_deliver, so the task saw `synth`; the lookup found the object, and a hit it is.
+            if matches!(record.get("varnish.cache_result"), Some(Value::Str(r)) if r == "synth") {
+                record.set("varnish.cache_result", Value::Str("hit".into()));
+            }
         }
         if self.start_ns.is_some() {
             // The log's timing breakdown (restarts and retries included) replaces what the task
@@ -896,6 +901,28 @@ mod tests {
                 (END, ""),
             ],
         )
+    }
+
+    #[test]
+    fn synth_from_vcl_hit_is_a_hit_when_the_log_has_the_hit() {
+        // The include records a fresh hit in vcl_deliver; a `return (synth())` from vcl_hit
+        // never gets there, so the task saw `synth`. The log's Hit record says what happened.
+        let now = Instant::now();
+        let mut c = Correlator::new(tags(), limits());
+        for (vxid, hit) in [(1001, true), (1003, false)] {
+            c.track(vxid, now);
+            let mut r = task_record(SpanKind::Server, vxid, T0, T0 + 1, 403);
+            r.set_str("varnish.cache_result", "synth");
+            assert!(c.finished(r, vxid, now).is_none());
+            let mut recs = vec![(BEGIN, "req 1000 rxreq"), (TS, "Start: 1700000000.000100 0 0")];
+            if hit {
+                recs.push((HIT, "1002 119.985 10.000 0.000 0 0"));
+            }
+            recs.extend([(RESPSTATUS, "403"), (TS, "Resp: 1700000000.000350 0 0"), (END, "")]);
+            let done = feed(&mut c, &batch(vxid, true, &recs));
+            let want = if hit { "hit" } else { "synth" };
+            assert_eq!(done[0].get("varnish.cache_result"), Some(&Value::Str(want.into())), "hit record: {hit}");
+        }
     }
 
     #[test]
