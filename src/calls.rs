@@ -812,7 +812,9 @@ unsafe fn capture_headers(
     if which.is_empty() {
         return;
     }
-    let mut captured: Vec<(String, String)> = Vec::new();
+    // `string[]`, as the semantic conventions define these attributes: one element per header
+    // line, in the order Varnish holds them.
+    let mut captured: Vec<(String, Vec<String>)> = Vec::new();
     for (name, value) in http::fields(hp) {
         let Ok(name) = std::str::from_utf8(name) else { continue };
         if !which.wants(name) {
@@ -822,15 +824,12 @@ unsafe fn capture_headers(
         let value = spans.redact.as_ref().map_or(value.clone(), |r| r.apply(&value).into_owned().into());
         let key = format!("{prefix}{}", name.to_ascii_lowercase());
         match captured.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, v)) => {
-                v.push_str(", ");
-                v.push_str(&value);
-            }
-            None => captured.push((key, value.into_owned())),
+            Some((_, v)) => v.push(value.into_owned()),
+            None => captured.push((key, vec![value.into_owned()])),
         }
     }
     for (k, v) in captured {
-        record.set(k, Value::Str(v.into()));
+        record.set(k, Value::StrArray(v));
     }
 }
 

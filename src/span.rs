@@ -107,6 +107,8 @@ pub enum Value {
     /// Borrowed for the values we know at compile time (method names, cache results, `http`):
     /// most attribute values of a span then cost no allocation.
     Str(Cow<'static, str>),
+    /// `string[]` in the semantic conventions: a captured header, one element per header line.
+    StrArray(Vec<String>),
     Int(i64),
     Float(f64),
     Bool(bool),
@@ -240,6 +242,8 @@ impl SpanRecord {
         let key = key.into();
         let value = match value {
             Value::Str(s) => Value::Str(truncate_cow(s, max_value_len())),
+            // The length limit applies to each string of an array (the SDK specification).
+            Value::StrArray(v) => Value::StrArray(v.into_iter().map(|s| truncate(s, max_value_len())).collect()),
             other => other,
         };
         // From the end: the keys set again (status, sizes at the task's end and from the log)
@@ -376,6 +380,16 @@ mod tests {
         }
         assert_eq!(r.attributes.len(), MAX_ATTRIBUTES);
         assert_eq!(r.dropped_attributes, 5);
+    }
+
+    #[test]
+    fn each_string_of_an_array_is_cut_to_the_length_limit() {
+        let mut r = SpanRecord::new(SpanKind::Server, TraceId([1; 16]), SpanId([2; 8]), None);
+        r.set("http.request.header.x", Value::StrArray(vec!["é".repeat(MAX_VALUE_LEN), "short".into()]));
+        let Some(Value::StrArray(v)) = r.get("http.request.header.x") else { panic!("not an array") };
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].len(), MAX_VALUE_LEN);
+        assert_eq!(v[1], "short");
     }
 
     #[test]

@@ -85,6 +85,18 @@ fn any_value(out: &mut String, v: &Value) {
             out.push_str("{\"stringValue\":");
             string(out, s);
         }
+        Value::StrArray(v) => {
+            out.push_str("{\"arrayValue\":{\"values\":[");
+            for (i, s) in v.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str("{\"stringValue\":");
+                string(out, s);
+                out.push('}');
+            }
+            out.push_str("]}");
+        }
         Value::Int(i) => {
             out.push_str("{\"intValue\":");
             int64(out, *i);
@@ -285,6 +297,8 @@ mod tests {
         r.set("f", Value::Float(f64::NAN));
         r.set("g", Value::Float(1.5));
         r.set("b", Value::Bool(true));
+        r.set("h", Value::StrArray(vec!["one".into(), "t\"wo".into()]));
+        r.set("none", Value::StrArray(vec![]));
         r.status_message = Some("bad \"thing\"".into());
         let v = span(&r);
         let attr =
@@ -293,6 +307,11 @@ mod tests {
         assert_eq!(attr("f")["doubleValue"], "NaN");
         assert_eq!(attr("g")["doubleValue"], 1.5);
         assert_eq!(attr("b")["boolValue"], true);
+        assert_eq!(
+            attr("h")["arrayValue"]["values"],
+            serde_json::json!([{"stringValue": "one"}, {"stringValue": "t\"wo"}])
+        );
+        assert_eq!(attr("none")["arrayValue"]["values"], serde_json::json!([]));
         assert_eq!(v["status"]["message"], "bad \"thing\"");
         assert_eq!(v["status"]["code"], 2);
     }

@@ -113,6 +113,12 @@ mod any_value {
     pub const BOOL: u8 = key(2, VARINT);
     pub const INT: u8 = key(3, VARINT);
     pub const DOUBLE: u8 = key(4, FIXED64);
+    pub const ARRAY: u8 = key(5, LEN);
+}
+
+mod array_value {
+    use super::*;
+    pub const VALUES: u8 = key(1, LEN);
 }
 
 // ---- Sizes --------------------------------------------------------------------------------------
@@ -146,10 +152,17 @@ fn any_value_len(v: &Value) -> usize {
     // 0, false): that is what says which member is set.
     match v {
         Value::Str(s) => len_field(s.len()),
+        Value::StrArray(v) => len_field(array_len(v)),
         Value::Int(i) => 1 + varint_len(*i as u64),
         Value::Float(_) => 1 + 8,
         Value::Bool(_) => 1 + 1,
     }
+}
+
+/// `ArrayValue` of strings: each element an `AnyValue` holding a string.
+#[inline]
+fn array_len(v: &[String]) -> usize {
+    v.iter().map(|s| len_field(len_field(s.len()))).sum()
 }
 
 /// `KeyValue`; the value is always present (every `Value` is a non-empty `AnyValue`).
@@ -287,6 +300,13 @@ fn put_fixed64(out: &mut Buf<'_>, key: u8, v: u64) {
 fn put_any_value(out: &mut Buf<'_>, v: &Value) {
     match v {
         Value::Str(s) => put_bytes(out, any_value::STRING, s.as_bytes()),
+        Value::StrArray(v) => {
+            put_len(out, any_value::ARRAY, array_len(v));
+            for s in v {
+                put_len(out, array_value::VALUES, len_field(s.len()));
+                put_bytes(out, any_value::STRING, s.as_bytes());
+            }
+        }
         Value::Int(i) => {
             out.push(any_value::INT);
             // int64, not sint64: negative values take ten bytes, as the schema says.
@@ -603,6 +623,8 @@ mod tests {
             attr("fmax", Value::Float(f64::MAX)),
             attr("", Value::Str("empty key".into())),
             attr("ключ", Value::Int(42)),
+            attr("http.request.header.accept", Value::StrArray(vec!["a/b".into(), "".into(), "ü, 世".into()])),
+            attr("no lines", Value::StrArray(vec![])),
         ];
         let s = encode_one(&r);
         let got: Vec<(&str, &V)> = s
@@ -617,6 +639,11 @@ mod tests {
                 (V::StringValue(g), Value::Str(w)) => assert_eq!(g, w),
                 (V::IntValue(g), Value::Int(w)) => assert_eq!(g, w),
                 (V::BoolValue(g), Value::Bool(w)) => assert_eq!(g, w),
+                (V::ArrayValue(g), Value::StrArray(w)) => {
+                    let got: Vec<_> = g.values.iter().map(|v| v.value.clone()).collect();
+                    let want: Vec<_> = w.iter().map(|s| Some(V::StringValue(s.clone()))).collect();
+                    assert_eq!(got, want, "{key}");
+                }
                 // Bit for bit: NaN, the infinities and -0.0 pass through unchanged.
                 (V::DoubleValue(g), Value::Float(w)) => assert_eq!(g.to_bits(), w.to_bits(), "{key}"),
                 other => panic!("{key}: wrong type {other:?}"),

@@ -656,6 +656,21 @@ impl Span {
         }
     }
 
+    /// A `string[]` attribute (captured headers).
+    pub fn attr_strs(&self, key: &str) -> Option<Vec<&str>> {
+        match self.attributes.get(key)?.value.as_ref()? {
+            any_value::Value::ArrayValue(a) => a
+                .values
+                .iter()
+                .map(|v| match v.value.as_ref()? {
+                    any_value::Value::StringValue(s) => Some(s.as_str()),
+                    _ => None,
+                })
+                .collect(),
+            _ => None,
+        }
+    }
+
     pub fn attr_int(&self, key: &str) -> Option<i64> {
         match self.attributes.get(key)?.value.as_ref()? {
             any_value::Value::IntValue(i) => Some(*i),

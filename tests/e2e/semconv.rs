@@ -50,7 +50,8 @@ fn server_and_client_spans_follow_the_http_semantic_conventions() {
     let rid = ("x-request-id", "r-42 secret");
     // (Not Authorization: the built-in VCL would pass the request.)
     let auth = ("proxy-authorization", "Basic aHVudGVyMg==");
-    let r = v.get("/cached?token=abc&x=1", &[ua, rid, auth]);
+    // Two lines of one header: two elements of its `string[]` attribute.
+    let r = v.get("/cached?token=abc&x=1", &[ua, rid, auth, ("x-multi", "a, b"), ("x-multi", "c")]);
     assert_eq!(r.status, 200);
     // Telling the client: traceresponse and Server-Timing carry this request's context.
     let tr = r.header("traceresponse").expect("traceresponse header");
@@ -87,9 +88,12 @@ fn server_and_client_spans_follow_the_http_semantic_conventions() {
     assert_eq!(miss.attr_int("http.response.status_code"), Some(200));
     assert!(miss.attr_int("http.response.body.size").is_some_and(|n| n > 0));
     assert_eq!(miss.attr_str("varnish.server.role"), Some("edge"));
-    assert_eq!(miss.attr_str("http.request.header.x-request-id"), Some("r-42 REDACTED"));
-    assert_eq!(miss.attr_str("http.request.header.proxy-authorization"), None, "never captured by *");
-    assert!(miss.attr_str("http.response.header.content-type").is_some_and(|c| c.starts_with("text/html")));
+    // Captured headers are `string[]`, one element per header line, as the conventions say.
+    assert_eq!(miss.attr_strs("http.request.header.x-request-id"), Some(vec!["r-42 REDACTED"]));
+    assert_eq!(miss.attr_strs("http.request.header.x-multi"), Some(vec!["a, b", "c"]));
+    assert!(!miss.attributes.contains_key("http.request.header.proxy-authorization"), "never captured by *");
+    let content_type = miss.attr_strs("http.response.header.content-type").expect("content-type captured");
+    assert!(content_type.len() == 1 && content_type[0].starts_with("text/html"), "{content_type:?}");
     assert_eq!(status_code(miss), 0, "2xx: status unset");
     // The hit: object age and remaining TTL.
     assert!(hit.attributes.contains_key("varnish.object.age") && hit.attributes.contains_key("varnish.object.ttl"));
@@ -104,7 +108,7 @@ fn server_and_client_spans_follow_the_http_semantic_conventions() {
     assert_eq!(fetch.attr_str("network.peer.address"), Some("127.0.0.1"));
     assert_eq!(fetch.attr_int("network.peer.port"), Some(i64::from(backend.port)));
     assert_eq!(fetch.attr_str("varnish.backend"), Some("default"));
-    assert_eq!(fetch.attr_str("http.request.header.x-request-id"), Some("r-42 REDACTED"));
+    assert_eq!(fetch.attr_strs("http.request.header.x-request-id"), Some(vec!["r-42 REDACTED"]));
 
     // 404: not an error on the SERVER span, an error on the CLIENT span; the route names it.
     let s404 = one(&spans, KIND_SERVER, "/users/17");

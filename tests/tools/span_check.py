@@ -4,7 +4,8 @@
 usage: span_check.py FILE COUNT [COND ...]
 COND is FIELD=VALUE or FIELD!=VALUE, FIELD one of: kind (server, client, internal), name,
 traceId, spanId, parentSpanId ("" for a root), status (unset, ok, error), event (a span event
-name that must be present), or any attribute key (compared as text).
+name that must be present), or any attribute key (compared as text; for a string[] attribute,
+such as a captured header, VALUE must be one of its elements).
 Prints the matching spans; exits 1 when the count differs, or when a span repeats an attribute key.
 """
 import json
@@ -47,6 +48,9 @@ def field(span, name):
     for a in attributes:
         if a["key"] == name:
             v = a["value"]
+            if "arrayValue" in v:
+                # string[] (captured headers): FIELD=VALUE means VALUE is one of the elements
+                return [str(next(iter(e.values()))) for e in v["arrayValue"].get("values", [])]
             return str(next(iter(v.values())))
     return None
 
