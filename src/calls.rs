@@ -696,14 +696,28 @@ unsafe fn server_attributes(
     if let Some(q) = line.query {
         record.add("url.query", Value::Str(q.into()));
     }
-    record.add("url.scheme", Value::Str("http".into()));
-    if let Some((host, port)) =
-        http::header(req.http, b"host").and_then(|h| semconv::split_host(std::str::from_utf8(h).ok()?))
-    {
-        record.add("server.address", Value::Str(host.to_owned().into()));
-        record.add("server.port", Value::Int(i64::from(port.unwrap_or(80))));
+    // One pass over the headers for the four this needs (each lookup is a pass of its own).
+    let (mut host, mut user_agent, mut forwarded, mut x_forwarded_proto) = (None, None, None, None);
+    for (name, value) in http::fields(req.http) {
+        let slot = match name.len() {
+            4 if name.eq_ignore_ascii_case(b"host") => &mut host,
+            9 if name.eq_ignore_ascii_case(b"forwarded") => &mut forwarded,
+            10 if name.eq_ignore_ascii_case(b"user-agent") => &mut user_agent,
+            17 if name.eq_ignore_ascii_case(b"x-forwarded-proto") => &mut x_forwarded_proto,
+            _ => continue,
+        };
+        slot.get_or_insert(value); // the first of repeated fields
     }
-    if let Some(ua) = http::header(req.http, b"user-agent") {
+    // The original request's scheme when a proxy in front says it (a TLS terminator), as the
+    // conventions ask; the scheme Varnish received otherwise.
+    let scheme = semconv::original_scheme(forwarded, x_forwarded_proto).unwrap_or("http");
+    record.add("url.scheme", Value::Str(scheme.into()));
+    if let Some((host, port)) = host.and_then(|h| semconv::split_host(std::str::from_utf8(h).ok()?)) {
+        let default_port = if scheme == "https" { 443 } else { 80 };
+        record.add("server.address", Value::Str(host.to_owned().into()));
+        record.add("server.port", Value::Int(i64::from(port.unwrap_or(default_port))));
+    }
+    if let Some(ua) = user_agent {
         record.add("user_agent.original", Value::Str(String::from_utf8_lossy(ua).into_owned().into()));
     }
     let (client, peer) = crate::varnish::peer::client_and_peer(ctx);
@@ -797,8 +811,8 @@ unsafe fn request_attributes<'a>(
     RequestLine { method, method_original, url, query }
 }
 
-/// Copies the allowed headers of `hp` into `{prefix}{lowercase name}` attributes (string
-/// arrays in the conventions; one string here, repeated fields joined with `, `), redacted.
+/// Copies the allowed headers of `hp` into `{prefix}{lowercase name}` attributes, redacted:
+/// `string[]`, one element per header line, as the conventions define them.
 ///
 /// # Safety
 /// `hp` must be NULL or a valid `struct http` of the running task.

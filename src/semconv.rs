@@ -54,6 +54,35 @@ pub fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
     }
 }
 
+/// The scheme of the original client request (`url.scheme` of a SERVER span), when a proxy in
+/// front of Varnish (a TLS terminator) says it: the `proto` parameter of the first element of
+/// `Forwarded` (RFC 7239), else the first value of `X-Forwarded-Proto`. Only `http` and `https`
+/// are taken; anything else is as if absent (the conventions then want the scheme Varnish
+/// itself received, `http`).
+pub fn original_scheme(forwarded: Option<&[u8]>, x_forwarded_proto: Option<&[u8]>) -> Option<&'static str> {
+    let from_forwarded = forwarded.and_then(|f| {
+        let first = f.split(|&b| b == b',').next()?;
+        first.split(|&b| b == b';').find_map(|pair| {
+            let (name, value) = split_once(pair, b'=')?;
+            name.trim_ascii().eq_ignore_ascii_case(b"proto").then(|| {
+                let v = value.trim_ascii();
+                v.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(v)
+            })
+        })
+    });
+    let from_x = || x_forwarded_proto.and_then(|x| x.split(|&b| b == b',').next()).map(<[u8]>::trim_ascii);
+    match from_forwarded.or_else(from_x)? {
+        p if p.eq_ignore_ascii_case(b"https") => Some("https"),
+        p if p.eq_ignore_ascii_case(b"http") => Some("http"),
+        _ => None,
+    }
+}
+
+fn split_once(s: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
+    let i = s.iter().position(|&b| b == sep)?;
+    Some((&s[..i], &s[i + 1..]))
+}
+
 /// `HTTP/1.1` to `1.1`, `HTTP/2.0` to `2` (`network.protocol.version`).
 pub fn protocol_version(proto: &str) -> Option<&'static str> {
     match proto {
@@ -147,6 +176,25 @@ impl Redaction {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn original_scheme_from_forwarded_then_x_forwarded_proto() {
+        let scheme = |f: Option<&str>, x: Option<&str>| original_scheme(f.map(str::as_bytes), x.map(str::as_bytes));
+        assert_eq!(scheme(None, None), None);
+        assert_eq!(scheme(None, Some("https")), Some("https"));
+        assert_eq!(scheme(None, Some(" HTTPS , http")), Some("https"), "the first value, any case");
+        assert_eq!(scheme(None, Some("http")), Some("http"));
+        assert_eq!(scheme(None, Some("wss")), None);
+        assert_eq!(scheme(None, Some("")), None);
+        assert_eq!(scheme(Some("for=192.0.2.60;proto=https;by=203.0.113.43"), None), Some("https"));
+        assert_eq!(scheme(Some("For=\"[2001:db8::1]\"; Proto=\"https\""), Some("http")), Some("https"));
+        // The first element is the client's; later ones are proxies on the way.
+        assert_eq!(scheme(Some("for=1.2.3.4;proto=http, for=5.6.7.8;proto=https"), Some("https")), Some("http"));
+        // Forwarded without proto: X-Forwarded-Proto decides.
+        assert_eq!(scheme(Some("for=1.2.3.4"), Some("https")), Some("https"));
+        assert_eq!(scheme(Some("proto=gopher"), None), None);
+        assert_eq!(scheme(Some(";;=;proto"), Some("https")), Some("https"));
+    }
 
     #[test]
     fn methods_are_normalised_case_sensitively() {
