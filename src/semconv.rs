@@ -34,7 +34,7 @@ pub fn span_name(method: &'static str, route: Option<&str>) -> Cow<'static, str>
 /// `Host` (or `:authority`) to `(server.address, server.port)`: `example.com:8080`,
 /// `[::1]:80`, `example.com` (port `None`: the default of the scheme applies).
 pub fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
-    let host = host.trim();
+    let host = host.trim_ascii();
     if host.is_empty() {
         return None;
     }
