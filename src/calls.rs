@@ -696,23 +696,28 @@ unsafe fn server_attributes(
     if let Some(q) = line.query {
         record.add("url.query", Value::Str(q.into()));
     }
-    // One pass over the headers for the four this needs (each lookup is a pass of its own).
-    let (mut host, mut user_agent, mut forwarded, mut x_forwarded_proto) = (None, None, None, None);
+    // One pass over the headers for the five this needs (each lookup is a pass of its own).
+    let (mut host, mut user_agent, mut forwarded) = (None, None, None);
+    let (mut x_forwarded_proto, mut x_forwarded_host) = (None, None);
     for (name, value) in http::fields(req.http) {
         let slot = match name.len() {
             4 if name.eq_ignore_ascii_case(b"host") => &mut host,
             9 if name.eq_ignore_ascii_case(b"forwarded") => &mut forwarded,
             10 if name.eq_ignore_ascii_case(b"user-agent") => &mut user_agent,
+            16 if name.eq_ignore_ascii_case(b"x-forwarded-host") => &mut x_forwarded_host,
             17 if name.eq_ignore_ascii_case(b"x-forwarded-proto") => &mut x_forwarded_proto,
             _ => continue,
         };
         slot.get_or_insert(value); // the first of repeated fields
     }
-    // The original request's scheme when a proxy in front says it (a TLS terminator), as the
-    // conventions ask; the scheme Varnish received otherwise.
+    // The original request's scheme and host when a proxy in front says them (a TLS terminator,
+    // a load balancer), as the conventions ask; what Varnish received otherwise.
     let scheme = semconv::original_scheme(forwarded, x_forwarded_proto).unwrap_or("http");
     record.add("url.scheme", Value::Str(scheme.into()));
-    if let Some((host, port)) = host.and_then(|h| semconv::split_host(std::str::from_utf8(h).ok()?)) {
+    let server = semconv::original_host(forwarded, x_forwarded_host)
+        .and_then(host_and_port)
+        .or_else(|| host.and_then(host_and_port));
+    if let Some((host, port)) = server {
         let default_port = if scheme == "https" { 443 } else { 80 };
         record.add("server.address", Value::Str(host.to_owned().into()));
         record.add("server.port", Value::Int(i64::from(port.unwrap_or(default_port))));
@@ -732,6 +737,11 @@ unsafe fn server_attributes(
         record.add("varnish.esi_level", Value::Int(i64::from(req.esi_level)));
     }
     capture_headers(req.http, &spans.server_request_headers, "http.request.header.", &spans, record);
+}
+
+/// `server.address` and `server.port` (if given) from a `Host`-like value.
+fn host_and_port(h: &[u8]) -> Option<(&str, Option<u16>)> {
+    semconv::split_host(std::str::from_utf8(h).ok()?)
 }
 
 /// The attributes of a CLIENT span from the backend request as VCL built it.

@@ -55,32 +55,46 @@ pub fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
 }
 
 /// The scheme of the original client request (`url.scheme` of a SERVER span), when a proxy in
-/// front of Varnish (a TLS terminator) says it: the `proto` parameter of the first element of
-/// `Forwarded` (RFC 7239), else the first value of `X-Forwarded-Proto`. Only `http` and `https`
-/// are taken; anything else is as if absent (the conventions then want the scheme Varnish
-/// itself received, `http`).
+/// front of Varnish (a TLS terminator) says it: the `proto` parameter of `Forwarded` (RFC 7239),
+/// else the first value of `X-Forwarded-Proto`. Only `http` and `https` are taken; anything else
+/// is as if absent (the conventions then want the scheme Varnish itself received, `http`).
 pub fn original_scheme(forwarded: Option<&[u8]>, x_forwarded_proto: Option<&[u8]>) -> Option<&'static str> {
-    let from_forwarded = forwarded.and_then(|f| {
-        let first = f.split(|&b| b == b',').next()?;
-        first.split(|&b| b == b';').find_map(|pair| {
-            let (name, value) = split_once(pair, b'=')?;
-            name.trim_ascii().eq_ignore_ascii_case(b"proto").then(|| {
-                let v = value.trim_ascii();
-                v.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(v)
-            })
-        })
-    });
-    let from_x = || x_forwarded_proto.and_then(|x| x.split(|&b| b == b',').next()).map(<[u8]>::trim_ascii);
-    match from_forwarded.or_else(from_x)? {
-        p if p.eq_ignore_ascii_case(b"https") => Some("https"),
-        p if p.eq_ignore_ascii_case(b"http") => Some("http"),
-        _ => None,
+    let proto = forwarded.and_then(|f| forwarded_param(f, b"proto")).or_else(|| x_forwarded_proto.map(first_value))?;
+    if proto.eq_ignore_ascii_case(b"https") {
+        Some("https")
+    } else if proto.eq_ignore_ascii_case(b"http") {
+        Some("http")
+    } else {
+        None
     }
 }
 
-fn split_once(s: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
-    let i = s.iter().position(|&b| b == sep)?;
-    Some((&s[..i], &s[i + 1..]))
+/// The host of the original client request, when the proxy in front says it: the `host`
+/// parameter of `Forwarded`, else the first value of `X-Forwarded-Host` (the conventions take
+/// `server.address` and `server.port` from these before `Host`). `None` if neither says it.
+pub fn original_host<'a>(forwarded: Option<&'a [u8]>, x_forwarded_host: Option<&'a [u8]>) -> Option<&'a [u8]> {
+    forwarded
+        .and_then(|f| forwarded_param(f, b"host"))
+        .or_else(|| x_forwarded_host.map(first_value))
+        .filter(|h| !h.is_empty())
+}
+
+/// Parameter `name` (any case) of the first element of a `Forwarded` header, unquoted: the
+/// element the proxy nearest the client added.
+fn forwarded_param<'a>(forwarded: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let first = forwarded.split(|&b| b == b',').next()?;
+    first.split(|&b| b == b';').find_map(|pair| {
+        let i = pair.iter().position(|&b| b == b'=')?;
+        let (key, value) = (&pair[..i], pair[i + 1..].trim_ascii());
+        key.trim_ascii()
+            .eq_ignore_ascii_case(name)
+            .then(|| value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value))
+    })
+}
+
+/// The first of a header's comma-separated values, trimmed.
+fn first_value(v: &[u8]) -> &[u8] {
+    v.split(|&b| b == b',').next().unwrap_or_default().trim_ascii()
 }
 
 /// `HTTP/1.1` to `1.1`, `HTTP/2.0` to `2` (`network.protocol.version`).
@@ -194,6 +208,18 @@ mod tests {
         assert_eq!(scheme(Some("for=1.2.3.4"), Some("https")), Some("https"));
         assert_eq!(scheme(Some("proto=gopher"), None), None);
         assert_eq!(scheme(Some(";;=;proto"), Some("https")), Some("https"));
+    }
+
+    #[test]
+    fn original_host_from_forwarded_then_x_forwarded_host() {
+        let host = |f: Option<&'static str>, x: Option<&'static str>| {
+            original_host(f.map(str::as_bytes), x.map(str::as_bytes)).map(|h| std::str::from_utf8(h).unwrap())
+        };
+        assert_eq!(host(None, None), None);
+        assert_eq!(host(None, Some("shop.example:8443, inner")), Some("shop.example:8443"));
+        assert_eq!(host(Some("for=1.2.3.4;host=\"a.example\";proto=https"), Some("b.example")), Some("a.example"));
+        assert_eq!(host(Some("for=1.2.3.4, host=later.example"), Some("b.example")), Some("b.example"));
+        assert_eq!(host(Some("host="), Some(" ")), None);
     }
 
     #[test]
