@@ -36,6 +36,8 @@ pub fn trace_request(ctx: &mut Ctx) {
             if req.restarts > state.repeats_seen {
                 state.repeats_seen = req.restarts;
                 state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.restart");
+                // The restarted request looks the object up again: its result replaces the last.
+                state.cache_result_known = false;
             }
             return;
         }
