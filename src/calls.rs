@@ -307,7 +307,9 @@ pub fn finish(ctx: &mut Ctx) -> bool {
                 // delivered (a hit) or NULL.
                 let req = unsafe { &*ctx.raw.req };
                 if m == method::DELIVER && req.is_hit() != 0 {
-                    // A fresh hit: the include does not call cache_result() for it.
+                    // A fresh hit: the include does not call cache_result() for it. (One that
+                    // vcl_hit turned into a synth never gets here: vcl_synth cannot tell it
+                    // from another synth, the log's `Hit` record can; see `correlate`.)
                     record_cache_result(state, req, ctx.raw.now.0, "hit".into());
                 } else if m == method::SYNTH {
                     state.record.set_str("varnish.cache_result", "synth");
@@ -716,9 +718,12 @@ unsafe fn server_attributes(
     // a load balancer), as the conventions ask; what Varnish received otherwise.
     let scheme = semconv::original_scheme(forwarded, x_forwarded_proto).unwrap_or("http");
     record.add("url.scheme", Value::Str(scheme.into()));
-    let server = semconv::original_host(forwarded, x_forwarded_host)
-        .and_then(host_and_port)
-        .or_else(|| host.and_then(host_and_port));
+    // The first of the original hosts (Forwarded, X-Forwarded-Host) and Host that can be read.
+    let server = semconv::original_hosts(forwarded, x_forwarded_host)
+        .into_iter()
+        .chain([host])
+        .flatten()
+        .find_map(host_and_port);
     if let Some((host, port)) = server {
         let default_port = if scheme == "https" { 443 } else { 80 };
         record.add("server.address", Value::Str(host.to_owned().into()));

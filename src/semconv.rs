@@ -59,37 +59,70 @@ pub fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
 /// else the first value of `X-Forwarded-Proto`. Only `http` and `https` are taken; anything else
 /// is as if absent (the conventions then want the scheme Varnish itself received, `http`).
 pub fn original_scheme(forwarded: Option<&[u8]>, x_forwarded_proto: Option<&[u8]>) -> Option<&'static str> {
-    let proto = forwarded.and_then(|f| forwarded_param(f, b"proto")).or_else(|| x_forwarded_proto.map(first_value))?;
-    if proto.eq_ignore_ascii_case(b"https") {
-        Some("https")
-    } else if proto.eq_ignore_ascii_case(b"http") {
-        Some("http")
-    } else {
-        None
-    }
+    let scheme = |p: &[u8]| {
+        if p.eq_ignore_ascii_case(b"https") {
+            Some("https")
+        } else if p.eq_ignore_ascii_case(b"http") {
+            Some("http")
+        } else {
+            None
+        }
+    };
+    forwarded
+        .and_then(|f| forwarded_param(f, b"proto"))
+        .and_then(scheme)
+        .or_else(|| x_forwarded_proto.map(first_value).and_then(scheme))
 }
 
-/// The host of the original client request, when the proxy in front says it: the `host`
-/// parameter of `Forwarded`, else the first value of `X-Forwarded-Host` (the conventions take
-/// `server.address` and `server.port` from these before `Host`). `None` if neither says it.
-pub fn original_host<'a>(forwarded: Option<&'a [u8]>, x_forwarded_host: Option<&'a [u8]>) -> Option<&'a [u8]> {
-    forwarded
-        .and_then(|f| forwarded_param(f, b"host"))
-        .or_else(|| x_forwarded_host.map(first_value))
-        .filter(|h| !h.is_empty())
+/// The hosts of the original client request that a proxy in front may have passed on, in the
+/// order the conventions take them for `server.address` and `server.port` (before `Host`): the
+/// `host` parameter of `Forwarded`, then the first value of `X-Forwarded-Host`. The caller takes
+/// the first it can read.
+pub fn original_hosts<'a>(forwarded: Option<&'a [u8]>, x_forwarded_host: Option<&'a [u8]>) -> [Option<&'a [u8]>; 2] {
+    [forwarded.and_then(|f| forwarded_param(f, b"host")), x_forwarded_host.map(first_value)]
 }
 
 /// Parameter `name` (any case) of the first element of a `Forwarded` header, unquoted: the
-/// element the proxy nearest the client added.
+/// element the proxy nearest the client added. Quoted values may hold `,`, `;` and `=`
+/// (RFC 7239 section 4): those do not separate anything.
 fn forwarded_param<'a>(forwarded: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
-    let first = forwarded.split(|&b| b == b',').next()?;
-    first.split(|&b| b == b';').find_map(|pair| {
-        let i = pair.iter().position(|&b| b == b'=')?;
-        let (key, value) = (&pair[..i], pair[i + 1..].trim_ascii());
-        key.trim_ascii()
-            .eq_ignore_ascii_case(name)
-            .then(|| value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value))
-    })
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for i in 0..=forwarded.len() {
+        let b = forwarded.get(i).copied();
+        if quoted && b.is_some() {
+            match b {
+                _ if escaped => escaped = false,
+                Some(b'\\') => escaped = true,
+                Some(b'"') => quoted = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            Some(b'"') => quoted = true,
+            Some(b';' | b',') | None => {
+                if let Some(value) = pair_value(&forwarded[start..i], name) {
+                    return Some(value);
+                }
+                if b != Some(b';') {
+                    return None; // the end of the first element
+                }
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The value of a `name=value` pair if its name is `name` (any case), without quotes.
+fn pair_value<'a>(pair: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let eq = pair.iter().position(|&b| b == b'=')?;
+    if !pair[..eq].trim_ascii().eq_ignore_ascii_case(name) {
+        return None;
+    }
+    let value = pair[eq + 1..].trim_ascii();
+    Some(value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value))
 }
 
 /// The first of a header's comma-separated values, trimmed.
@@ -211,15 +244,41 @@ mod tests {
     }
 
     #[test]
-    fn original_host_from_forwarded_then_x_forwarded_host() {
-        let host = |f: Option<&'static str>, x: Option<&'static str>| {
-            original_host(f.map(str::as_bytes), x.map(str::as_bytes)).map(|h| std::str::from_utf8(h).unwrap())
+    fn original_hosts_from_forwarded_then_x_forwarded_host() {
+        let hosts = |f: Option<&'static str>, x: Option<&'static str>| {
+            original_hosts(f.map(str::as_bytes), x.map(str::as_bytes))
+                .map(|h| h.map(|h| std::str::from_utf8(h).unwrap()))
         };
-        assert_eq!(host(None, None), None);
-        assert_eq!(host(None, Some("shop.example:8443, inner")), Some("shop.example:8443"));
-        assert_eq!(host(Some("for=1.2.3.4;host=\"a.example\";proto=https"), Some("b.example")), Some("a.example"));
-        assert_eq!(host(Some("for=1.2.3.4, host=later.example"), Some("b.example")), Some("b.example"));
-        assert_eq!(host(Some("host="), Some(" ")), None);
+        assert_eq!(hosts(None, None), [None, None]);
+        assert_eq!(hosts(None, Some("shop.example:8443, inner")), [None, Some("shop.example:8443")]);
+        assert_eq!(
+            hosts(Some("for=1.2.3.4;host=\"a.example\";proto=https"), Some("b.example")),
+            [Some("a.example"), Some("b.example")]
+        );
+        assert_eq!(hosts(Some("for=1.2.3.4, host=later.example"), None), [None, None]);
+        assert_eq!(hosts(Some("host=\"[::1]:8080\""), None), [Some("[::1]:8080"), None]);
+    }
+
+    #[test]
+    fn forwarded_quoted_values_hold_separators() {
+        let param = |f: &'static str, n: &str| {
+            forwarded_param(f.as_bytes(), n.as_bytes()).map(|v| std::str::from_utf8(v).unwrap())
+        };
+        assert_eq!(param("for=\"[2001:db8::1]:4711\";ext=\"a,b\";proto=https", "proto"), Some("https"));
+        assert_eq!(param("for=\"x;proto=https;y\"", "proto"), None, "inside quotes: not a parameter");
+        assert_eq!(param("for=\"a\\\"b,c\";proto=http, proto=https", "proto"), Some("http"), "escaped quote");
+        assert_eq!(param("proto=http;", "proto"), Some("http"));
+        assert_eq!(param("for=\"unterminated;proto=https", "proto"), None);
+        assert_eq!(param("", "proto"), None);
+    }
+
+    #[test]
+    fn unusable_forwarded_values_fall_back_to_the_x_forwarded_headers() {
+        let scheme = |f: &str, x: &str| original_scheme(Some(f.as_bytes()), Some(x.as_bytes()));
+        assert_eq!(scheme("proto=gopher", "https"), Some("https"));
+        assert_eq!(scheme("proto=", "https"), Some("https"));
+        let [f, x] = original_hosts(Some(b"host=\"\""), Some(b"b.example"));
+        assert_eq!((f, x), (Some(&b""[..]), Some(&b"b.example"[..])), "the caller skips what it cannot read");
     }
 
     #[test]

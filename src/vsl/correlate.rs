@@ -91,6 +91,8 @@ struct LogData {
     fetch_error: Option<String>,
     vcl_error: Option<String>,
     hit_obj: Option<u64>,
+    /// The last lookup (since the last restart) was a hit: `Hit` came after the last restart.
+    last_lookup_hit: bool,
     /// Backend name, address, port (if a number).
     peer: Option<(String, String, Option<i64>)>,
 }
@@ -153,8 +155,10 @@ impl LogData {
                 record.add_link(trace_id, span_id);
             }
             // A `return (synth())` from vcl_hit: the include records a fresh hit only in
-            // vcl_deliver, so the task saw `synth`; the lookup found the object, and a hit it is.
-            if matches!(record.get("varnish.cache_result"), Some(Value::Str(r)) if r == "synth") {
+            // vcl_deliver, so the task saw `synth`; the lookup found the object, and a hit it is
+            // (only the last lookup's: a hit restarted into a synth is a synth).
+            if self.last_lookup_hit && matches!(record.get("varnish.cache_result"), Some(Value::Str(r)) if r == "synth")
+            {
                 record.set("varnish.cache_result", Value::Str("hit".into()));
             }
         }
@@ -651,6 +655,9 @@ impl Correlator {
                 if event == "varnish.retry" {
                     // The retry supersedes the failed attempt; its error stays visible as the event.
                     log.fetch_error = None;
+                } else {
+                    // The restarted request looks up again.
+                    log.last_lookup_hit = false;
                 }
                 p.add_vxid(child);
                 self.index.insert(child, slot);
@@ -669,7 +676,10 @@ impl Correlator {
                 };
                 log.acct = Some(n);
             }
-            Tag::Hit => log.hit_obj = Some(parse_int(fields.next()?)?),
+            Tag::Hit => {
+                log.hit_obj = Some(parse_int(fields.next()?)?);
+                log.last_lookup_hit = true;
+            }
             Tag::FetchError => log.fetch_error = Some(text(data)),
             Tag::VclError => log.vcl_error = Some(text(data)),
             Tag::BackendOpen => {
@@ -923,6 +933,24 @@ mod tests {
             let want = if hit { "hit" } else { "synth" };
             assert_eq!(done[0].get("varnish.cache_result"), Some(&Value::Str(want.into())), "hit record: {hit}");
         }
+        // A hit, restarted (vcl_hit `return (restart)`), then a synth: the last lookup was none.
+        c.track(1005, now);
+        let mut r = task_record(SpanKind::Server, 1005, T0, T0 + 1, 403);
+        r.set_str("varnish.cache_result", "synth");
+        assert!(c.finished(r, 1007, now).is_none());
+        let first = batch(
+            1005,
+            true,
+            &[(TS, "Start: 1700000000.000100 0 0"), (HIT, "1002 1 10 0"), (LINK, "req 1007 restart"), (END, "")],
+        );
+        assert!(feed(&mut c, &first).is_empty());
+        let second = batch(
+            1007,
+            true,
+            &[(BEGIN, "req 1005 restart"), (RESPSTATUS, "403"), (TS, "Resp: 1700000000.000350 0 0"), (END, "")],
+        );
+        let done = feed(&mut c, &second);
+        assert_eq!(done[0].get("varnish.cache_result"), Some(&Value::Str("synth".into())));
     }
 
     #[test]
