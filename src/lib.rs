@@ -77,7 +77,8 @@ mod opentracing {
     }
 
     /// Records what the current phase knows about the span's outcome: the status in
-    /// `vcl_deliver`, `vcl_synth` and `vcl_backend_response`, a failed fetch in
+    /// `vcl_deliver`, `vcl_synth` and `vcl_backend_response` (in `vcl_deliver`, a fresh cache hit
+    /// as `varnish.cache_result`, with the object's age and TTL), a failed fetch in
     /// `vcl_backend_error`, a pipe in `vcl_pipe`. The span itself ends when Varnish has finished
     /// the task (response sent, body fetched), with Varnish's own timestamps.
     ///
@@ -96,7 +97,8 @@ mod opentracing {
     }
 
     /// Records the cache result (`varnish.cache_result`: hit, miss, pass, pipe, synth) on the
-    /// request's span. The include calls it; `synth` never replaces an earlier result. Where a
+    /// request's span. The include calls it (from `vcl_hit` only for a stale object: `finish()`
+    /// records a fresh hit); `synth` never replaces an earlier result of the same lookup. Where a
     /// backend request follows (miss, pass, pipe, a hit on a stale object that starts a background
     /// fetch), it also writes the span's context into the request (`bereq` for pipe).
     pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
