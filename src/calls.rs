@@ -124,7 +124,12 @@ unsafe fn start_client_span(
                 };
                 trace::start(SpanKind::Internal, parent, false, sampler)
             }
-            None => trace::start(SpanKind::Internal, Parent::Other { ids: None, sampled: None }, false, sampler),
+            None => trace::start(
+                SpanKind::Internal,
+                Parent::Other { ids: None, sampled: None, debug: false },
+                false,
+                sampler,
+            ),
         }
     };
     let mut info = ClientStart {
@@ -169,6 +174,8 @@ unsafe fn start_client_span(
     state.described = described;
     state.incoming = incoming;
     state.trust = trust;
+    // SAFETY: the request's header table, valid for the call.
+    state.debug = started.caller_debug || unsafe { other_formats::debug_requested(req.http, hot.propagators) };
     (Some(state), info)
 }
 
@@ -249,6 +256,9 @@ pub fn trace_backend(ctx: &mut Ctx) {
     let mut state = TaskState::new(record);
     state.repeats_seen = bo.retries;
     state.had_tracestate = !fields.tracestate.is_empty();
+    // SAFETY: the bereq of the running fetch.
+    state.debug =
+        started.caller_debug || unsafe { other_formats::debug_requested(bo.bereq, config::hot().propagators) };
     unsafe { write_context(bo.bereq, &state) };
     STATS.spans_started.fetch_add(1, Relaxed);
     if state.record.sampled() {
@@ -905,7 +915,9 @@ unsafe fn write_context(hp: *mut varnish::ffi::http, state: &TaskState) {
         }
     }
     if bits & (propagators::B3 | propagators::B3MULTI | propagators::JAEGER) != 0 {
-        other_formats::inject(hp, bits, &r.trace_id.0, &r.span_id.0, r.sampled());
+        // A debug flag is the caller's, for its trace: sent on only when that trace continues.
+        let debug = state.debug && state.trust == Trust::Extract;
+        other_formats::inject(hp, bits, &r.trace_id.0, &r.span_id.0, r.sampled(), debug);
     }
 }
 

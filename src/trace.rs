@@ -20,8 +20,9 @@ pub enum Parent<'a> {
     /// A span of this process (the parent request of an ESI sub-request).
     Local { trace_id: TraceId, span_id: SpanId, flags: u8, tracestate: Option<String> },
     /// A context from another propagation format (B3, Jaeger): `ids` when the caller sent a
-    /// span to continue; `sampled` its decision, `None` when it deferred it to us.
-    Other { ids: Option<(TraceId, SpanId)>, sampled: Option<bool> },
+    /// span to continue; `sampled` its decision, `None` when it deferred it to us; `debug` its
+    /// debug flag (B3 `d` or `X-B3-Flags: 1`, Jaeger flag 2), which implies sampled.
+    Other { ids: Option<(TraceId, SpanId)>, sampled: Option<bool>, debug: bool },
 }
 
 /// A new span and what to tell the operator about the incoming context.
@@ -33,12 +34,15 @@ pub struct Started {
     pub tracestate_dropped_because: Option<&'static str>,
     /// The caller's sampling decision, when it sent one.
     pub caller_sampled: Option<bool>,
+    /// The caller asked for a debug trace (B3, Jaeger): what we send on keeps the flag.
+    pub caller_debug: bool,
 }
 
 pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &Sampler) -> Started {
     let mut restarted_because = None;
     let mut tracestate_dropped_because = None;
     let mut caller_sampled = None;
+    let mut caller_debug = false;
     let span_id = SpanId::random();
     let mut record;
     match parent {
@@ -67,8 +71,9 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &
                 }
             }
         }
-        Parent::Other { ids, sampled } => {
+        Parent::Other { ids, sampled, debug } => {
             caller_sampled = sampled;
+            caller_debug = debug;
             match ids {
                 Some((trace_id, parent_id)) => {
                     record = SpanRecord::new(kind, trace_id, span_id, Some(parent_id));
@@ -90,7 +95,7 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &
             record.tracestate = tracestate;
         }
     }
-    Started { record, restarted_because, tracestate_dropped_because, caller_sampled }
+    Started { record, restarted_because, tracestate_dropped_because, caller_sampled, caller_debug }
 }
 
 /// Makes `record` the root of a new trace (trust modes `ignore` and `link`): the incoming

@@ -52,31 +52,51 @@ pub unsafe fn extract(hp: *const ffi::http, bits: u8) -> Parent<'static> {
         }
         if let Ok(Some(found)) = b3::extract(single, &tid, &sid, &sampled, &flags) {
             return match found {
-                b3::B3::Context(c) => {
-                    Parent::Other { ids: Some((TraceId(c.trace_id), SpanId(c.span_id))), sampled: c.sampled }
-                }
-                b3::B3::SamplingOnly(d) => Parent::Other { ids: None, sampled: Some(d.sampled()) },
+                b3::B3::Context(c) => Parent::Other {
+                    ids: Some((TraceId(c.trace_id), SpanId(c.span_id))),
+                    sampled: c.sampled,
+                    debug: c.debug,
+                },
+                b3::B3::SamplingOnly(d) => Parent::Other { ids: None, sampled: Some(d.sampled()), debug: d.debug() },
             };
         }
     }
     if bits & propagators::JAEGER != 0 {
         if let Ok(Some(c)) = jaeger::parse(&uber) {
-            return Parent::Other { ids: Some((TraceId(c.trace_id), SpanId(c.span_id))), sampled: Some(c.sampled()) };
+            return Parent::Other {
+                ids: Some((TraceId(c.trace_id), SpanId(c.span_id))),
+                sampled: Some(c.sampled()),
+                debug: c.debug(),
+            };
         }
     }
-    Parent::Other { ids: None, sampled: None }
+    Parent::Other { ids: None, sampled: None, debug: false }
 }
 
-/// Writes the span's context in every enabled format besides Trace Context.
+/// Whether the B3 or Jaeger context of `hp` (when those formats are enabled) asks for a debug
+/// trace, whichever context is continued: a caller (or our own request, for its fetches) may send
+/// `traceparent` and `b3: ...-d` together.
+///
+/// # Safety
+/// As for `extract`.
+pub unsafe fn debug_requested(hp: *const ffi::http, bits: u8) -> bool {
+    bits & (propagators::B3 | propagators::B3MULTI | propagators::JAEGER) != 0
+        && matches!(extract(hp, bits), Parent::Other { debug: true, .. })
+}
+
+/// Writes the span's context in every enabled format besides Trace Context. `debug` (the caller
+/// asked for a debug trace, and the span is sampled) is written as B3 `d` / `X-B3-Flags: 1` and
+/// Jaeger flag 2: the B3 specification wants a received debug flag preserved.
 ///
 /// # Safety
 /// `hp` must be a writable `struct http` of the running task.
-pub unsafe fn inject(hp: *mut ffi::http, bits: u8, trace_id: &[u8; 16], span_id: &[u8; 8], sampled: bool) {
+pub unsafe fn inject(hp: *mut ffi::http, bits: u8, trace_id: &[u8; 16], span_id: &[u8; 8], sampled: bool, debug: bool) {
+    let decision = if sampled && debug { b3::Decision::Debug } else { b3::Decision::from_sampled(sampled) };
     if bits & propagators::B3 != 0 {
-        http::force(hp, H_B3, &b3::format_single(trace_id, span_id, sampled));
+        http::force(hp, H_B3, &b3::format_single_decision(trace_id, span_id, decision));
     }
     if bits & propagators::B3MULTI != 0 {
-        let m = b3::format_multi(trace_id, span_id, b3::Decision::from_sampled(sampled));
+        let m = b3::format_multi(trace_id, span_id, decision);
         http::force(hp, H_B3_TRACE_ID, &m.trace_id);
         http::force(hp, H_B3_SPAN_ID, &m.span_id);
         http::unset(hp, H_B3_PARENT_SPAN_ID);
@@ -87,8 +107,12 @@ pub unsafe fn inject(hp: *mut ffi::http, bits: u8, trace_id: &[u8; 16], span_id:
             }
             None => http::unset(hp, H_B3_SAMPLED),
         }
+        if let Some(f) = m.flags {
+            http::force(hp, H_B3_FLAGS, f.as_bytes());
+        }
     }
     if bits & propagators::JAEGER != 0 {
-        http::force(hp, H_UBER_TRACE_ID, &jaeger::format(trace_id, span_id, sampled));
+        let flags = u8::from(sampled) | if sampled && debug { 2 } else { 0 };
+        http::force(hp, H_UBER_TRACE_ID, &jaeger::format_flags(trace_id, span_id, flags));
     }
 }

@@ -54,6 +54,8 @@ pub struct TaskState {
     pub trust: crate::config::Trust,
     /// `varnish.cache_result` was recorded (by `cache_result()`, or by `finish()` for a hit).
     pub cache_result_known: bool,
+    /// The caller asked for a debug trace (B3, Jaeger): the context we send on keeps the flag.
+    pub debug: bool,
 }
 
 impl TaskState {
@@ -70,6 +72,7 @@ impl TaskState {
             incoming: None,
             trust: crate::config::Trust::Extract,
             cache_result_known: false,
+            debug: false,
         }
     }
 }
