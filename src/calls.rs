@@ -99,8 +99,11 @@ unsafe fn start_client_span(
     let esi_level = req.esi_level;
     // SAFETY: the header tables of the running request stay valid during this call.
     let own = http::trace_fields(req.http);
+    // Whether the caller's context was a `traceparent` (a B3/Jaeger one brings its debug flag).
+    let mut from_traceparent = false;
     let started = if esi_level == 0 {
         let parent = incoming(req.http, &own, hot.propagators);
+        from_traceparent = matches!(parent, Parent::Headers { .. });
         trace::start(SpanKind::Server, parent, true, sampler)
     } else {
         // ESI: the sub-request holds the client's original headers; the parent is the request
@@ -175,7 +178,8 @@ unsafe fn start_client_span(
     state.incoming = incoming;
     state.trust = trust;
     // SAFETY: the request's header table, valid for the call.
-    state.debug = started.caller_debug || unsafe { other_formats::debug_requested(req.http, hot.propagators) };
+    state.debug = started.caller_debug
+        || (from_traceparent && unsafe { other_formats::debug_requested(req.http, hot.propagators) });
     (Some(state), info)
 }
 
@@ -242,6 +246,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
     let fields = unsafe { http::trace_fields(bo.bereq) };
     // SAFETY: the bereq of the running fetch.
     let parent = unsafe { incoming(bo.bereq, &fields, config::hot().propagators) };
+    let from_traceparent = matches!(parent, Parent::Headers { .. });
     let started = trace::start(SpanKind::Client, parent, false, &sampling::active());
     if let Some(why) = started.restarted_because {
         log::vcl(ctx, format!("invalid bereq traceparent ({why}): starting a new trace"));
@@ -257,8 +262,8 @@ pub fn trace_backend(ctx: &mut Ctx) {
     state.repeats_seen = bo.retries;
     state.had_tracestate = !fields.tracestate.is_empty();
     // SAFETY: the bereq of the running fetch.
-    state.debug =
-        started.caller_debug || unsafe { other_formats::debug_requested(bo.bereq, config::hot().propagators) };
+    state.debug = started.caller_debug
+        || (from_traceparent && unsafe { other_formats::debug_requested(bo.bereq, config::hot().propagators) });
     unsafe { write_context(bo.bereq, &state) };
     STATS.spans_started.fetch_add(1, Relaxed);
     if state.record.sampled() {
