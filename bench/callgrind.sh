@@ -67,8 +67,9 @@ done
 wrk -t1 -c2 -d"${seconds}s" "http://127.0.0.1:$proxy_port/$workload" | grep -E "requests in"
 kill -TERM "$manager"
 wait "$manager" 2>/dev/null || true
-# The child is the process that ran the most instructions (its file's "summary:" line).
-out=$(grep -H -E '^(summary|totals):' "$work"/cg.*.out | sort -t' ' -k2 -n | tail -1 | cut -d: -f1)
+# The child is the process that served requests (the VCL compiler, another child of the
+# manager, may run more instructions when the run is short).
+out=$(grep -l 'CNT_Request' "$work"/cg.*.out | xargs grep -H -E '^summary:' | sort -t' ' -k2 -n | tail -1 | cut -d: -f1)
 python3 - "$out" <<'EOF'
 import collections, re, subprocess, sys
 path = sys.argv[1]

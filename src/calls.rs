@@ -267,7 +267,13 @@ pub fn trace_backend(ctx: &mut Ctx) {
     unsafe { write_context(bo.bereq, &state) };
     STATS.spans_started.fetch_add(1, Relaxed);
     if state.record.sampled() {
-        crate::vsl::tailer::track_fetch(state.record.vxid, state.record.trace_id, state.record.span_id);
+        if bo.uncacheable() != 0 {
+            // A pass: its object is never a hit, so no hit will link to this span; the tailer
+            // need not remember its IDs (a map insert and removal, 5% of its cycles at 100%).
+            crate::vsl::tailer::track(state.record.vxid);
+        } else {
+            crate::vsl::tailer::track_fetch(state.record.vxid, state.record.trace_id, state.record.span_id);
+        }
     }
     if task::install(ctx, state).is_err() {
         log::vcl(ctx, "out of workspace: span not recorded");
@@ -327,7 +333,7 @@ pub fn finish(ctx: &mut Ctx) -> bool {
                     // from another synth, the log's `Hit` record can; see `correlate`.)
                     record_cache_result(state, req, ctx.raw.now.0, "hit".into());
                 } else if m == method::SYNTH {
-                    state.record.set_str("varnish.cache_result", "synth");
+                    state.record.outcome.cache_result = Some("synth".into());
                     state.cache_result_known = true;
                 }
             }
@@ -385,7 +391,7 @@ pub fn finish(ctx: &mut Ctx) -> bool {
         }
         method::BACKEND_ERROR => state.fetch_failed = true,
         method::PIPE => {
-            state.record.set_str("varnish.cache_result", "pipe");
+            state.record.outcome.cache_result = Some("pipe".into());
             state.cache_result_known = true;
         }
         _ => log::vcl(
@@ -459,7 +465,7 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
     if m == method::HIT {
         record_cache_result(state, req, now, value);
     } else {
-        state.record.set("varnish.cache_result", Value::Str(value));
+        state.record.outcome.cache_result = Some(value);
         state.cache_result_known = true;
     }
 }
@@ -478,7 +484,7 @@ fn record_cache_result(
         state.record.set("varnish.object.age", Value::Float((age * 1000.0).round() / 1000.0));
         state.record.set("varnish.object.ttl", Value::Float((f64::from(oc.ttl) - age).max(0.0).round()));
     }
-    state.record.set("varnish.cache_result", Value::Str(value));
+    state.record.outcome.cache_result = Some(value);
     state.cache_result_known = true;
 }
 
@@ -573,9 +579,7 @@ pub fn set_error(ctx: &mut Ctx, message: &CStr) {
     if let Some(state) = sampled_span(ctx, "set_error()") {
         state.record.status = crate::span::StatusCode::Error;
         state.record.status_message = Some(crate::span::truncate(message, 1024));
-        if state.record.get("error.type").is_none() {
-            state.record.set_str("error.type", "vcl");
-        }
+        state.record.outcome.error_type.get_or_insert("vcl".into());
     }
 }
 

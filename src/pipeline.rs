@@ -410,6 +410,41 @@ pub fn submit(span: Box<SpanRecord>) {
     }
 }
 
+/// `submit` for many spans (the tailer's, once per tick): the lock and the counters are taken
+/// once, not per span (three atomic operations fewer per span on the tailer's thread).
+pub fn submit_all<I: ExactSizeIterator<Item = Box<SpanRecord>>>(spans: I) {
+    let n = spans.len() as u64;
+    if n == 0 {
+        return;
+    }
+    STATS.spans_submitted.fetch_add(n, Relaxed);
+    let guard = EXPORTER.read();
+    let accepted = match guard.as_ref() {
+        Some(w) => spans.map(|span| u64::from(w.try_send(span).is_ok())).sum(),
+        None => 0,
+    };
+    if accepted < n {
+        STATS.spans_dropped.fetch_add(n - accepted, Relaxed);
+    }
+}
+
 pub fn queue_len() -> usize {
     EXPORTER.read().as_ref().map_or(0, |w| w.queue_len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{SpanId, TraceId};
+    use crate::span::SpanKind;
+
+    #[test]
+    fn spans_submitted_without_an_exporter_are_counted_as_dropped() {
+        let span = || Box::new(SpanRecord::new(SpanKind::Server, TraceId([1; 16]), SpanId([2; 8]), None));
+        let (submitted, dropped) = (STATS.spans_submitted.load(Relaxed), STATS.spans_dropped.load(Relaxed));
+        submit_all(vec![span(), span(), span()].into_iter());
+        submit_all(Vec::new().into_iter());
+        assert_eq!(STATS.spans_submitted.load(Relaxed) - submitted, 3);
+        assert_eq!(STATS.spans_dropped.load(Relaxed) - dropped, 3);
+    }
 }

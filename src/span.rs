@@ -114,6 +114,29 @@ pub enum Value {
     Bool(bool),
 }
 
+/// A borrowed `Value`: what the exporters encode, from an attribute or from the outcome.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ValueRef<'a> {
+    Str(&'a str),
+    StrArray(&'a [String]),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl Value {
+    #[inline]
+    pub fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            Value::Str(s) => ValueRef::Str(s),
+            Value::StrArray(v) => ValueRef::StrArray(v),
+            Value::Int(i) => ValueRef::Int(*i),
+            Value::Float(f) => ValueRef::Float(*f),
+            Value::Bool(b) => ValueRef::Bool(*b),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attribute {
     pub key: Cow<'static, str>,
@@ -175,6 +198,139 @@ pub struct Event {
     pub name: Cow<'static, str>,
 }
 
+/// How a span ended, as the end of its task and then the shared-memory log tell it (the log,
+/// which knows better, replaces what the task saw). Kept in typed fields rather than attributes
+/// and encoded straight from them (`SpanRecord::exported_attributes`): each source then replaces a value
+/// without searching the attributes, and the tailer never reads them (by the time it merges a
+/// span, its attribute array is out of the CPU's caches: `SpanRecord::set` on it was 9% of the
+/// tailer's cycles, measured with `perf record`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// `varnish.vxid`: the transaction the span ended in (restarts and retries change it).
+    pub vxid: Option<u64>,
+    /// `http.response.status_code`.
+    pub status_code: Option<u16>,
+    /// `http.request.body.size`.
+    pub request_body_size: Option<u64>,
+    /// `http.response.body.size`.
+    pub response_body_size: Option<u64>,
+    /// `error.type`.
+    pub error_type: Option<Cow<'static, str>>,
+    /// `varnish.restarts` of a request span, `varnish.retries` of a fetch span.
+    pub repeats: Option<u32>,
+    /// `varnish.cache_result`.
+    pub cache_result: Option<Cow<'static, str>>,
+    /// `varnish.backend`: the backend a fetch went to.
+    pub backend: Option<String>,
+    /// `network.peer.address` and `network.peer.port` of a fetch: its backend connection's.
+    pub peer_address: Option<String>,
+    pub peer_port: Option<u16>,
+}
+
+/// The attribute keys `Outcome` fills in (`SpanRecord::set` routes or shadows them).
+const OUTCOME_KEYS: [&str; 11] = [
+    "varnish.vxid",
+    "http.response.status_code",
+    "http.request.body.size",
+    "http.response.body.size",
+    "error.type",
+    "varnish.restarts",
+    "varnish.retries",
+    "varnish.cache_result",
+    "varnish.backend",
+    "network.peer.address",
+    "network.peer.port",
+];
+
+impl Outcome {
+    pub fn is_empty(&self) -> bool {
+        *self == Outcome::default()
+    }
+
+    /// How many attributes the outcome writes.
+    fn count(&self) -> usize {
+        usize::from(self.vxid.is_some())
+            + usize::from(self.status_code.is_some())
+            + usize::from(self.request_body_size.is_some())
+            + usize::from(self.response_body_size.is_some())
+            + usize::from(self.error_type.is_some())
+            + usize::from(self.repeats.is_some())
+            + usize::from(self.cache_result.is_some())
+            + usize::from(self.backend.is_some())
+            + usize::from(self.peer_address.is_some())
+            + usize::from(self.peer_port.is_some())
+    }
+
+    /// Calls `f` with each attribute the outcome writes, in a fixed order. Straight-line code,
+    /// no attribute built: this runs twice per span on the exporter thread.
+    fn for_each<'a>(&'a self, kind: SpanKind, mut f: impl FnMut(&'a str, ValueRef<'a>)) {
+        let size = |v: u64| ValueRef::Int(v.min(i64::MAX as u64) as i64);
+        if let Some(s) = self.status_code {
+            f("http.response.status_code", ValueRef::Int(i64::from(s)));
+        }
+        if let Some(t) = &self.error_type {
+            f("error.type", ValueRef::Str(t));
+        }
+        if let Some(n) = self.request_body_size {
+            f("http.request.body.size", size(n));
+        }
+        if let Some(n) = self.response_body_size {
+            f("http.response.body.size", size(n));
+        }
+        if let Some(r) = &self.cache_result {
+            f("varnish.cache_result", ValueRef::Str(r));
+        }
+        if let Some(v) = self.vxid {
+            f("varnish.vxid", size(v));
+        }
+        if let Some(n) = self.repeats {
+            let key = if kind == SpanKind::Client { "varnish.retries" } else { "varnish.restarts" };
+            f(key, ValueRef::Int(i64::from(n)));
+        }
+        if let Some(b) = &self.backend {
+            f("varnish.backend", ValueRef::Str(b));
+        }
+        if let Some(a) = &self.peer_address {
+            f("network.peer.address", ValueRef::Str(a));
+        }
+        if let Some(p) = self.peer_port {
+            f("network.peer.port", ValueRef::Int(i64::from(p)));
+        }
+    }
+
+    /// Whether the outcome writes `key`.
+    fn writes(&self, key: &str, kind: SpanKind) -> bool {
+        let mut found = false;
+        self.for_each(kind, |k, _| found |= k == key);
+        found
+    }
+}
+
+/// A span's attributes as the exporters write them (`SpanRecord::exported_attributes`).
+pub struct ExportedAttributes<'a> {
+    record: &'a SpanRecord,
+    /// Those set during the task that fit within the count limit beside the outcome's.
+    kept: &'a [Attribute],
+    /// `droppedAttributesCount`.
+    pub dropped: u32,
+}
+
+impl<'a> ExportedAttributes<'a> {
+    /// The attributes set during the task, first. A plain iterator over the slice: the encoders'
+    /// loops over it inline (a closure per attribute cost them twice as much).
+    pub fn set(&self) -> impl Iterator<Item = &'a Attribute> {
+        let r = self.record;
+        // An attribute VCL set under a key the outcome fills in gives way to the outcome's value
+        // (searched for only when VCL did that).
+        self.kept.iter().filter(move |a| !(r.outcome_shadowed && r.outcome.writes(&a.key, r.kind)))
+    }
+
+    /// Then calls `f` with each attribute of the outcome.
+    pub fn outcome(&self, f: impl FnMut(&'a str, ValueRef<'a>)) {
+        self.record.outcome.for_each(self.record.kind, f);
+    }
+}
+
 /// Room for the attributes of most spans in one allocation: a sampled request span carries 20 to
 /// 28 (semantic conventions, `varnish.*`, sizes from the log), a fetch span about 15. Growing
 /// the vector instead copied it twice per span.
@@ -206,6 +362,12 @@ pub struct SpanRecord {
     /// The VXID of the task when the span started; the final one is recorded as `varnish.vxid`.
     pub vxid: u64,
     pub closed_by: ClosedBy,
+    /// How the span ended; exported as attributes (`exported_attributes`).
+    pub outcome: Outcome,
+    /// VCL set an attribute whose key the outcome also fills in (with a type the outcome does
+    /// not take): the export then lets the outcome's value, if any, replace it. Keeps the export
+    /// from searching the attributes of every other span.
+    outcome_shadowed: bool,
 }
 
 impl SpanRecord {
@@ -229,6 +391,8 @@ impl SpanRecord {
             status_message: None,
             vxid: 0,
             closed_by: ClosedBy::Open,
+            outcome: Outcome::default(),
+            outcome_shadowed: false,
         }
     }
 
@@ -238,6 +402,10 @@ impl SpanRecord {
 
     /// Sets an attribute, replacing an earlier value of the same key (the last write wins, as
     /// with the SDK's `set_attribute`). Refuses, and counts, what is over the limits.
+    ///
+    /// The string values of `error.type` and `varnish.cache_result` go to the outcome (the task
+    /// and the log read them there); other keys the outcome fills in are kept as attributes,
+    /// which the outcome's value, when it has one, replaces in the export.
     pub fn set(&mut self, key: impl Into<Cow<'static, str>>, value: Value) {
         let key = key.into();
         let value = match value {
@@ -246,8 +414,23 @@ impl SpanRecord {
             Value::StrArray(v) => Value::StrArray(v.into_iter().map(|s| truncate(s, max_value_len())).collect()),
             other => other,
         };
-        // From the end: the keys set again (status, sizes at the task's end and from the log)
-        // are the ones set last, so the search usually stops after a few comparisons.
+        if !OUTCOME_KEYS.contains(&&*key) {
+            self.set_attribute(key, value);
+            return;
+        }
+        match (&*key, value) {
+            ("error.type", Value::Str(s)) => self.outcome.error_type = Some(s),
+            ("varnish.cache_result", Value::Str(s)) => self.outcome.cache_result = Some(s),
+            (_, value) => {
+                self.outcome_shadowed = true;
+                self.set_attribute(key, value);
+            }
+        }
+    }
+
+    fn set_attribute(&mut self, key: Cow<'static, str>, value: Value) {
+        // From the end: the keys set again are usually the ones set last, so the search
+        // usually stops after a few comparisons.
         if let Some(existing) = self.attributes.iter_mut().rev().find(|a| a.key == key) {
             existing.value = value;
         } else if self.attributes.len() < max_attributes() {
@@ -259,6 +442,17 @@ impl SpanRecord {
         } else {
             self.dropped_attributes += 1;
         }
+    }
+
+    /// What the exporters write as the span's attributes: those set during the task, then the
+    /// outcome's, written straight from their typed fields (no attribute is built for them).
+    /// Within the attribute count limit the outcome comes first: the status and the sizes
+    /// matter more than the last attribute VCL added.
+    pub fn exported_attributes(&self) -> ExportedAttributes<'_> {
+        let room = max_attributes().saturating_sub(self.outcome.count());
+        let kept = &self.attributes[..self.attributes.len().min(room)];
+        let dropped = self.dropped_attributes.saturating_add((self.attributes.len() - kept.len()) as u32);
+        ExportedAttributes { record: self, kept, dropped }
     }
 
     /// Appends an attribute the caller knows is not set yet (our own keys, set once): no search.
@@ -284,19 +478,17 @@ impl SpanRecord {
     /// `http.response.status_code`, and the span status per the HTTP semantic conventions: 5xx
     /// is an error on both kinds, 4xx only on CLIENT spans; below that the status is left unset.
     pub fn set_http_status(&mut self, status: u16) {
-        self.set("http.response.status_code", Value::Int(i64::from(status)));
+        self.outcome.status_code = Some(status);
         let error = status >= 500 || (status >= 400 && self.kind == SpanKind::Client);
         if error {
             self.status = StatusCode::Error;
-            self.set("error.type", Value::Str(status.to_string().into()));
+            self.outcome.error_type = Some(status.to_string().into());
         } else if self.status == StatusCode::Error
-            && self.get("error.type").is_some_and(|v| matches!(v, Value::Str(s) if s.parse::<u16>().is_ok()))
+            && self.outcome.error_type.as_deref().is_some_and(|t| t.parse::<u16>().is_ok())
         {
-            // A later, better source (the log) says the status was not an error after all. (Only
-            // a span already marked failed can hold a status-made `error.type`, so the others,
-            // nearly all, skip the search.)
+            // A later, better source (the log) says the status was not an error after all.
             self.status = StatusCode::Unset;
-            self.attributes.retain(|a| a.key != "error.type");
+            self.outcome.error_type = None;
         }
     }
 
@@ -366,10 +558,118 @@ mod tests {
     #[test]
     fn set_replaces_the_same_key() {
         let mut r = record();
-        r.set_str("varnish.cache_result", "hit");
-        r.set_str("varnish.cache_result", "pass");
+        r.set_str("http.route", "/a");
+        r.set_str("http.route", "/b");
         assert_eq!(r.attributes.len(), 1);
-        assert_eq!(r.get("varnish.cache_result"), Some(&Value::Str("pass".into())));
+        assert_eq!(r.get("http.route"), Some(&Value::Str("/b".into())));
+    }
+
+    /// The attributes as the exporters write them, with the dropped count.
+    fn exported(r: &SpanRecord) -> (Vec<(&str, ValueRef<'_>)>, u32) {
+        let attributes = r.exported_attributes();
+        let mut all: Vec<_> = attributes.set().map(|a| (&*a.key, a.value.as_ref())).collect();
+        attributes.outcome(|k, v| all.push((k, v)));
+        (all, attributes.dropped)
+    }
+
+    fn exported_value<'a>(r: &'a SpanRecord, key: &str) -> Option<ValueRef<'a>> {
+        exported(r).0.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    #[test]
+    fn the_outcome_is_exported_as_attributes_after_the_others() {
+        let mut r = SpanRecord::new(SpanKind::Client, TraceId([1; 16]), SpanId([2; 8]), None);
+        r.set_str("url.full", "http://b/");
+        r.outcome = Outcome {
+            vxid: Some(1002),
+            status_code: Some(503),
+            request_body_size: Some(0),
+            response_body_size: Some(u64::MAX),
+            error_type: Some("503".into()),
+            repeats: Some(2),
+            cache_result: None,
+            backend: Some("b1".into()),
+            peer_address: Some("::1".into()),
+            peer_port: Some(8080),
+        };
+        let (attributes, dropped) = exported(&r);
+        assert_eq!(dropped, 0);
+        assert_eq!(
+            attributes,
+            [
+                ("url.full", ValueRef::Str("http://b/")),
+                ("http.response.status_code", ValueRef::Int(503)),
+                ("error.type", ValueRef::Str("503")),
+                ("http.request.body.size", ValueRef::Int(0)),
+                ("http.response.body.size", ValueRef::Int(i64::MAX)), // clamped, never negative
+                ("varnish.vxid", ValueRef::Int(1002)),
+                ("varnish.retries", ValueRef::Int(2)),
+                ("varnish.backend", ValueRef::Str("b1")),
+                ("network.peer.address", ValueRef::Str("::1")),
+                ("network.peer.port", ValueRef::Int(8080)),
+            ]
+        );
+        // A request span's repeats are restarts; nothing unknown is written.
+        let mut r = record();
+        r.outcome.repeats = Some(1);
+        assert_eq!(exported(&r), (vec![("varnish.restarts", ValueRef::Int(1))], 0));
+    }
+
+    #[test]
+    fn vcl_strings_for_error_type_and_cache_result_go_to_the_outcome() {
+        let mut r = record();
+        r.set_str("error.type", "mine");
+        r.set_str("varnish.cache_result", "hit");
+        assert!(r.attributes.is_empty());
+        assert_eq!(r.outcome.error_type.as_deref(), Some("mine"));
+        assert_eq!(r.outcome.cache_result.as_deref(), Some("hit"));
+        // A status that is not an error leaves VCL's error.type alone; one that is replaces it.
+        r.set_http_status(200);
+        assert_eq!(r.outcome.error_type.as_deref(), Some("mine"));
+        r.set_http_status(503);
+        assert_eq!(r.outcome.error_type.as_deref(), Some("503"));
+        assert_eq!(r.status, StatusCode::Error);
+        // The log says it was a 200 after all: the status-made error goes.
+        r.set_http_status(200);
+        assert_eq!((r.outcome.error_type.clone(), r.status), (None, StatusCode::Unset));
+    }
+
+    #[test]
+    fn an_outcome_key_vcl_set_gives_way_to_the_outcome_only_when_the_outcome_knows_it() {
+        let mut r = record();
+        r.set_str("http.response.status_code", "two hundred");
+        r.set_int("varnish.vxid", 7);
+        r.set_int("error.type", 1); // not a string: kept as VCL set it, unless the outcome knows
+        r.outcome.status_code = Some(200);
+        let (attributes, _) = exported(&r);
+        assert_eq!(
+            attributes,
+            [
+                ("varnish.vxid", ValueRef::Int(7)),
+                ("error.type", ValueRef::Int(1)),
+                ("http.response.status_code", ValueRef::Int(200)),
+            ]
+        );
+    }
+
+    #[test]
+    fn at_the_count_limit_the_outcome_comes_first() {
+        let mut r = record();
+        for i in 0..MAX_ATTRIBUTES + 1 {
+            r.set(format!("k{i}"), Value::Int(i as i64));
+        }
+        r.set_http_status(404);
+        r.outcome.vxid = Some(5);
+        let (attributes, dropped) = exported(&r);
+        assert_eq!(attributes.len(), MAX_ATTRIBUTES);
+        assert_eq!(dropped, 3, "one refused by set, two giving way to the outcome");
+        assert_eq!(exported_value(&r, "http.response.status_code"), Some(ValueRef::Int(404)));
+        assert_eq!(exported_value(&r, "varnish.vxid"), Some(ValueRef::Int(5)));
+        assert_eq!(exported_value(&r, &format!("k{}", MAX_ATTRIBUTES - 2)), None, "the last ones VCL added gave way");
+        assert_eq!(
+            exported_value(&r, &format!("k{}", MAX_ATTRIBUTES - 3)),
+            Some(ValueRef::Int(MAX_ATTRIBUTES as i64 - 3))
+        );
     }
 
     #[test]

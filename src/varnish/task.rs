@@ -27,7 +27,7 @@ use varnish::vcl::Ctx;
 
 use crate::ids::{SpanId, TraceId};
 use crate::pipeline::{self, STATS};
-use crate::span::{vtim_to_unix_nano, ClosedBy, SpanRecord, StatusCode, Value};
+use crate::span::{vtim_to_unix_nano, ClosedBy, SpanRecord, StatusCode};
 use crate::varnish::{http, vxid_of};
 
 /// What we keep for one task.
@@ -342,31 +342,29 @@ unsafe fn complete(ctx: &ffi::vrt_ctx, state: TaskState) -> Box<SpanRecord> {
     record.closed_by = ClosedBy::TaskEnd;
     if let Some(req) = ctx.req.as_ref() {
         record.end_unix_nano = vtim_to_unix_nano(req.t_prev.0);
-        record.set_int("varnish.vxid", vxid_of(req.vsl.as_ptr()) as i64);
-        record.set_int("http.request.body.size", req.acct.req_bodybytes as i64);
-        record.set_int("http.response.body.size", req.acct.resp_bodybytes as i64);
-        if req.restarts > 0 {
-            record.set_int("varnish.restarts", i64::from(req.restarts));
-        }
+        let outcome = &mut record.outcome;
+        outcome.vxid = Some(vxid_of(req.vsl.as_ptr()));
+        outcome.request_body_size = Some(req.acct.req_bodybytes);
+        outcome.response_body_size = Some(req.acct.resp_bodybytes);
+        outcome.repeats = (req.restarts > 0).then_some(req.restarts);
         if let Some(status) = status_sent.or(status_vcl).filter(|s| *s > 0) {
             record.set_http_status(status);
         }
     } else if let Some(bo) = ctx.bo.as_ref() {
         record.end_unix_nano = vtim_to_unix_nano(bo.t_prev.0);
-        record.set_int("varnish.vxid", vxid_of(bo.vsl.as_ptr()) as i64);
-        record.set_int("http.request.body.size", bo.acct.bereq_bodybytes as i64);
-        if bo.retries > 0 {
-            record.set_int("varnish.retries", i64::from(bo.retries));
-        }
+        let outcome = &mut record.outcome;
+        outcome.vxid = Some(vxid_of(bo.vsl.as_ptr()));
+        outcome.request_body_size = Some(bo.acct.bereq_bodybytes);
+        outcome.repeats = (bo.retries > 0).then_some(bo.retries);
         if let Some(name) = ffi::VRT_BACKEND_string(ffi::VCL_BACKEND(bo.director_resp)).0.as_ref() {
-            record.set("varnish.backend", Value::Str(CStr::from_ptr(name).to_string_lossy().into_owned().into()));
+            outcome.backend = Some(CStr::from_ptr(name).to_string_lossy().into_owned());
         }
         if fetch_failed {
             record.status = StatusCode::Error;
             record.status_message = Some("backend fetch failed".to_owned());
-            record.set_str("error.type", "fetch_failed");
+            outcome.error_type = Some("fetch_failed".into());
         } else {
-            record.set_int("http.response.body.size", bo.acct.beresp_bodybytes as i64);
+            outcome.response_body_size = Some(bo.acct.beresp_bodybytes);
             let status = http::status(bo.beresp);
             if let Some(status) = Some(status).filter(|s| *s > 0).or(status_vcl) {
                 record.set_http_status(status);

@@ -94,7 +94,7 @@ struct LogData {
     /// The last lookup (since the last restart) was a hit: `Hit` came after the last restart.
     last_lookup_hit: bool,
     /// Backend name, address, port (if a number).
-    peer: Option<(String, String, Option<i64>)>,
+    peer: Option<(String, String, Option<u16>)>,
 }
 
 impl LogData {
@@ -116,39 +116,34 @@ impl LogData {
         }
         // A fetch that failed (vcl_backend_error ran) got no response: the BerespStatus logged
         // then is the synthetic one VCL made, not something the backend sent.
-        // (Only a failed span carries `error.type`: the others, nearly all, skip the search.)
-        let fetch_failed = record.status == StatusCode::Error
-            && matches!(record.get("error.type"), Some(Value::Str(t)) if t == "fetch_failed");
+        let fetch_failed =
+            record.status == StatusCode::Error && record.outcome.error_type.as_deref() == Some("fetch_failed");
         if let Some(status) = self.status.filter(|_| !fetch_failed) {
             record.set_http_status(status);
         }
         if let Some(a) = self.acct {
             // ReqAcct: req hdr, req body, req total, resp hdr, resp body, resp total;
             // BereqAcct: the same for the backend request and response.
-            record.set("http.request.body.size", Value::Int(a[1] as i64));
-            record.set("http.response.body.size", Value::Int(a[4] as i64));
+            record.outcome.request_body_size = Some(a[1]);
+            record.outcome.response_body_size = Some(a[4]);
         }
         if let Some(err) = self.fetch_error.take() {
             record.status = StatusCode::Error;
-            if record.get("error.type").is_none() {
-                record.set("error.type", Value::Str("fetch_error".into()));
-            }
+            record.outcome.error_type.get_or_insert(Cow::Borrowed("fetch_error"));
             record.status_message = Some(err);
         }
         if let Some(err) = self.vcl_error.take() {
             // VCL_Error is also logged for problems VCL survives; it names the cause only of a
             // request that failed.
             if record.status == StatusCode::Error {
-                record.set("error.type", Value::Str("vcl_error".into()));
+                record.outcome.error_type = Some(Cow::Borrowed("vcl_error"));
                 record.status_message = Some(err);
             }
         }
         if let Some((name, addr, port)) = self.peer.take() {
-            record.set("varnish.backend", Value::Str(name.into()));
-            record.set("network.peer.address", Value::Str(addr.into()));
-            if let Some(port) = port {
-                record.set("network.peer.port", Value::Int(port));
-            }
+            record.outcome.backend = Some(name);
+            record.outcome.peer_address = Some(addr);
+            record.outcome.peer_port = port.or(record.outcome.peer_port);
         }
         if let Some(obj) = self.hit_obj {
             if let Some(&(trace_id, span_id)) = fetched.get(&obj) {
@@ -157,9 +152,8 @@ impl LogData {
             // A `return (synth())` from vcl_hit: the include records a fresh hit only in
             // vcl_deliver, so the task saw `synth`; the lookup found the object, and a hit it is
             // (only the last lookup's: a hit restarted into a synth is a synth).
-            if self.last_lookup_hit && matches!(record.get("varnish.cache_result"), Some(Value::Str(r)) if r == "synth")
-            {
-                record.set("varnish.cache_result", Value::Str("hit".into()));
+            if self.last_lookup_hit && record.outcome.cache_result.as_deref() == Some("synth") {
+                record.outcome.cache_result = Some(Cow::Borrowed("hit"));
             }
         }
         if self.start_ns.is_some() {
@@ -693,7 +687,7 @@ impl Correlator {
                 let _fd = fields.next()?;
                 let name = String::from_utf8_lossy(fields.next()?).into_owned();
                 let addr = String::from_utf8_lossy(fields.next()?).into_owned();
-                let port = parse_int::<i64>(fields.next()?);
+                let port = parse_int::<u16>(fields.next()?);
                 log.peer = Some((name, addr, port));
             }
             Tag::End => {
@@ -937,7 +931,7 @@ mod tests {
             recs.extend([(RESPSTATUS, "403"), (TS, "Resp: 1700000000.000350 0 0"), (END, "")]);
             let done = feed(&mut c, &batch(vxid, true, &recs));
             let want = if hit { "hit" } else { "synth" };
-            assert_eq!(done[0].get("varnish.cache_result"), Some(&Value::Str(want.into())), "hit record: {hit}");
+            assert_eq!(done[0].outcome.cache_result.as_deref(), Some(want), "hit record: {hit}");
         }
         // A hit, restarted (vcl_hit `return (restart)`), then a synth: the last lookup was none.
         c.track(1005, now);
@@ -956,7 +950,7 @@ mod tests {
             &[(BEGIN, "req 1005 restart"), (RESPSTATUS, "403"), (TS, "Resp: 1700000000.000350 0 0"), (END, "")],
         );
         let done = feed(&mut c, &second);
-        assert_eq!(done[0].get("varnish.cache_result"), Some(&Value::Str("synth".into())));
+        assert_eq!(done[0].outcome.cache_result.as_deref(), Some("synth"));
     }
 
     #[test]
@@ -971,8 +965,8 @@ mod tests {
         let s = &done[0];
         assert_eq!(s.start_unix_nano, T0);
         assert_eq!(s.end_unix_nano, 1_700_000_000_000_350_000);
-        assert_eq!(s.get("http.response.status_code"), Some(&Value::Int(304)));
-        assert_eq!(s.get("http.response.body.size"), Some(&Value::Int(10)));
+        assert_eq!(s.outcome.status_code, Some(304));
+        assert_eq!(s.outcome.response_body_size, Some(10));
         assert_eq!(s.closed_by, ClosedBy::Log);
         let names: Vec<&str> = s.events.iter().map(|e| e.name.as_ref()).collect();
         assert_eq!(names, ["Req", "Process", "Resp"]);
@@ -1037,7 +1031,7 @@ mod tests {
         let done = c.finished(task_record(SpanKind::Server, 1001, T0, T0 + 1, 200), 1003, now).unwrap();
         assert_eq!(done.start_unix_nano, T0, "the chain's first Start");
         assert_eq!(done.end_unix_nano, 1_700_000_000_000_400_000);
-        assert_eq!(done.get("http.response.status_code"), Some(&Value::Int(200)));
+        assert_eq!(done.outcome.status_code, Some(200));
         let names: Vec<&str> = done.events.iter().map(|e| e.name.as_ref()).collect();
         assert_eq!(names, ["Restart", "varnish.restart", "Start", "Resp"]);
     }
@@ -1091,12 +1085,12 @@ mod tests {
         let done = c.finished(task_record(SpanKind::Client, 1002, T0, T0 + 1, 503), 1004, now).unwrap();
         assert_eq!(done.end_unix_nano, 1_700_000_000_000_320_000);
         assert_eq!(done.status, StatusCode::Error, "503 from the final attempt");
-        assert_eq!(done.get("error.type"), Some(&Value::Str("503".into())));
+        assert_eq!(done.outcome.error_type.as_deref(), Some("503"));
         assert_eq!(done.status_message, None, "the first attempt's error was superseded by the retry");
-        assert_eq!(done.get("network.peer.address"), Some(&Value::Str("127.0.0.1".into())));
-        assert_eq!(done.get("network.peer.port"), Some(&Value::Int(8080)));
-        assert_eq!(done.get("varnish.backend"), Some(&Value::Str("s1".into())));
-        assert_eq!(done.get("http.response.body.size"), Some(&Value::Int(7)));
+        assert_eq!(done.outcome.peer_address.as_deref(), Some("127.0.0.1"));
+        assert_eq!(done.outcome.peer_port, Some(8080));
+        assert_eq!(done.outcome.backend.as_deref(), Some("s1"));
+        assert_eq!(done.outcome.response_body_size, Some(7));
         let names: Vec<&str> = done.events.iter().map(|e| e.name.as_ref()).collect();
         assert_eq!(names, ["Retry", "varnish.retry", "Start", "Bereq", "Beresp", "BerespBody"]);
     }
@@ -1124,8 +1118,8 @@ mod tests {
         let done = feed(&mut c, &log).pop().unwrap();
         assert_eq!(done.status, StatusCode::Error);
         assert_eq!(done.status_message.as_deref(), Some("backend s1: fail errno 111 (Connection refused)"));
-        assert_eq!(done.get("error.type"), Some(&Value::Str("fetch_failed".into())));
-        assert_eq!(done.get("http.response.status_code"), None, "the 503 was made by vcl_backend_error");
+        assert_eq!(done.outcome.error_type.as_deref(), Some("fetch_failed"));
+        assert_eq!(done.outcome.status_code, None, "the 503 was made by vcl_backend_error");
         assert_eq!(done.end_unix_nano, 1_700_000_000_000_150_000);
     }
 
@@ -1229,7 +1223,7 @@ mod tests {
             ],
         );
         let done = feed(&mut c, &synth).pop().unwrap();
-        assert_eq!(done.get("http.response.status_code"), Some(&Value::Int(418)));
+        assert_eq!(done.outcome.status_code, Some(418));
         assert_eq!(done.status, StatusCode::Unset);
     }
 
@@ -1253,7 +1247,7 @@ mod tests {
         let done = feed(&mut c, &log).pop().unwrap();
         assert_eq!(done.status, StatusCode::Error);
         assert_eq!(done.status_message.as_deref(), Some("Bad header"));
-        assert_eq!(done.get("error.type"), Some(&Value::Str("vcl_error".into())));
+        assert_eq!(done.outcome.error_type.as_deref(), Some("vcl_error"));
     }
 
     #[test]
@@ -1265,7 +1259,7 @@ mod tests {
         let log = batch(1001, true, &[(VCLERROR, "regex match failed"), (RESPSTATUS, "200"), (END, "")]);
         let done = feed(&mut c, &log).pop().unwrap();
         assert_eq!(done.status, StatusCode::Unset);
-        assert_eq!(done.get("error.type"), None);
+        assert_eq!(done.outcome.error_type, None);
     }
 
     #[test]

@@ -268,9 +268,7 @@ impl TailerJob {
     }
 
     fn flush(&mut self) {
-        for span in self.done.drain(..) {
-            pipeline::submit(span);
-        }
+        pipeline::submit_all(self.done.drain(..));
         let s = &self.correlator.stats;
         STATS.vsl_steps.store(self.steps, Relaxed);
         STATS.vsl_transactions_matched.store(s.transactions_matched, Relaxed);
