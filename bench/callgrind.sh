@@ -8,9 +8,11 @@
 #
 # Runs the release build (`cargo build --release` first) under callgrind with a synthetic origin,
 # drives it with wrk (two connections: callgrind runs one thread at a time), and prints the
-# inclusive instructions per request of the module's entry points and threads. Spans are not
-# exported (OTEL_TRACES_EXPORTER=none): the export path has its own microbenchmark
-# (`cargo bench --bench export`). Needs valgrind (Debian: apt-get install valgrind).
+# inclusive instructions per request of the module's entry points and threads. Spans are
+# exported over OTLP/HTTP protobuf to tools/otlp-receiver in discard mode (built by
+# `make release`); CALLGRIND_EXPORT=none skips the export. SO=<path> measures another build of
+# the module (e.g. an older commit's, for a comparison). Needs valgrind (Debian: apt-get install
+# valgrind).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -19,7 +21,10 @@ workload=${2:-hit}
 seconds=${3:-10}
 command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind is missing (apt-get install valgrind)" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "callgrind.sh: wrk is missing (make bench installs it)" >&2; exit 2; }
-so=$repo/target/release/libvmod_opentracing.so
+so=${SO:-$repo/target/release/libvmod_opentracing.so}
+receiver=$repo/target/release/otlp-receiver
+export_to=${CALLGRIND_EXPORT:-otlp}
+[ "$export_to" = none ] || [ -x "$receiver" ] || { echo "callgrind.sh: $receiver is missing: make release" >&2; exit 2; }
 [ -f "$so" ] || { echo "callgrind.sh: $so is missing: cargo build --release" >&2; exit 2; }
 eval "$(bash scripts/varnish.sh --env)"
 
@@ -32,6 +37,14 @@ cleanup() {
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 origin_port=$(port)
+exporter=(OTEL_TRACES_EXPORTER=none)
+if [ "$export_to" != none ]; then
+    receiver_port=$(port)
+    "$receiver" --http "127.0.0.1:$receiver_port" --mode discard >/dev/null 2>&1 &
+    pids+=($!)
+    exporter=(OTEL_TRACES_EXPORTER=otlp OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf
+              OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$receiver_port")
+fi
 proxy_port=$(port)
 
 cat >"$work/origin.vcl" <<EOF
@@ -54,7 +67,7 @@ EOF
 
 varnishd -n "$work/origin" -a "127.0.0.1:$origin_port" -f "$work/origin.vcl" -j none -F >/dev/null 2>&1 &
 pids+=($!)
-OTEL_TRACES_SAMPLER=$sampler OTEL_TRACES_EXPORTER=none \
+env OTEL_TRACES_SAMPLER="$sampler" "${exporter[@]}" \
     valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$work/cg.%p.out" \
     varnishd -n "$work/proxy" -a "127.0.0.1:$proxy_port" -f "$work/proxy.vcl" -j none -F \
     -p thread_pools=1 -p thread_pool_min=5 >"$work/valgrind.log" 2>&1 &
@@ -91,7 +104,8 @@ report = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=1
                         capture_output=True, text=True).stdout
 wanted = ["PROGRAM TOTALS", "vmod_c_trace_request", "vmod_c_trace_backend", "vmod_c_cache_result",
           "vmod_c_finish", "task_fini_ws", "task_fini_unsampled", "VRT_priv_task ",
-          "TailerJob as vmod_opentracing::worker::Job", "Correlator::records", "Correlator::complete"]
+          "TailerJob as vmod_opentracing::worker::Job", "Correlator::records", "Correlator::complete",
+          "ExportJob as vmod_opentracing::worker::Job", "write_export_request"]
 seen = set()
 for line in report.splitlines():
     m = re.match(r'\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*)', line)

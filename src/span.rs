@@ -114,29 +114,6 @@ pub enum Value {
     Bool(bool),
 }
 
-/// A borrowed `Value`: what the exporters encode, from an attribute or from the outcome.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum ValueRef<'a> {
-    Str(&'a str),
-    StrArray(&'a [String]),
-    Int(i64),
-    Float(f64),
-    Bool(bool),
-}
-
-impl Value {
-    #[inline]
-    pub fn as_ref(&self) -> ValueRef<'_> {
-        match self {
-            Value::Str(s) => ValueRef::Str(s),
-            Value::StrArray(v) => ValueRef::StrArray(v),
-            Value::Int(i) => ValueRef::Int(*i),
-            Value::Float(f) => ValueRef::Float(*f),
-            Value::Bool(b) => ValueRef::Bool(*b),
-        }
-    }
-}
-
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attribute {
     pub key: Cow<'static, str>,
@@ -200,7 +177,7 @@ pub struct Event {
 
 /// How a span ended, as the end of its task and then the shared-memory log tell it (the log,
 /// which knows better, replaces what the task saw). Kept in typed fields rather than attributes
-/// and encoded straight from them (`SpanRecord::exported_attributes`): each source then replaces a value
+/// until the exporter takes the span (`SpanRecord::seal`): each source then replaces a value
 /// without searching the attributes, and the tailer never reads them (by the time it merges a
 /// span, its attribute array is out of the CPU's caches: `SpanRecord::set` on it was 9% of the
 /// tailer's cycles, measured with `perf record`).
@@ -261,73 +238,22 @@ impl Outcome {
             + usize::from(self.peer_port.is_some())
     }
 
-    /// Calls `f` with each attribute the outcome writes, in a fixed order. Straight-line code,
-    /// no attribute built: this runs twice per span on the exporter thread.
-    fn for_each<'a>(&'a self, kind: SpanKind, mut f: impl FnMut(&'a str, ValueRef<'a>)) {
-        let size = |v: u64| ValueRef::Int(v.min(i64::MAX as u64) as i64);
-        if let Some(s) = self.status_code {
-            f("http.response.status_code", ValueRef::Int(i64::from(s)));
-        }
-        if let Some(t) = &self.error_type {
-            f("error.type", ValueRef::Str(t));
-        }
-        if let Some(n) = self.request_body_size {
-            f("http.request.body.size", size(n));
-        }
-        if let Some(n) = self.response_body_size {
-            f("http.response.body.size", size(n));
-        }
-        if let Some(r) = &self.cache_result {
-            f("varnish.cache_result", ValueRef::Str(r));
-        }
-        if let Some(v) = self.vxid {
-            f("varnish.vxid", size(v));
-        }
-        if let Some(n) = self.repeats {
-            let key = if kind == SpanKind::Client { "varnish.retries" } else { "varnish.restarts" };
-            f(key, ValueRef::Int(i64::from(n)));
-        }
-        if let Some(b) = &self.backend {
-            f("varnish.backend", ValueRef::Str(b));
-        }
-        if let Some(a) = &self.peer_address {
-            f("network.peer.address", ValueRef::Str(a));
-        }
-        if let Some(p) = self.peer_port {
-            f("network.peer.port", ValueRef::Int(i64::from(p)));
-        }
-    }
-
-    /// Whether the outcome writes `key`.
+    /// Whether the outcome writes attribute `key` (of a span of `kind`).
     fn writes(&self, key: &str, kind: SpanKind) -> bool {
-        let mut found = false;
-        self.for_each(kind, |k, _| found |= k == key);
-        found
-    }
-}
-
-/// A span's attributes as the exporters write them (`SpanRecord::exported_attributes`).
-pub struct ExportedAttributes<'a> {
-    record: &'a SpanRecord,
-    /// Those set during the task that fit within the count limit beside the outcome's.
-    kept: &'a [Attribute],
-    /// `droppedAttributesCount`.
-    pub dropped: u32,
-}
-
-impl<'a> ExportedAttributes<'a> {
-    /// The attributes set during the task, first. A plain iterator over the slice: the encoders'
-    /// loops over it inline (a closure per attribute cost them twice as much).
-    pub fn set(&self) -> impl Iterator<Item = &'a Attribute> {
-        let r = self.record;
-        // An attribute VCL set under a key the outcome fills in gives way to the outcome's value
-        // (searched for only when VCL did that).
-        self.kept.iter().filter(move |a| !(r.outcome_shadowed && r.outcome.writes(&a.key, r.kind)))
-    }
-
-    /// Then calls `f` with each attribute of the outcome.
-    pub fn outcome(&self, f: impl FnMut(&'a str, ValueRef<'a>)) {
-        self.record.outcome.for_each(self.record.kind, f);
+        match key {
+            "varnish.vxid" => self.vxid.is_some(),
+            "http.response.status_code" => self.status_code.is_some(),
+            "http.request.body.size" => self.request_body_size.is_some(),
+            "http.response.body.size" => self.response_body_size.is_some(),
+            "error.type" => self.error_type.is_some(),
+            "varnish.restarts" => kind != SpanKind::Client && self.repeats.is_some(),
+            "varnish.retries" => kind == SpanKind::Client && self.repeats.is_some(),
+            "varnish.cache_result" => self.cache_result.is_some(),
+            "varnish.backend" => self.backend.is_some(),
+            "network.peer.address" => self.peer_address.is_some(),
+            "network.peer.port" => self.peer_port.is_some(),
+            _ => false,
+        }
     }
 }
 
@@ -362,11 +288,11 @@ pub struct SpanRecord {
     /// The VXID of the task when the span started; the final one is recorded as `varnish.vxid`.
     pub vxid: u64,
     pub closed_by: ClosedBy,
-    /// How the span ended; exported as attributes (`exported_attributes`).
+    /// How the span ended; moved into the attributes by `seal`, when the exporter takes the span.
     pub outcome: Outcome,
     /// VCL set an attribute whose key the outcome also fills in (with a type the outcome does
-    /// not take): the export then lets the outcome's value, if any, replace it. Keeps the export
-    /// from searching the attributes of every other span.
+    /// not take): `seal` then lets the outcome's value, if any, replace it. Keeps `seal` from
+    /// searching the attributes of every other span.
     outcome_shadowed: bool,
 }
 
@@ -405,7 +331,7 @@ impl SpanRecord {
     ///
     /// The string values of `error.type` and `varnish.cache_result` go to the outcome (the task
     /// and the log read them there); other keys the outcome fills in are kept as attributes,
-    /// which the outcome's value, when it has one, replaces in the export.
+    /// which the outcome's value, when it has one, replaces in `seal`.
     pub fn set(&mut self, key: impl Into<Cow<'static, str>>, value: Value) {
         let key = key.into();
         let value = match value {
@@ -444,15 +370,60 @@ impl SpanRecord {
         }
     }
 
-    /// What the exporters write as the span's attributes: those set during the task, then the
-    /// outcome's, written straight from their typed fields (no attribute is built for them).
-    /// Within the attribute count limit the outcome comes first: the status and the sizes
-    /// matter more than the last attribute VCL added.
-    pub fn exported_attributes(&self) -> ExportedAttributes<'_> {
-        let room = max_attributes().saturating_sub(self.outcome.count());
-        let kept = &self.attributes[..self.attributes.len().min(room)];
-        let dropped = self.dropped_attributes.saturating_add((self.attributes.len() - kept.len()) as u32);
-        ExportedAttributes { record: self, kept, dropped }
+    /// Moves the outcome into the attributes. The exporter's thread calls it when it takes the
+    /// span: the encoder reads the attributes right after, whereas on the tailer they are out of
+    /// the CPU's caches. Within the attribute count limit the outcome comes first (the status
+    /// and the sizes matter more than the last attribute VCL added).
+    pub fn seal(&mut self) {
+        let o = std::mem::take(&mut self.outcome);
+        if self.outcome_shadowed {
+            self.outcome_shadowed = false;
+            let kind = self.kind;
+            self.attributes.retain(|a| !o.writes(&a.key, kind));
+        }
+        let room = max_attributes().saturating_sub(o.count());
+        if self.attributes.len() > room {
+            self.dropped_attributes += (self.attributes.len() - room) as u32;
+            self.attributes.truncate(room);
+        }
+        // Room was made above: pushed without `add`'s checks.
+        self.attributes.reserve(o.count());
+        let a = &mut self.attributes;
+        let mut push = |key: &'static str, value: Value| a.push(Attribute { key: Cow::Borrowed(key), value });
+        let size = |n: u64| Value::Int(n.min(i64::MAX as u64) as i64);
+        if let Some(s) = o.status_code {
+            push("http.response.status_code", Value::Int(i64::from(s)));
+        }
+        if let Some(t) = o.error_type {
+            push("error.type", Value::Str(t));
+        }
+        if let Some(n) = o.request_body_size {
+            push("http.request.body.size", size(n));
+        }
+        if let Some(n) = o.response_body_size {
+            push("http.response.body.size", size(n));
+        }
+        if let Some(r) = o.cache_result {
+            push("varnish.cache_result", Value::Str(r));
+        }
+        if let Some(v) = o.vxid {
+            push("varnish.vxid", size(v));
+        }
+        if let Some(n) = o.repeats {
+            push(
+                if self.kind == SpanKind::Client { "varnish.retries" } else { "varnish.restarts" },
+                Value::Int(i64::from(n)),
+            );
+        }
+        if let Some(b) = o.backend {
+            push("varnish.backend", Value::Str(b.into()));
+        }
+        if let Some(a) = o.peer_address {
+            push("network.peer.address", Value::Str(a.into()));
+        }
+        if let Some(p) = o.peer_port {
+            push("network.peer.port", Value::Int(i64::from(p)));
+        }
     }
 
     /// Appends an attribute the caller knows is not set yet (our own keys, set once): no search.
@@ -564,20 +535,19 @@ mod tests {
         assert_eq!(r.get("http.route"), Some(&Value::Str("/b".into())));
     }
 
-    /// The attributes as the exporters write them, with the dropped count.
-    fn exported(r: &SpanRecord) -> (Vec<(&str, ValueRef<'_>)>, u32) {
-        let attributes = r.exported_attributes();
-        let mut all: Vec<_> = attributes.set().map(|a| (&*a.key, a.value.as_ref())).collect();
-        attributes.outcome(|k, v| all.push((k, v)));
-        (all, attributes.dropped)
+    /// The attributes as the exporter gets them (`seal`), as (key, value) pairs.
+    fn sealed(mut r: SpanRecord) -> (Vec<(String, Value)>, u32) {
+        r.seal();
+        assert!(r.outcome.is_empty());
+        (r.attributes.into_iter().map(|a| (a.key.into_owned(), a.value)).collect(), r.dropped_attributes)
     }
 
-    fn exported_value<'a>(r: &'a SpanRecord, key: &str) -> Option<ValueRef<'a>> {
-        exported(r).0.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    fn kv(key: &str, value: Value) -> (String, Value) {
+        (key.to_owned(), value)
     }
 
     #[test]
-    fn the_outcome_is_exported_as_attributes_after_the_others() {
+    fn the_outcome_becomes_attributes_after_the_others() {
         let mut r = SpanRecord::new(SpanKind::Client, TraceId([1; 16]), SpanId([2; 8]), None);
         r.set_str("url.full", "http://b/");
         r.outcome = Outcome {
@@ -592,27 +562,28 @@ mod tests {
             peer_address: Some("::1".into()),
             peer_port: Some(8080),
         };
-        let (attributes, dropped) = exported(&r);
-        assert_eq!(dropped, 0);
         assert_eq!(
-            attributes,
-            [
-                ("url.full", ValueRef::Str("http://b/")),
-                ("http.response.status_code", ValueRef::Int(503)),
-                ("error.type", ValueRef::Str("503")),
-                ("http.request.body.size", ValueRef::Int(0)),
-                ("http.response.body.size", ValueRef::Int(i64::MAX)), // clamped, never negative
-                ("varnish.vxid", ValueRef::Int(1002)),
-                ("varnish.retries", ValueRef::Int(2)),
-                ("varnish.backend", ValueRef::Str("b1")),
-                ("network.peer.address", ValueRef::Str("::1")),
-                ("network.peer.port", ValueRef::Int(8080)),
-            ]
+            sealed(r),
+            (
+                vec![
+                    kv("url.full", Value::Str("http://b/".into())),
+                    kv("http.response.status_code", Value::Int(503)),
+                    kv("error.type", Value::Str("503".into())),
+                    kv("http.request.body.size", Value::Int(0)),
+                    kv("http.response.body.size", Value::Int(i64::MAX)), // clamped, never negative
+                    kv("varnish.vxid", Value::Int(1002)),
+                    kv("varnish.retries", Value::Int(2)),
+                    kv("varnish.backend", Value::Str("b1".into())),
+                    kv("network.peer.address", Value::Str("::1".into())),
+                    kv("network.peer.port", Value::Int(8080)),
+                ],
+                0
+            )
         );
         // A request span's repeats are restarts; nothing unknown is written.
         let mut r = record();
         r.outcome.repeats = Some(1);
-        assert_eq!(exported(&r), (vec![("varnish.restarts", ValueRef::Int(1))], 0));
+        assert_eq!(sealed(r), (vec![kv("varnish.restarts", Value::Int(1))], 0));
     }
 
     #[test]
@@ -640,14 +611,17 @@ mod tests {
         r.set_str("http.response.status_code", "two hundred");
         r.set_int("varnish.vxid", 7);
         r.set_int("error.type", 1); // not a string: kept as VCL set it, unless the outcome knows
+        r.set_int("varnish.retries", 3); // a request span's outcome writes restarts, not retries
         r.outcome.status_code = Some(200);
-        let (attributes, _) = exported(&r);
+        r.outcome.repeats = Some(1);
         assert_eq!(
-            attributes,
+            sealed(r).0,
             [
-                ("varnish.vxid", ValueRef::Int(7)),
-                ("error.type", ValueRef::Int(1)),
-                ("http.response.status_code", ValueRef::Int(200)),
+                kv("varnish.vxid", Value::Int(7)),
+                kv("error.type", Value::Int(1)),
+                kv("varnish.retries", Value::Int(3)),
+                kv("http.response.status_code", Value::Int(200)),
+                kv("varnish.restarts", Value::Int(1)),
             ]
         );
     }
@@ -660,16 +634,14 @@ mod tests {
         }
         r.set_http_status(404);
         r.outcome.vxid = Some(5);
-        let (attributes, dropped) = exported(&r);
+        let (attributes, dropped) = sealed(r);
         assert_eq!(attributes.len(), MAX_ATTRIBUTES);
         assert_eq!(dropped, 3, "one refused by set, two giving way to the outcome");
-        assert_eq!(exported_value(&r, "http.response.status_code"), Some(ValueRef::Int(404)));
-        assert_eq!(exported_value(&r, "varnish.vxid"), Some(ValueRef::Int(5)));
-        assert_eq!(exported_value(&r, &format!("k{}", MAX_ATTRIBUTES - 2)), None, "the last ones VCL added gave way");
-        assert_eq!(
-            exported_value(&r, &format!("k{}", MAX_ATTRIBUTES - 3)),
-            Some(ValueRef::Int(MAX_ATTRIBUTES as i64 - 3))
-        );
+        let value = |key: &str| attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        assert_eq!(value("http.response.status_code"), Some(Value::Int(404)));
+        assert_eq!(value("varnish.vxid"), Some(Value::Int(5)));
+        assert_eq!(value(&format!("k{}", MAX_ATTRIBUTES - 2)), None, "the last ones VCL added gave way");
+        assert_eq!(value(&format!("k{}", MAX_ATTRIBUTES - 3)), Some(Value::Int(MAX_ATTRIBUTES as i64 - 3)));
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! as lowercase hex strings, lowerCamelCase field names, enums as integers, 64-bit integers as
 //! decimal strings. Runs on the exporter thread only, never on a Varnish worker.
 
-use crate::span::{SpanRecord, ValueRef};
+use std::borrow::Borrow;
+
+use crate::span::{SpanRecord, Value};
 
 pub use super::resource::Resource;
 
@@ -79,13 +81,13 @@ fn int64(out: &mut String, n: impl itoa::Integer) {
     out.push('"');
 }
 
-fn any_value(out: &mut String, v: ValueRef<'_>) {
+fn any_value(out: &mut String, v: &Value) {
     match v {
-        ValueRef::Str(s) => {
+        Value::Str(s) => {
             out.push_str("{\"stringValue\":");
             string(out, s);
         }
-        ValueRef::StrArray(v) => {
+        Value::StrArray(v) => {
             out.push_str("{\"arrayValue\":{\"values\":[");
             for (i, s) in v.iter().enumerate() {
                 if i > 0 {
@@ -97,28 +99,28 @@ fn any_value(out: &mut String, v: ValueRef<'_>) {
             }
             out.push_str("]}");
         }
-        ValueRef::Int(i) => {
+        Value::Int(i) => {
             out.push_str("{\"intValue\":");
-            int64(out, i);
+            int64(out, *i);
         }
         // JSON has no NaN/Infinity; the proto3 JSON mapping spells them as strings.
-        ValueRef::Float(f) if f.is_nan() => out.push_str("{\"doubleValue\":\"NaN\""),
-        ValueRef::Float(f) if f.is_infinite() => {
-            out.push_str(if f > 0.0 { "{\"doubleValue\":\"Infinity\"" } else { "{\"doubleValue\":\"-Infinity\"" })
+        Value::Float(f) if f.is_nan() => out.push_str("{\"doubleValue\":\"NaN\""),
+        Value::Float(f) if f.is_infinite() => {
+            out.push_str(if *f > 0.0 { "{\"doubleValue\":\"Infinity\"" } else { "{\"doubleValue\":\"-Infinity\"" })
         }
-        ValueRef::Float(f) => {
+        Value::Float(f) => {
             out.push_str("{\"doubleValue\":");
-            float(out, f);
+            float(out, *f);
         }
-        ValueRef::Bool(b) => {
+        Value::Bool(b) => {
             out.push_str("{\"boolValue\":");
-            out.push_str(if b { "true" } else { "false" });
+            out.push_str(if *b { "true" } else { "false" });
         }
     }
     out.push('}');
 }
 
-fn key_value(out: &mut String, key: &str, value: ValueRef<'_>) {
+fn key_value(out: &mut String, key: &str, value: &Value) {
     out.push_str("{\"key\":");
     string(out, key);
     out.push_str(",\"value\":");
@@ -154,24 +156,18 @@ pub fn write_span(out: &mut String, r: &SpanRecord) {
     int64(out, r.start_unix_nano);
     out.push_str(",\"endTimeUnixNano\":");
     int64(out, r.end_unix_nano);
+    debug_assert!(r.outcome.is_empty(), "a span is sealed before it is encoded");
     out.push_str(",\"attributes\":[");
-    let attributes = r.exported_attributes();
-    let mut first = true;
-    let mut write = |key: &str, value| {
-        if !first {
+    for (i, a) in r.attributes.iter().enumerate() {
+        if i > 0 {
             out.push(',');
         }
-        first = false;
-        key_value(out, key, value);
-    };
-    for a in attributes.set() {
-        write(&a.key, a.value.as_ref());
+        key_value(out, &a.key, &a.value);
     }
-    attributes.outcome(write);
     out.push(']');
-    if attributes.dropped > 0 {
+    if r.dropped_attributes > 0 {
         out.push_str(",\"droppedAttributesCount\":");
-        number(out, attributes.dropped);
+        number(out, r.dropped_attributes);
     }
     if !r.events.is_empty() {
         out.push_str(",\"events\":[");
@@ -219,7 +215,10 @@ pub fn write_span(out: &mut String, r: &SpanRecord) {
 }
 
 /// Appends one batch as a single line (no trailing newline) to `out`.
-pub fn write_export_request(out: &mut String, resource: &Resource, spans: &[SpanRecord]) {
+///
+/// `spans` are records or boxed records (the exporter keeps them boxed as they arrive: a record
+/// is a few hundred bytes, and each move of one was a copy).
+pub fn write_export_request<S: Borrow<SpanRecord>>(out: &mut String, resource: &Resource, spans: &[S]) {
     out.push_str("{\"resourceSpans\":[{\"resource\":{\"attributes\":[");
     for (i, (k, v)) in resource.attributes.iter().enumerate() {
         if i > 0 {
@@ -240,13 +239,13 @@ pub fn write_export_request(out: &mut String, resource: &Resource, spans: &[Span
         if i > 0 {
             out.push(',');
         }
-        write_span(out, span);
+        write_span(out, span.borrow());
     }
     out.push_str("]}]}]}");
 }
 
 /// One batch as a single line (no trailing newline).
-pub fn export_request(resource: &Resource, spans: &[SpanRecord]) -> String {
+pub fn export_request<S: Borrow<SpanRecord>>(resource: &Resource, spans: &[S]) -> String {
     let mut out = String::with_capacity(512 + spans.len() * 600);
     write_export_request(&mut out, resource, spans);
     out
@@ -263,7 +262,7 @@ pub fn span(r: &SpanRecord) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::ids::{SpanId, TraceId};
-    use crate::span::{SpanKind, StatusCode, Value};
+    use crate::span::{SpanKind, StatusCode};
 
     fn sample() -> SpanRecord {
         let mut r = SpanRecord::new(SpanKind::Server, TraceId([0xab; 16]), SpanId([0x01; 8]), Some(SpanId([0x02; 8])));

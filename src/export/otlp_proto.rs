@@ -17,10 +17,11 @@
 //! Fields are written in field-number order, as the protobuf encoding guide recommends and prost
 //! does: the tests check that re-encoding our output with prost gives the same bytes.
 
+use std::borrow::Borrow;
 use std::cell::Cell;
 
 use super::otlp_json::{Resource, SCOPE_NAME};
-use crate::span::{Event, SpanRecord, ValueRef};
+use crate::span::{Attribute, Event, SpanRecord, Value};
 
 /// W3C trace flags occupy bits 0-7 of `Span.flags`; bits 8 and 9 say whether the parent is known
 /// to be remote. The same values as `otlp_json` (the equivalence test holds them together).
@@ -147,15 +148,15 @@ fn str_field(s: &str) -> usize {
 }
 
 #[inline]
-fn any_value_len(v: ValueRef<'_>) -> usize {
+fn any_value_len(v: &Value) -> usize {
     // The members of a oneof are written even when they hold the default value (an empty string,
     // 0, false): that is what says which member is set.
     match v {
-        ValueRef::Str(s) => len_field(s.len()),
-        ValueRef::StrArray(v) => len_field(array_len(v)),
-        ValueRef::Int(i) => 1 + varint_len(i as u64),
-        ValueRef::Float(_) => 1 + 8,
-        ValueRef::Bool(_) => 1 + 1,
+        Value::Str(s) => len_field(s.len()),
+        Value::StrArray(v) => len_field(array_len(v)),
+        Value::Int(i) => 1 + varint_len(*i as u64),
+        Value::Float(_) => 1 + 8,
+        Value::Bool(_) => 1 + 1,
     }
 }
 
@@ -172,8 +173,8 @@ fn key_value_len(key: &str, value: usize) -> usize {
 }
 
 #[inline]
-fn attribute_len(key: &str, value: ValueRef<'_>) -> usize {
-    key_value_len(key, any_value_len(value))
+fn attribute_len(a: &Attribute) -> usize {
+    key_value_len(&a.key, any_value_len(&a.value))
 }
 
 #[inline]
@@ -199,6 +200,7 @@ fn status_len(r: &SpanRecord) -> usize {
 }
 
 fn span_len(r: &SpanRecord) -> usize {
+    debug_assert!(r.outcome.is_empty(), "a span is sealed before it is encoded");
     let mut n = (1 + 1 + 16) + (1 + 1 + 8); // trace_id, span_id
     n += r.tracestate.as_deref().map_or(0, str_field);
     if r.parent_span_id.is_some() {
@@ -208,13 +210,11 @@ fn span_len(r: &SpanRecord) -> usize {
     n += str_field(&r.name);
     n += 1 + varint_len(r.kind.otlp().into()); // kind: never UNSPECIFIED
     n += fixed64_field(r.start_unix_nano) + fixed64_field(r.end_unix_nano);
-    let attributes = r.exported_attributes();
-    for a in attributes.set() {
-        n += len_field(attribute_len(&a.key, a.value.as_ref()));
+    for a in &r.attributes {
+        n += len_field(attribute_len(a));
     }
-    attributes.outcome(|key, value| n += len_field(attribute_len(key, value)));
-    if attributes.dropped > 0 {
-        n += 1 + varint_len(attributes.dropped.into());
+    if r.dropped_attributes > 0 {
+        n += 1 + varint_len(r.dropped_attributes.into());
     }
     for e in &r.events {
         n += len_field(event_len(e));
@@ -299,39 +299,38 @@ fn put_fixed64(out: &mut Buf<'_>, key: u8, v: u64) {
 }
 
 #[inline]
-fn put_any_value(out: &mut Buf<'_>, v: ValueRef<'_>) {
+fn put_any_value(out: &mut Buf<'_>, v: &Value) {
     match v {
-        ValueRef::Str(s) => put_bytes(out, any_value::STRING, s.as_bytes()),
-        ValueRef::StrArray(v) => {
+        Value::Str(s) => put_bytes(out, any_value::STRING, s.as_bytes()),
+        Value::StrArray(v) => {
             put_len(out, any_value::ARRAY, array_len(v));
             for s in v {
                 put_len(out, array_value::VALUES, len_field(s.len()));
                 put_bytes(out, any_value::STRING, s.as_bytes());
             }
         }
-        ValueRef::Int(i) => {
+        Value::Int(i) => {
             out.push(any_value::INT);
             // int64, not sint64: negative values take ten bytes, as the schema says.
-            put_varint(out, i as u64);
+            put_varint(out, *i as u64);
         }
-        ValueRef::Float(f) => {
+        Value::Float(f) => {
             out.push(any_value::DOUBLE);
             out.extend_from_slice(&f.to_le_bytes());
         }
-        ValueRef::Bool(b) => {
+        Value::Bool(b) => {
             out.push(any_value::BOOL);
-            out.push(u8::from(b));
+            out.push(u8::from(*b));
         }
     }
 }
 
-#[inline(always)]
-fn put_attribute(out: &mut Buf<'_>, field: u8, key: &str, value: ValueRef<'_>) {
-    let value_len = any_value_len(value);
-    put_len(out, field, key_value_len(key, value_len));
-    put_str(out, key_value::KEY, key);
-    put_len(out, key_value::VALUE, value_len);
-    put_any_value(out, value);
+fn put_attribute(out: &mut Buf<'_>, key: u8, a: &Attribute) {
+    let value = any_value_len(&a.value);
+    put_len(out, key, key_value_len(&a.key, value));
+    put_str(out, key_value::KEY, &a.key);
+    put_len(out, key_value::VALUE, value);
+    put_any_value(out, &a.value);
 }
 
 fn put_event(out: &mut Buf<'_>, e: &Event) {
@@ -368,14 +367,12 @@ fn put_span(out: &mut Buf<'_>, r: &SpanRecord, len: usize) {
     put_varint(out, r.kind.otlp().into());
     put_fixed64(out, span::START_TIME, r.start_unix_nano);
     put_fixed64(out, span::END_TIME, r.end_unix_nano);
-    let attributes = r.exported_attributes();
-    for a in attributes.set() {
-        put_attribute(out, span::ATTRIBUTES, &a.key, a.value.as_ref());
+    for a in &r.attributes {
+        put_attribute(out, span::ATTRIBUTES, a);
     }
-    attributes.outcome(|key, value| put_attribute(out, span::ATTRIBUTES, key, value));
-    if attributes.dropped > 0 {
+    if r.dropped_attributes > 0 {
         out.push(span::DROPPED_ATTRIBUTES_COUNT);
-        put_varint(out, attributes.dropped.into());
+        put_varint(out, r.dropped_attributes.into());
     }
     for e in &r.events {
         put_event(out, e);
@@ -405,11 +402,12 @@ thread_local! {
 
 /// Appends one serialized `ExportTraceServiceRequest` holding `spans` to `out` (whose earlier
 /// content is kept): one `ResourceSpans` with `resource`, and one `ScopeSpans` for this module.
-pub fn write_export_request(out: &mut Vec<u8>, resource: &Resource, spans: &[SpanRecord]) {
+/// `spans` are records or boxed records, as in `otlp_json`.
+pub fn write_export_request<S: Borrow<SpanRecord>>(out: &mut Vec<u8>, resource: &Resource, spans: &[S]) {
     // Taken rather than borrowed: nothing can panic on a borrow, and a panic below only loses it.
     let mut span_lens = SPAN_LENS.take();
     span_lens.clear();
-    span_lens.extend(spans.iter().map(span_len));
+    span_lens.extend(spans.iter().map(|r| span_len(r.borrow())));
 
     // Sizes, innermost first: every enclosing length precedes the spans.
     let resource_body = resource_len(resource);
@@ -436,7 +434,7 @@ pub fn write_export_request(out: &mut Vec<u8>, resource: &Resource, spans: &[Spa
     put_str(out, scope::NAME, SCOPE_NAME);
     put_str(out, scope::VERSION, env!("CARGO_PKG_VERSION"));
     for (r, &len) in spans.iter().zip(&span_lens) {
-        put_span(out, r, len);
+        put_span(out, r.borrow(), len);
     }
     // Every size above agrees with what was written, or the request would be garbage. Runs on
     // the exporter thread only; a panic here (a bug) is caught by `ExportJob::send_batch`, which
@@ -446,7 +444,7 @@ pub fn write_export_request(out: &mut Vec<u8>, resource: &Resource, spans: &[Spa
 }
 
 /// One batch as a new buffer.
-pub fn export_request(resource: &Resource, spans: &[SpanRecord]) -> Vec<u8> {
+pub fn export_request<S: Borrow<SpanRecord>>(resource: &Resource, spans: &[S]) -> Vec<u8> {
     let mut out = Vec::new();
     write_export_request(&mut out, resource, spans);
     out
@@ -457,7 +455,7 @@ mod tests {
     use super::*;
     use crate::export::otlp_json;
     use crate::ids::{SpanId, TraceId};
-    use crate::span::{Attribute, Link, SpanKind, StatusCode, Value};
+    use crate::span::{Link, SpanKind, StatusCode};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::{any_value::Value as V, AnyValue, InstrumentationScope, KeyValue};
     use opentelemetry_proto::tonic::resource::v1::Resource as PbResource;
@@ -508,12 +506,10 @@ mod tests {
         r.end_unix_nano = 1_700_000_000_000_091_000;
         r.attributes = vec![
             attr("http.request.method", Value::Str("GET".into())),
+            attr("http.response.status_code", Value::Int(503)),
             attr("ratio", Value::Float(0.25)),
             attr("varnish.hit", Value::Bool(false)),
         ];
-        // Written after the others, straight from the typed fields.
-        r.outcome.status_code = Some(503);
-        r.outcome.cache_result = Some("miss".into());
         r.dropped_attributes = 300; // a two-byte varint
         r.events = vec![
             Event { time_unix_nano: 1_700_000_000_000_002_000, name: "Req".into() },
@@ -539,10 +535,9 @@ mod tests {
             end_time_unix_nano: 1_700_000_000_000_091_000,
             attributes: vec![
                 kv("http.request.method", V::StringValue("GET".into())),
+                kv("http.response.status_code", V::IntValue(503)),
                 kv("ratio", V::DoubleValue(0.25)),
                 kv("varnish.hit", V::BoolValue(false)),
-                kv("http.response.status_code", V::IntValue(503)),
-                kv("varnish.cache_result", V::StringValue("miss".into())),
             ],
             dropped_attributes_count: 300,
             events: vec![
@@ -613,7 +608,6 @@ mod tests {
     #[test]
     fn attribute_values_of_every_type_and_edge() {
         let mut r = full();
-        r.outcome = Default::default();
         r.attributes = vec![
             attr("empty", Value::Str("".into())),
             attr("unicode", Value::Str("Grüße, 世界 🦀 \u{0}\n\"".into())),
@@ -756,11 +750,11 @@ mod tests {
         );
         assert_eq!(
             spans.iter().map(|s| (s.attributes.len(), s.events.len())).collect::<Vec<_>>(),
-            [(3, 2), (0, 0), (3, 2), (0, 0)]
+            [(4, 2), (0, 0), (4, 2), (0, 0)]
         );
 
         // An empty batch is still a complete request, as otlp_json writes it.
-        let msg = decode(&export_request(&resource(), &[]));
+        let msg = decode(&export_request::<SpanRecord>(&resource(), &[]));
         assert!(spans_of(&msg).is_empty());
         assert!(msg.resource_spans[0].scope_spans[0].scope.is_some());
     }
