@@ -9,7 +9,7 @@ use vmod_opentracing::ids::{SpanId, TraceId};
 use vmod_opentracing::propagation::{traceparent, tracestate};
 use vmod_opentracing::sampling::Sampler;
 use vmod_opentracing::span::{SpanKind, SpanRecord, Value};
-use vmod_opentracing::trace::{self, outgoing_traceparent, Parent};
+use vmod_opentracing::trace::{self, Parent};
 
 const TP: &[u8] = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
@@ -45,7 +45,7 @@ fn request_path(c: &mut Criterion) {
                 true,
                 &sampler,
             );
-            black_box(outgoing_traceparent(&s.record))
+            black_box(s.context.outgoing_traceparent())
         })
     });
     let off = Sampler::from_env_values(Some("always_off"), None).unwrap();

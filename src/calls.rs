@@ -140,8 +140,8 @@ unsafe fn start_client_span(
         tracestate_dropped_because: started.tracestate_dropped_because,
         decision_only: None,
     };
-    if decision_only && esi_level == 0 && hot.trust == Trust::Extract && !started.record.sampled() {
-        let r = &started.record;
+    if decision_only && esi_level == 0 && hot.trust == Trust::Extract && !started.context.sampled() {
+        let r = &started.context;
         info.decision_only = Some(Unsampled {
             trace_id: r.trace_id,
             span_id: r.span_id,
@@ -155,7 +155,7 @@ unsafe fn start_client_span(
         return (None, info);
     }
     let caller_sampled = started.caller_sampled;
-    let mut record = started.record;
+    let mut record = started.context.into_record();
     record.start_unix_nano = vtim_to_unix_nano(req.t_first.0);
     record.vxid = crate::varnish::vxid_of(raw.vsl);
     let mut incoming = if esi_level == 0 { trace::Incoming::of(&record, caller_sampled) } else { None };
@@ -251,7 +251,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
     if let Some(why) = started.restarted_because {
         log::vcl(ctx, format!("invalid bereq traceparent ({why}): starting a new trace"));
     }
-    let mut record = started.record;
+    let mut record = started.context.into_record();
     record.start_unix_nano = vtim_to_unix_nano(bo.t_first.0);
     record.vxid = task::current_vxid(ctx);
     if record.sampled() {

@@ -25,9 +25,49 @@ pub enum Parent<'a> {
     Other { ids: Option<(TraceId, SpanId)>, sampled: Option<bool>, debug: bool },
 }
 
+/// What a new span starts with, and all that an unsampled request keeps: the span record, a few
+/// hundred bytes to build, move and drop, is made from it only for a span that needs one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpanContext {
+    pub kind: SpanKind,
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    /// `None` for a root span.
+    pub parent_span_id: Option<SpanId>,
+    /// The parent came from another process (an incoming `traceparent`).
+    pub parent_is_remote: bool,
+    /// W3C trace-flags as sent downstream (bit 0: sampled).
+    pub flags: u8,
+    /// The validated, combined `tracestate` of the parent.
+    pub tracestate: Option<String>,
+}
+
+impl SpanContext {
+    fn new(kind: SpanKind, trace_id: TraceId, span_id: SpanId, parent_span_id: Option<SpanId>) -> Self {
+        SpanContext { kind, trace_id, span_id, parent_span_id, parent_is_remote: false, flags: 1, tracestate: None }
+    }
+
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    pub fn into_record(self) -> SpanRecord {
+        let mut record = SpanRecord::new(self.kind, self.trace_id, self.span_id, self.parent_span_id);
+        record.parent_is_remote = self.parent_is_remote;
+        record.flags = self.flags;
+        record.tracestate = self.tracestate;
+        record
+    }
+
+    /// The `traceparent` to send downstream, NUL-terminated for Varnish.
+    pub fn outgoing_traceparent(&self) -> [u8; 56] {
+        nul_terminated_traceparent(&self.trace_id, &self.span_id, self.flags)
+    }
+}
+
 /// A new span and what to tell the operator about the incoming context.
 pub struct Started {
-    pub record: SpanRecord,
+    pub context: SpanContext,
     /// Why the incoming context was not used (the trace was restarted), for a VSL line.
     pub restarted_because: Option<&'static str>,
     /// Why the incoming `tracestate` was dropped, for a VSL line.
@@ -44,30 +84,30 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &
     let mut caller_sampled = None;
     let mut caller_debug = false;
     let span_id = SpanId::random();
-    let mut record;
+    let mut context;
     match parent {
         Parent::Headers { traceparent: tp, tracestate: ts, too_many_fields } => {
             let parsed = if too_many_fields { Err(traceparent::Invalid::Repeated) } else { traceparent::parse(tp) };
             match parsed {
                 Ok(Some(ctx)) => {
                     caller_sampled = Some(ctx.sampled());
-                    record = SpanRecord::new(kind, TraceId(ctx.trace_id), span_id, Some(SpanId(ctx.span_id)));
-                    record.parent_is_remote = remote_parent;
-                    record.flags = u8::from(sampler.decide(&record.trace_id, Some(ctx.sampled())));
+                    context = SpanContext::new(kind, TraceId(ctx.trace_id), span_id, Some(SpanId(ctx.span_id)));
+                    context.parent_is_remote = remote_parent;
+                    context.flags = u8::from(sampler.decide(&context.trace_id, Some(ctx.sampled())));
                     // tracestate is only meaningful with a valid traceparent.
                     match tracestate::combine(ts) {
-                        Ok(state) => record.tracestate = state,
+                        Ok(state) => context.tracestate = state,
                         Err(e) => tracestate_dropped_because = Some(e.as_str()),
                     }
                 }
                 Ok(None) => {
-                    record = SpanRecord::new(kind, TraceId::random(), span_id, None);
-                    record.flags = u8::from(sampler.decide(&record.trace_id, None));
+                    context = SpanContext::new(kind, TraceId::random(), span_id, None);
+                    context.flags = u8::from(sampler.decide(&context.trace_id, None));
                 }
                 Err(e) => {
                     restarted_because = Some(e.as_str());
-                    record = SpanRecord::new(kind, TraceId::random(), span_id, None);
-                    record.flags = u8::from(sampler.decide(&record.trace_id, None));
+                    context = SpanContext::new(kind, TraceId::random(), span_id, None);
+                    context.flags = u8::from(sampler.decide(&context.trace_id, None));
                 }
             }
         }
@@ -76,26 +116,26 @@ pub fn start(kind: SpanKind, parent: Parent<'_>, remote_parent: bool, sampler: &
             caller_debug = debug;
             match ids {
                 Some((trace_id, parent_id)) => {
-                    record = SpanRecord::new(kind, trace_id, span_id, Some(parent_id));
-                    record.parent_is_remote = remote_parent;
-                    record.flags = u8::from(sampler.decide(&record.trace_id, sampled));
+                    context = SpanContext::new(kind, trace_id, span_id, Some(parent_id));
+                    context.parent_is_remote = remote_parent;
+                    context.flags = u8::from(sampler.decide(&context.trace_id, sampled));
                 }
                 None => {
                     // B3's sampling-only form: a new trace with the caller's decision.
-                    record = SpanRecord::new(kind, TraceId::random(), span_id, None);
-                    let decided = sampled.unwrap_or_else(|| sampler.decide(&record.trace_id, None));
-                    record.flags = u8::from(decided);
+                    context = SpanContext::new(kind, TraceId::random(), span_id, None);
+                    let decided = sampled.unwrap_or_else(|| sampler.decide(&context.trace_id, None));
+                    context.flags = u8::from(decided);
                 }
             }
         }
         Parent::Local { trace_id, span_id: parent_id, flags, tracestate } => {
             // A child of our own span shares its decision: one trace, one decision.
-            record = SpanRecord::new(kind, trace_id, span_id, Some(parent_id));
-            record.flags = flags & FORWARDED_FLAGS;
-            record.tracestate = tracestate;
+            context = SpanContext::new(kind, trace_id, span_id, Some(parent_id));
+            context.flags = flags & FORWARDED_FLAGS;
+            context.tracestate = tracestate;
         }
     }
-    Started { record, restarted_because, tracestate_dropped_because, caller_sampled, caller_debug }
+    Started { context, restarted_because, tracestate_dropped_because, caller_sampled, caller_debug }
 }
 
 /// Makes `record` the root of a new trace (trust modes `ignore` and `link`): the incoming
@@ -163,8 +203,12 @@ impl Incoming {
 
 /// The `traceparent` to send downstream for `record`, NUL-terminated for Varnish.
 pub fn outgoing_traceparent(record: &SpanRecord) -> [u8; 56] {
+    nul_terminated_traceparent(&record.trace_id, &record.span_id, record.flags)
+}
+
+fn nul_terminated_traceparent(trace_id: &TraceId, span_id: &SpanId, flags: u8) -> [u8; 56] {
     let mut out = [0u8; 56];
-    out[..55].copy_from_slice(&traceparent::format(&record.trace_id.0, &record.span_id.0, record.flags));
+    out[..55].copy_from_slice(&traceparent::format(&trace_id.0, &span_id.0, flags));
     out
 }
 
@@ -191,12 +235,12 @@ mod tests {
     #[test]
     fn valid_parent_is_continued_with_a_new_span_id() {
         let s = start(SpanKind::Server, headers(&[TP], &[b"congo=t61rcWkgMzE"]), true);
-        assert_eq!(s.record.trace_id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
-        assert_eq!(s.record.parent_span_id.unwrap().to_hex(), "b7ad6b7169203331");
-        assert_ne!(s.record.span_id.to_hex(), "b7ad6b7169203331");
-        assert!(s.record.parent_is_remote);
-        assert!(s.record.sampled());
-        assert_eq!(s.record.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+        assert_eq!(s.context.trace_id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(s.context.parent_span_id.unwrap().to_hex(), "b7ad6b7169203331");
+        assert_ne!(s.context.span_id.to_hex(), "b7ad6b7169203331");
+        assert!(s.context.parent_is_remote);
+        assert!(s.context.sampled());
+        assert_eq!(s.context.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
         assert!(s.restarted_because.is_none());
     }
 
@@ -204,8 +248,8 @@ mod tests {
     fn unsampled_parent_stays_unsampled_downstream() {
         let tp: &[u8] = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
         let s = start(SpanKind::Server, headers(&[tp], &[]), true);
-        assert!(!s.record.sampled());
-        let out = outgoing_traceparent(&s.record);
+        assert!(!s.context.sampled());
+        let out = s.context.outgoing_traceparent();
         assert!(out[..55].ends_with(b"-00"));
         assert_eq!(out[55], 0);
     }
@@ -215,16 +259,16 @@ mod tests {
         let bad: &[u8] = b"00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01";
         let s = start(SpanKind::Server, headers(&[bad], &[b"a=1"]), true);
         assert!(s.restarted_because.is_some());
-        assert!(s.record.parent_span_id.is_none());
-        assert!(s.record.tracestate.is_none());
-        assert!(s.record.sampled(), "a new trace is sampled (always_on root)");
+        assert!(s.context.parent_span_id.is_none());
+        assert!(s.context.tracestate.is_none());
+        assert!(s.context.sampled(), "a new trace is sampled (always_on root)");
     }
 
     #[test]
     fn two_traceparent_fields_restart_the_trace() {
         let s = start(SpanKind::Server, headers(&[TP, TP], &[]), true);
         assert!(s.restarted_because.is_some());
-        assert_ne!(s.record.trace_id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
+        assert_ne!(s.context.trace_id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
     }
 
     #[test]
@@ -241,16 +285,16 @@ mod tests {
     fn invalid_tracestate_is_dropped_but_the_parent_kept() {
         let s = start(SpanKind::Server, headers(&[TP], &[b"a=1,a=2"]), true);
         assert!(s.tracestate_dropped_because.is_some());
-        assert!(s.record.tracestate.is_none());
-        assert!(s.record.parent_span_id.is_some());
+        assert!(s.context.tracestate.is_none());
+        assert!(s.context.parent_span_id.is_some());
     }
 
     #[test]
     fn outgoing_traceparent_names_our_span_as_parent() {
         let s = start(SpanKind::Client, headers(&[TP], &[]), false);
-        let out = outgoing_traceparent(&s.record);
+        let out = s.context.outgoing_traceparent();
         let text = std::str::from_utf8(&out[..55]).unwrap();
-        assert_eq!(text, format!("00-0af7651916cd43dd8448eb211c80319c-{}-01", s.record.span_id.to_hex()));
+        assert_eq!(text, format!("00-0af7651916cd43dd8448eb211c80319c-{}-01", s.context.span_id.to_hex()));
     }
 
     #[test]
@@ -260,24 +304,24 @@ mod tests {
             Parent::Local { trace_id: TraceId([7; 16]), span_id: SpanId([8; 8]), flags: 0, tracestate: None },
             false,
         );
-        assert_eq!(s.record.trace_id, TraceId([7; 16]));
-        assert_eq!(s.record.parent_span_id, Some(SpanId([8; 8])));
-        assert!(!s.record.sampled());
+        assert_eq!(s.context.trace_id, TraceId([7; 16]));
+        assert_eq!(s.context.parent_span_id, Some(SpanId([8; 8])));
+        assert!(!s.context.sampled());
     }
 
     #[test]
     fn the_sampler_decides_new_traces_and_the_flag_follows() {
         let off = Sampler::from_env_values(Some("parentbased_always_off"), None).unwrap();
         let s = super::start(SpanKind::Server, headers(&[], &[]), true, &off);
-        assert!(!s.record.sampled());
-        assert!(outgoing_traceparent(&s.record)[..55].ends_with(b"-00"));
+        assert!(!s.context.sampled());
+        assert!(s.context.outgoing_traceparent()[..55].ends_with(b"-00"));
         // ...while a sampled parent is still followed
         let s = super::start(SpanKind::Server, headers(&[TP], &[]), true, &off);
-        assert!(s.record.sampled());
+        assert!(s.context.sampled());
         // a non-parent-based sampler overrides the parent's flag
         let always_off = Sampler::from_env_values(Some("always_off"), None).unwrap();
         let s = super::start(SpanKind::Server, headers(&[TP], &[]), true, &always_off);
-        assert!(!s.record.sampled());
+        assert!(!s.context.sampled());
     }
 
     #[test]
