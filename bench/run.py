@@ -18,7 +18,9 @@ BENCH_WORKLOADS (hit,pass), BENCH_CONFIGS (all), BENCH_OUT (bench/results),
 BENCH_PROFILE=<folder>: also `perf record` the varnishd child during the instruction pass, one
 `<workload>-<configuration>.data` per run in that folder (read with `perf report -i`);
 BENCH_PROFILE_EVENT picks what is sampled (default cycles:u; instructions:u attributes the
-instruction counts).
+instruction counts). BENCH_COMPARE_SO=<folder holding another build's libvmod_opentracing.so>
+adds, for every traced configuration, a twin `<configuration>@compare` that loads that build:
+two commits compared in the same interleaved rounds, in the same phase of the machine.
 """
 import json
 import os
@@ -59,6 +61,16 @@ RECEIVER = os.path.join(REPO, "target", "release", "otlp-receiver")
 if os.environ.get("BENCH_CONFIGS"):
     wanted = os.environ["BENCH_CONFIGS"].split(",")
     CONFIGS = {k: v for k, v in CONFIGS.items() if k in wanted or k == "baseline"}
+# name -> folder of the module it loads, for the twins of BENCH_COMPARE_SO (the others: SO_DIR).
+MODULE_DIRS = {}
+COMPARE_SO = os.environ.get("BENCH_COMPARE_SO")
+if COMPARE_SO:
+    if not os.path.isfile(os.path.join(COMPARE_SO, "libvmod_opentracing.so")):
+        raise SystemExit(f"bench: BENCH_COMPARE_SO: no libvmod_opentracing.so in {COMPARE_SO}")
+    for name, config in list(CONFIGS.items()):
+        if config[0]:
+            CONFIGS[name + "@compare"] = config
+            MODULE_DIRS[name + "@compare"] = os.path.abspath(COMPARE_SO)
 
 # The budget of issue 6 (cache hits): ratio to baseline at least this, p99 added at most 50 us.
 BUDGET = {"sampled_100pct": 0.95, "sampled_1pct": 0.99}
@@ -94,14 +106,14 @@ def sh(*args, **kw):
 
 
 class Varnishd:
-    def __init__(self, name, workdir, vcl, env=None, cpu=None):
+    def __init__(self, name, workdir, vcl, env=None, cpu=None, module_dir=None):
         self.name, self.port = name, free_port()
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir)
         vcl_file = os.path.join(self.dir, "main.vcl")
         with open(vcl_file, "w") as f:
             f.write(vcl)
-        vmod_path = SO_DIR + ":" + sh("pkg-config", "--variable=vmoddir", "varnishapi").strip()
+        vmod_path = (module_dir or SO_DIR) + ":" + sh("pkg-config", "--variable=vmoddir", "varnishapi").strip()
         cmd = ["varnishd", "-F", "-j", "none", "-n", self.dir + "/n", "-a", f"127.0.0.1:{self.port}",
                "-f", vcl_file, "-s", "malloc,256m", "-p", f"vmod_path={vmod_path}",
                "-p", f"vcl_path={REPO}/vcl", "-p", "thread_pool_min=20", "-p", "thread_pools=1"]
@@ -311,7 +323,8 @@ def main():
         proxies = {}
         for name, (module, env) in CONFIGS.items():
             vcl = PROXY_VCL % {"module": MODULE_LINES if module else "", "origin_port": origin.port}
-            proxies[name] = Varnishd(name, workdir, vcl, dict(otlp, **env) if module else env, cpu=vcpu)
+            proxies[name] = Varnishd(name, workdir, vcl, dict(otlp, **env) if module else env, cpu=vcpu,
+                                     module_dir=MODULE_DIRS.get(name))
             servers.append(proxies[name])
         paths = {"hit": "/hit", "pass": "/pass"}
         for p in proxies.values():  # warm: the object is cached, connections open
@@ -408,7 +421,8 @@ def main():
         "rounds": ROUNDS, "seconds_per_run": SECONDS, "connections": CONNECTIONS,
         "wrk_threads": 1, "pinning": "varnishd under test on CPU 0, wrk on CPU 1" if vcpu is not None else "none",
         "exporter": "OTLP/HTTP protobuf to tools/otlp-receiver (discard mode, pinned with wrk); "
-                    "sampled_100pct_file: OTLP/JSON lines to /dev/null"},
+                    "sampled_100pct_file: OTLP/JSON lines to /dev/null"
+                    + (f"; @compare: the module from {COMPARE_SO}" if COMPARE_SO else "")},
         "received_by_receiver": received,
         "summary": summary, "budget": verdicts, "runs": runs}
     os.makedirs(OUT, exist_ok=True)
