@@ -167,7 +167,7 @@ unsafe fn start_client_span(
     // An unsampled span is never exported: it only carries the context, so skip the rest.
     let described = record.sampled();
     if described {
-        server_attributes(raw, req, &mut record);
+        server_attributes(raw, req, &mut record, hot.trust == Trust::Extract);
     }
     // The context is written into the request only when it goes to a backend (see
     // `cache_result`): a cache hit, the common case, never pays for the header.
@@ -618,7 +618,7 @@ unsafe fn sampling_changed(raw: &varnish::ffi::vrt_ctx, state: &mut TaskState, w
     match (was_sampled, state.record.sampled()) {
         (false, true) => {
             if !state.described {
-                server_attributes(raw, &*raw.req, &mut state.record);
+                server_attributes(raw, &*raw.req, &mut state.record, state.trust == Trust::Extract);
                 state.described = true;
             }
             crate::vsl::tailer::track(state.record.vxid);
@@ -708,6 +708,7 @@ unsafe fn server_attributes(
     ctx: &varnish::ffi::vrt_ctx,
     req: &varnish::ffi::req,
     record: &mut crate::span::SpanRecord,
+    proxies_trusted: bool,
 ) {
     let spans = config::active_spans();
     let line = request_attributes(req.http, &spans, record);
@@ -725,10 +726,13 @@ unsafe fn server_attributes(
     for (name, value) in http::fields(req.http) {
         let slot = match name.len() {
             4 if name.eq_ignore_ascii_case(b"host") => &mut host,
-            9 if name.eq_ignore_ascii_case(b"forwarded") => &mut forwarded,
+            // What a proxy in front says, only when the client is trusted with its trace context
+            // too (`trust` extract): a Varnish facing clients directly (`ignore`, `link`) would
+            // otherwise record whatever scheme and host a client claims.
+            9 if proxies_trusted && name.eq_ignore_ascii_case(b"forwarded") => &mut forwarded,
             10 if name.eq_ignore_ascii_case(b"user-agent") => &mut user_agent,
-            16 if name.eq_ignore_ascii_case(b"x-forwarded-host") => &mut x_forwarded_host,
-            17 if name.eq_ignore_ascii_case(b"x-forwarded-proto") => &mut x_forwarded_proto,
+            16 if proxies_trusted && name.eq_ignore_ascii_case(b"x-forwarded-host") => &mut x_forwarded_host,
+            17 if proxies_trusted && name.eq_ignore_ascii_case(b"x-forwarded-proto") => &mut x_forwarded_proto,
             _ => continue,
         };
         slot.get_or_insert(value); // the first of repeated fields

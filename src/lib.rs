@@ -150,7 +150,9 @@ mod opentracing {
 
     /// What to do with the caller's trace context for this request, in `vcl_recv`: `extract`
     /// (continue it), `ignore` (start a new trace, drop it), `link` (start a new trace with a
-    /// span link to it). The default is the `OPENTRACING_TRUST` setting (`extract`).
+    /// span link to it). The default is the `OPENTRACING_TRUST` setting (`extract`). That
+    /// setting also decides whether the scheme and host a proxy in front reports (`Forwarded`,
+    /// `X-Forwarded-Proto`/`-Host`) are read for the span's attributes when it starts.
     ///
     /// ```vcl
     /// sub vcl_recv {
