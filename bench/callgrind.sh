@@ -14,6 +14,8 @@
 # the module (e.g. an older commit's, for a comparison). Needs valgrind (Debian: apt-get install
 # valgrind).
 set -euo pipefail
+# Another build's module, as an absolute path (VCL's `import ... from` needs one).
+so_given=${SO:+$(realpath -- "$SO")}
 cd "$(dirname "$0")/.."
 repo=$PWD
 sampler=${1:-always_off}
@@ -21,7 +23,7 @@ workload=${2:-hit}
 seconds=${3:-10}
 command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind is missing (apt-get install valgrind)" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "callgrind.sh: wrk is missing (make bench installs it)" >&2; exit 2; }
-so=${SO:-$repo/target/release/libvmod_opentracing.so}
+so=${so_given:-$repo/target/release/libvmod_opentracing.so}
 receiver=$repo/target/release/otlp-receiver
 export_to=${CALLGRIND_EXPORT:-otlp}
 [ "$export_to" = none ] || [ -x "$receiver" ] || { echo "callgrind.sh: $receiver is missing: make release" >&2; exit 2; }
@@ -82,7 +84,8 @@ kill -TERM "$manager"
 wait "$manager" 2>/dev/null || true
 # The child is the process that served requests (the VCL compiler, another child of the
 # manager, may run more instructions when the run is short).
-out=$(grep -l 'CNT_Request' "$work"/cg.*.out | xargs grep -H -E '^summary:' | sort -t' ' -k2 -n | tail -1 | cut -d: -f1)
+out=$(grep -l 'CNT_Request' "$work"/cg.*.out | xargs -r grep -H -E '^summary:' | sort -t' ' -k2 -n | tail -1 | cut -d: -f1) || true
+[ -n "$out" ] || { echo "callgrind.sh: no profile of a process that served requests; see $work/valgrind.log" >&2; exit 1; }
 python3 - "$out" <<'EOF'
 import collections, re, subprocess, sys
 path = sys.argv[1]

@@ -20,7 +20,8 @@ BENCH_PROFILE=<folder>: also `perf record` the varnishd child during the instruc
 BENCH_PROFILE_EVENT picks what is sampled (default cycles:u; instructions:u attributes the
 instruction counts). BENCH_COMPARE_SO=<folder holding another build's libvmod_opentracing.so>
 adds, for every traced configuration, a twin `<configuration>@compare` that loads that build:
-two commits compared in the same interleaved rounds, in the same phase of the machine.
+two commits compared in the same interleaved rounds, in the same phase of the machine. Both load
+this checkout's vcl/opentracing.vcl: the other build must provide the functions it calls.
 """
 import json
 import os

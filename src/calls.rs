@@ -618,7 +618,9 @@ unsafe fn sampling_changed(raw: &varnish::ffi::vrt_ctx, state: &mut TaskState, w
     match (was_sampled, state.record.sampled()) {
         (false, true) => {
             if !state.described {
-                server_attributes(raw, &*raw.req, &mut state.record, state.trust == Trust::Extract);
+                // The setting, as at the span's start (`state.trust` says what became of the
+                // caller's context, and stays `extract` for a request that brought none).
+                server_attributes(raw, &*raw.req, &mut state.record, config::hot().trust == Trust::Extract);
                 state.described = true;
             }
             crate::vsl::tailer::track(state.record.vxid);

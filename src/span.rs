@@ -375,27 +375,40 @@ impl SpanRecord {
     /// the CPU's caches. Within the attribute count limit the outcome comes first (the status
     /// and the sizes matter more than the last attribute VCL added).
     pub fn seal(&mut self) {
+        self.seal_within(max_attributes(), max_value_len());
+    }
+
+    /// `seal` with the limits given (the tests' own, not the process's).
+    fn seal_within(&mut self, max: usize, max_len: usize) {
         let o = std::mem::take(&mut self.outcome);
         if self.outcome_shadowed {
             self.outcome_shadowed = false;
             let kind = self.kind;
             self.attributes.retain(|a| !o.writes(&a.key, kind));
         }
-        let room = max_attributes().saturating_sub(o.count());
+        let room = max.saturating_sub(o.count());
         if self.attributes.len() > room {
             self.dropped_attributes += (self.attributes.len() - room) as u32;
             self.attributes.truncate(room);
         }
-        // Room was made above: pushed without `add`'s checks.
-        self.attributes.reserve(o.count());
-        let a = &mut self.attributes;
-        let mut push = |key: &'static str, value: Value| a.push(Attribute { key: Cow::Borrowed(key), value });
+        self.attributes.reserve(o.count().min(max));
+        let (a, mut refused) = (&mut self.attributes, 0u32);
+        // Only a limit below the outcome's own count refuses some of it (in this order).
+        let mut push = |key: &'static str, value: Value| {
+            if a.len() < max {
+                a.push(Attribute { key: Cow::Borrowed(key), value });
+            } else {
+                refused += 1;
+            }
+        };
         let size = |n: u64| Value::Int(n.min(i64::MAX as u64) as i64);
+        // The strings within the value length limit, as `set` keeps them.
+        let text = |t: String| Value::Str(truncate(t, max_len).into());
         if let Some(s) = o.status_code {
             push("http.response.status_code", Value::Int(i64::from(s)));
         }
         if let Some(t) = o.error_type {
-            push("error.type", Value::Str(t));
+            push("error.type", Value::Str(truncate_cow(t, max_len)));
         }
         if let Some(n) = o.request_body_size {
             push("http.request.body.size", size(n));
@@ -404,7 +417,7 @@ impl SpanRecord {
             push("http.response.body.size", size(n));
         }
         if let Some(r) = o.cache_result {
-            push("varnish.cache_result", Value::Str(r));
+            push("varnish.cache_result", Value::Str(truncate_cow(r, max_len)));
         }
         if let Some(v) = o.vxid {
             push("varnish.vxid", size(v));
@@ -416,14 +429,15 @@ impl SpanRecord {
             );
         }
         if let Some(b) = o.backend {
-            push("varnish.backend", Value::Str(b.into()));
+            push("varnish.backend", text(b));
         }
         if let Some(a) = o.peer_address {
-            push("network.peer.address", Value::Str(a.into()));
+            push("network.peer.address", text(a));
         }
         if let Some(p) = o.peer_port {
             push("network.peer.port", Value::Int(i64::from(p)));
         }
+        self.dropped_attributes += refused;
     }
 
     /// Appends an attribute the caller knows is not set yet (our own keys, set once): no search.
@@ -642,6 +656,40 @@ mod tests {
         assert_eq!(value("varnish.vxid"), Some(Value::Int(5)));
         assert_eq!(value(&format!("k{}", MAX_ATTRIBUTES - 2)), None, "the last ones VCL added gave way");
         assert_eq!(value(&format!("k{}", MAX_ATTRIBUTES - 3)), Some(Value::Int(MAX_ATTRIBUTES as i64 - 3)));
+    }
+
+    #[test]
+    fn below_the_outcomes_own_count_the_limit_still_holds_and_the_values_are_cut() {
+        let sealed_within = |mut r: SpanRecord, max: usize, max_len: usize| {
+            r.seal_within(max, max_len);
+            (r.attributes.into_iter().map(|a| (a.key.into_owned(), a.value)).collect::<Vec<_>>(), r.dropped_attributes)
+        };
+        let mut r = SpanRecord::new(SpanKind::Client, TraceId([1; 16]), SpanId([2; 8]), None);
+        r.set_str("url.full", "http://b/");
+        r.set_http_status(503); // and error.type
+        r.outcome.vxid = Some(7);
+        r.outcome.backend = Some("a_long_backend_name".into());
+        r.outcome.cache_result = Some("hit-for-pass".into());
+        let (attributes, dropped) = sealed_within(r, 2, 4);
+        assert_eq!(
+            attributes,
+            [kv("http.response.status_code", Value::Int(503)), kv("error.type", Value::Str("503".into()))]
+        );
+        assert_eq!(dropped, 4, "url.full, then cache result, VXID and backend");
+        let mut r = record();
+        r.outcome.backend = Some("a_long_backend_name".into());
+        r.outcome.peer_address = Some("2001:db8::1".into());
+        r.outcome.cache_result = Some("hit-for-pass".into());
+        let (attributes, dropped) = sealed_within(r, MAX_ATTRIBUTES, 4);
+        assert_eq!(dropped, 0);
+        assert_eq!(
+            attributes,
+            [
+                kv("varnish.cache_result", Value::Str("hit-".into())),
+                kv("varnish.backend", Value::Str("a_lo".into())),
+                kv("network.peer.address", Value::Str("2001".into())),
+            ]
+        );
     }
 
     #[test]

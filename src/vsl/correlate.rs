@@ -190,6 +190,8 @@ struct Pending {
     log: LogData,
     finished: Option<(Box<SpanRecord>, u64, Instant)>,
     since: Instant,
+    /// A fetch whose object a hit may link to (announced by `fetch_started`; a pass's is not).
+    hit_linkable: bool,
 }
 
 impl Pending {
@@ -233,11 +235,19 @@ impl Slab {
     fn insert(&mut self, key: u64, now: Instant) -> usize {
         let Some(slot) = self.free.pop() else {
             let chain = vec![ChainVxid { vxid: key, ended: false }];
-            self.slots.push(Pending { key, chain, log: LogData::default(), finished: None, since: now });
+            self.slots.push(Pending {
+                key,
+                chain,
+                log: LogData::default(),
+                finished: None,
+                since: now,
+                hit_linkable: false,
+            });
             return self.slots.len() - 1;
         };
         let p = &mut self.slots[slot];
         p.key = key;
+        p.hit_linkable = false;
         p.chain.push(ChainVxid { vxid: key, ended: false });
         p.since = now;
         slot
@@ -711,7 +721,9 @@ impl Correlator {
         // In place: the log data is large for a move (a few hundred bytes), and mostly empty.
         p.log.merge_into(&mut record, &self.fetched);
         record.closed_by = ClosedBy::Log;
-        if record.kind == SpanKind::Client {
+        if record.kind == SpanKind::Client && p.hit_linkable {
+            // Every VXID of the fetch (retries), while a hit may still come. Not for a pass:
+            // its object is never a hit (and the map must keep room for those that can be).
             self.remember_fetch(slot, record.trace_id, record.span_id);
         }
         self.forget(slot);
@@ -732,6 +744,9 @@ impl Correlator {
     /// from now on, even if that hit's log is read before the fetch's span is complete (a
     /// fetch's task ends when its busy object is released, which may be after the hit).
     pub fn fetch_started(&mut self, vxid: u64, trace_id: TraceId, span_id: SpanId) {
+        if let Some(slot) = self.slot_of_key(vxid) {
+            self.slab.slots[slot].hit_linkable = true;
+        }
         if self.fetched.insert(vxid, (trace_id, span_id)).is_none() {
             self.fetched_order.push_back(vxid);
         }
@@ -1130,6 +1145,8 @@ mod tests {
         c.track(1002, now);
         let fetch = task_record(SpanKind::Client, 1002, T0, T0 + 1, 200);
         let (fetch_trace, fetch_span) = (fetch.trace_id, fetch.span_id);
+        // As the tailer announces a fetch that may store an object (`Msg::TrackFetch`).
+        c.fetch_started(1002, fetch_trace, fetch_span);
         c.finished(fetch, 1002, now);
         feed(&mut c, &batch(1002, false, &[(TS, "BerespBody: 1700000000.000300 0 0"), (END, "")]));
         // A later hit of another trace on the object 1002 fetched.
@@ -1306,11 +1323,40 @@ mod tests {
         let mut c = Correlator::new(tags(), Limits { fetches_remembered: 3, ..limits() });
         for v in 1..=10u64 {
             c.track(v, now);
-            c.finished(task_record(SpanKind::Client, v, T0, T0 + 1, 200), v, now);
+            let r = task_record(SpanKind::Client, v, T0, T0 + 1, 200);
+            c.fetch_started(v, r.trace_id, r.span_id);
+            c.finished(r, v, now);
             feed(&mut c, &batch(v, false, &[(END, "")]));
         }
         assert_eq!(c.fetched.len(), 3);
         assert!(c.fetched.contains_key(&10) && !c.fetched.contains_key(&1));
+    }
+
+    #[test]
+    fn a_pass_fetch_is_not_remembered_for_hits() {
+        // A pass's fetch is tracked without `fetch_started` (its object is never a hit): its
+        // span completes from the log, and takes no room among the fetches hits may link to.
+        let now = Instant::now();
+        let mut c = Correlator::new(tags(), limits());
+        c.track(2002, now);
+        c.finished(task_record(SpanKind::Client, 2002, T0, T0 + 1, 200), 2002, now);
+        let done = feed(&mut c, &batch(2002, false, &[(TS, "BerespBody: 1700000000.000300 0 0"), (END, "")]));
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].closed_by, ClosedBy::Log);
+        assert!(c.fetched.is_empty());
+        // The slot it used, reused by a fetch that may be hit, is remembered again.
+        c.track(2004, now);
+        let r = task_record(SpanKind::Client, 2004, T0, T0 + 1, 200);
+        c.fetch_started(2004, r.trace_id, r.span_id);
+        c.finished(r, 2004, now);
+        assert_eq!(feed(&mut c, &batch(2004, false, &[(END, "")])).len(), 1);
+        assert!(c.fetched.contains_key(&2004));
+        // And a pass reusing that slot again is not.
+        c.fetched.clear();
+        c.track(2006, now);
+        c.finished(task_record(SpanKind::Client, 2006, T0, T0 + 1, 200), 2006, now);
+        assert_eq!(feed(&mut c, &batch(2006, false, &[(END, "")])).len(), 1);
+        assert!(c.fetched.is_empty());
     }
 
     #[test]
