@@ -399,15 +399,7 @@ pub fn is_running() -> bool {
 
 /// Hands a finished span to the exporter. Never blocks; drops and counts when it cannot.
 pub fn submit(span: Box<SpanRecord>) {
-    STATS.spans_submitted.fetch_add(1, Relaxed);
-    let guard = EXPORTER.read();
-    let accepted = match guard.as_ref() {
-        Some(w) => w.try_send(span).is_ok(),
-        None => false,
-    };
-    if !accepted {
-        STATS.spans_dropped.fetch_add(1, Relaxed);
-    }
+    submit_all(std::iter::once(span));
 }
 
 /// `submit` for many spans (the tailer's, once per tick): the lock and the counters are taken

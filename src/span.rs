@@ -386,12 +386,13 @@ impl SpanRecord {
             let kind = self.kind;
             self.attributes.retain(|a| !o.writes(&a.key, kind));
         }
-        let room = max.saturating_sub(o.count());
+        let known = o.count();
+        let room = max.saturating_sub(known);
         if self.attributes.len() > room {
             self.dropped_attributes += (self.attributes.len() - room) as u32;
             self.attributes.truncate(room);
         }
-        self.attributes.reserve(o.count().min(max));
+        self.attributes.reserve(known.min(max));
         let (a, mut refused) = (&mut self.attributes, 0u32);
         // Only a limit below the outcome's own count refuses some of it (in this order).
         let mut push = |key: &'static str, value: Value| {

@@ -236,13 +236,12 @@ impl ExportJob {
 }
 
 impl Job<Box<SpanRecord>> for ExportJob {
-    fn handle(&mut self, span: Box<SpanRecord>) {
+    fn handle(&mut self, mut span: Box<SpanRecord>) {
         if self.waiting.len() >= self.cfg.queue_size {
             STATS.spans_dropped.fetch_add(1, Relaxed);
             return;
         }
         self.oldest.get_or_insert_with(Instant::now);
-        let mut span = span;
         // Here rather than where the span was completed: the encoder reads the attributes soon
         // after, whereas the tailer would find them out of the CPU's caches.
         span.seal();
