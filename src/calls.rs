@@ -10,7 +10,7 @@ use varnish::vcl::Ctx;
 
 use crate::config::{self, propagators, Trust};
 use crate::pipeline::{self, STATS};
-use crate::span::{vtim_to_unix_nano, SpanKind, Value};
+use crate::span::{text_lossy, vtim_to_unix_nano, SpanKind, Text, Value};
 use crate::trace::{self, outgoing_traceparent, Parent};
 use crate::varnish::other_formats;
 use crate::varnish::task::{self, EsiParent, Slot, TaskState, Unsampled};
@@ -208,7 +208,7 @@ fn adopt<'a>(ctx: &Ctx, u: Unsampled) -> Option<&'a mut TaskState> {
 /// # Safety
 /// `raw` and `req` must be the running client task's context and request.
 unsafe fn unsampled_state(raw: &varnish::ffi::vrt_ctx, req: &varnish::ffi::req, u: Unsampled) -> TaskState {
-    let mut record = crate::span::SpanRecord::new(SpanKind::Server, u.trace_id, u.span_id, u.parent_span_id);
+    let mut record = crate::span_pool::record(SpanKind::Server, u.trace_id, u.span_id, u.parent_span_id);
     record.parent_is_remote = u.parent_is_remote;
     record.flags = u.flags;
     record.start_unix_nano = vtim_to_unix_nano(req.t_first.0);
@@ -450,17 +450,17 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
     if result == b"synth" && state.cache_result_known {
         return;
     }
-    let value: std::borrow::Cow<'static, str> = match result {
+    let value: Text = match result {
         // SAFETY: in vcl_hit req->objcore is the object found.
-        b"hit" if m == method::HIT && unsafe { is_stale(req) } => "grace".into(),
-        b"hit" => "hit".into(),
-        b"miss" if req.is_hitmiss() != 0 => "hit-for-miss".into(),
-        b"miss" => "miss".into(),
-        b"pass" if req.is_hitpass() != 0 => "hit-for-pass".into(),
-        b"pass" => "pass".into(),
-        b"pipe" => "pipe".into(),
-        b"synth" => "synth".into(),
-        other => String::from_utf8_lossy(other).into_owned().into(),
+        b"hit" if m == method::HIT && unsafe { is_stale(req) } => Text::const_new("grace"),
+        b"hit" => Text::const_new("hit"),
+        b"miss" if req.is_hitmiss() != 0 => Text::const_new("hit-for-miss"),
+        b"miss" => Text::const_new("miss"),
+        b"pass" if req.is_hitpass() != 0 => Text::const_new("hit-for-pass"),
+        b"pass" => Text::const_new("pass"),
+        b"pipe" => Text::const_new("pipe"),
+        b"synth" => Text::const_new("synth"),
+        other => text_lossy(other),
     };
     if m == method::HIT {
         record_cache_result(state, req, now, value);
@@ -472,12 +472,7 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
 
 /// Records a hit's result (`hit`, `grace`), with the object's age and remaining TTL at `now`.
 /// `req` is the running request in vcl_hit or vcl_deliver, where its objcore is the object.
-fn record_cache_result(
-    state: &mut TaskState,
-    req: &varnish::ffi::req,
-    now: f64,
-    value: std::borrow::Cow<'static, str>,
-) {
+fn record_cache_result(state: &mut TaskState, req: &varnish::ffi::req, now: f64, value: Text) {
     // SAFETY: req->objcore is NULL or the object found, for the running subroutine.
     if let Some(oc) = unsafe { req.objcore.as_ref() } {
         let age = now - oc.t_origin.0;
@@ -502,7 +497,7 @@ unsafe fn is_stale(req: &varnish::ffi::req) -> bool {
 }
 
 pub fn tag(ctx: &mut Ctx, key: &CStr, value: &CStr) {
-    let value = Value::Str(value.to_string_lossy().into_owned().into());
+    let value = Value::Str(text_lossy(value.to_bytes()));
     tag_value(ctx, "tag()", key, value);
 }
 
@@ -751,18 +746,18 @@ unsafe fn server_attributes(
         .find_map(host_and_port);
     if let Some((host, port)) = server {
         let default_port = if scheme == "https" { 443 } else { 80 };
-        record.add("server.address", Value::Str(host.to_owned().into()));
+        record.add("server.address", Value::Str(Text::from(host)));
         record.add("server.port", Value::Int(i64::from(port.unwrap_or(default_port))));
     }
     if let Some(ua) = user_agent {
-        record.add("user_agent.original", Value::Str(String::from_utf8_lossy(ua).into_owned().into()));
+        record.add("user_agent.original", Value::Str(text_lossy(ua)));
     }
     let (client, peer) = crate::varnish::peer::client_and_peer(ctx);
     if let Some(c) = client {
-        record.add("client.address", Value::Str(c.into()));
+        record.add("client.address", Value::Str(c));
     }
     if let Some((addr, port)) = peer {
-        record.add("network.peer.address", Value::Str(addr.into()));
+        record.add("network.peer.address", Value::Str(addr));
         record.add("network.peer.port", Value::Int(i64::from(port)));
     }
     if req.esi_level > 0 {
@@ -786,7 +781,7 @@ unsafe fn client_attributes(bereq: *const varnish::ffi::http, record: &mut crate
     record.name = semconv::span_name(line.method, None);
     let host = http::header(bereq, b"host").and_then(|h| std::str::from_utf8(h).ok());
     if let Some((address, port)) = host.and_then(semconv::split_host) {
-        record.add("server.address", Value::Str(address.to_owned().into()));
+        record.add("server.address", Value::Str(Text::from(address)));
         // Required on CLIENT spans: the scheme's default when Host names none.
         record.add("server.port", Value::Int(i64::from(port.unwrap_or(80))));
     }
@@ -837,10 +832,10 @@ unsafe fn request_attributes<'a>(
     let (method, other) = semconv::method(&method_original);
     record.add("http.request.method", Value::Str(method.into()));
     if other {
-        record.add("http.request.method_original", Value::Str(method_original.clone().into_owned().into()));
+        record.add("http.request.method_original", Value::Str(Text::from(&*method_original)));
     }
     let (path, query) = semconv::path_and_query(&url);
-    record.add("url.path", Value::Str(path.to_owned().into()));
+    record.add("url.path", Value::Str(Text::from(path)));
     if let Some(v) = std::str::from_utf8(http::proto(hp)).ok().and_then(semconv::protocol_version) {
         record.add("network.protocol.version", Value::Str(v.into()));
     }

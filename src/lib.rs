@@ -15,6 +15,7 @@ pub mod propagation;
 pub mod sampling;
 pub mod semconv;
 pub mod span;
+pub mod span_pool;
 pub mod trace;
 pub mod varnish;
 pub mod vsl;

@@ -379,6 +379,8 @@ pub fn vcl_cold() -> String {
     match worker {
         Some(w) => {
             if w.stop(deadline.saturating_duration_since(Instant::now())) {
+                // Nothing gives records back any more; the library may be unloaded next.
+                crate::span_pool::drain();
                 "pipeline stopped".to_owned()
             } else {
                 STATS.stop_timeouts.fetch_add(1, Relaxed);

@@ -51,8 +51,8 @@ impl SpanContext {
         self.flags & 1 == 1
     }
 
-    pub fn into_record(self) -> SpanRecord {
-        let mut record = SpanRecord::new(self.kind, self.trace_id, self.span_id, self.parent_span_id);
+    pub fn into_record(self) -> Box<SpanRecord> {
+        let mut record = crate::span_pool::record(self.kind, self.trace_id, self.span_id, self.parent_span_id);
         record.parent_is_remote = self.parent_is_remote;
         record.flags = self.flags;
         record.tracestate = self.tracestate;

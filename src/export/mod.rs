@@ -20,6 +20,7 @@ use otlp::{ExportError, OtlpClient, StopSignal};
 
 use crate::pipeline::{SharedCounters, STATS};
 use crate::span::SpanRecord;
+use crate::span_pool;
 use crate::worker::{Inbox, Job};
 
 /// Retries of a failed batch start after this and double each time, up to `MAX_BACKOFF`.
@@ -167,7 +168,7 @@ impl ExportJob {
             Ok(()) => {
                 STATS.spans_exported.fetch_add(n, Relaxed);
                 self.failures.succeeded(&self.cfg.sink);
-                self.batch.clear();
+                self.batch.drain(..).for_each(span_pool::give);
                 self.retry = None;
                 true
             }
@@ -187,7 +188,7 @@ impl ExportJob {
                     let why = if e.retryable { "retries exhausted" } else { "not retryable" };
                     self.failures.failed(&self.cfg.sink, &e, &format!("{n} spans dropped ({why})"));
                     STATS.spans_dropped_export.fetch_add(n, Relaxed);
-                    self.batch.clear();
+                    self.batch.drain(..).for_each(span_pool::give);
                     self.retry = None;
                 }
                 false

@@ -32,7 +32,8 @@ use crate::varnish::{http, vxid_of};
 
 /// What we keep for one task.
 pub struct TaskState {
-    pub record: SpanRecord,
+    /// Boxed from the start (a reused box, `span_pool`): the fini hands it on without a copy.
+    pub record: Box<SpanRecord>,
     /// Status actually sent, seen by the delivery filter after 304/206 conversion.
     pub status_sent: Option<u16>,
     /// Status VCL saw last (`finish()` in vcl_deliver/vcl_synth/vcl_backend_response).
@@ -59,7 +60,7 @@ pub struct TaskState {
 }
 
 impl TaskState {
-    pub fn new(record: SpanRecord) -> Self {
+    pub fn new(record: Box<SpanRecord>) -> Self {
         TaskState {
             record,
             status_sent: None,
@@ -357,7 +358,7 @@ unsafe fn complete(ctx: &ffi::vrt_ctx, state: TaskState) -> Box<SpanRecord> {
         outcome.request_body_size = Some(bo.acct.bereq_bodybytes);
         outcome.repeats = (bo.retries > 0).then_some(bo.retries);
         if let Some(name) = ffi::VRT_BACKEND_string(ffi::VCL_BACKEND(bo.director_resp)).0.as_ref() {
-            outcome.backend = Some(CStr::from_ptr(name).to_string_lossy().into_owned());
+            outcome.backend = Some(crate::span::text_lossy(CStr::from_ptr(name).to_bytes()));
         }
         if fetch_failed {
             record.status = StatusCode::Error;
@@ -374,12 +375,12 @@ unsafe fn complete(ctx: &ffi::vrt_ctx, state: TaskState) -> Box<SpanRecord> {
     if record.end_unix_nano < record.start_unix_nano {
         record.end_unix_nano = record.start_unix_nano;
     }
-    Box::new(record)
+    record
 }
 
 /// Closes a record that lost its task (no end data): its end is now.
 fn close_orphan(state: TaskState, how: ClosedBy) {
-    let mut record = Box::new(state.record);
+    let mut record = state.record;
     record.closed_by = how;
     record.end_unix_nano = now_unix_nano().max(record.start_unix_nano);
     record.set_str("varnish.span.closed_by", how.as_str());
@@ -454,7 +455,7 @@ pub fn sweep_stash() -> Vec<Box<SpanRecord>> {
         .filter_map(|e| {
             let Parked::Traced(state) = e.state else { return None };
             STATS.spans_closed_by_deadline.fetch_add(1, Relaxed);
-            let mut record = Box::new(state.record);
+            let mut record = state.record;
             record.closed_by = ClosedBy::Deadline;
             record.end_unix_nano = now_unix_nano().max(record.start_unix_nano);
             record.set_str("varnish.span.closed_by", ClosedBy::Deadline.as_str());

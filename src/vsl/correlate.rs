@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use super::record::{wanted, Tag, TagTable};
 use crate::ids::{SpanId, TraceId};
-use crate::span::{ClosedBy, Event, SpanKind, SpanRecord, StatusCode, Value};
+use crate::span::{text_lossy, ClosedBy, Event, SpanKind, SpanRecord, StatusCode, Text, Value};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -94,7 +94,7 @@ struct LogData {
     /// The last lookup (since the last restart) was a hit: `Hit` came after the last restart.
     last_lookup_hit: bool,
     /// Backend name, address, port (if a number).
-    peer: Option<(String, String, Option<u16>)>,
+    peer: Option<(Text, Text, Option<u16>)>,
 }
 
 impl LogData {
@@ -129,14 +129,14 @@ impl LogData {
         }
         if let Some(err) = self.fetch_error.take() {
             record.status = StatusCode::Error;
-            record.outcome.error_type.get_or_insert(Cow::Borrowed("fetch_error"));
+            record.outcome.error_type.get_or_insert(Text::const_new("fetch_error"));
             record.status_message = Some(err);
         }
         if let Some(err) = self.vcl_error.take() {
             // VCL_Error is also logged for problems VCL survives; it names the cause only of a
             // request that failed.
             if record.status == StatusCode::Error {
-                record.outcome.error_type = Some(Cow::Borrowed("vcl_error"));
+                record.outcome.error_type = Some(Text::const_new("vcl_error"));
                 record.status_message = Some(err);
             }
         }
@@ -153,17 +153,17 @@ impl LogData {
             // vcl_deliver, so the task saw `synth`; the lookup found the object, and a hit it is
             // (only the last lookup's: a hit restarted into a synth is a synth).
             if self.last_lookup_hit && record.outcome.cache_result.as_deref() == Some("synth") {
-                record.outcome.cache_result = Some(Cow::Borrowed("hit"));
+                record.outcome.cache_result = Some(Text::const_new("hit"));
             }
         }
         if self.start_ns.is_some() {
             // The log's timing breakdown (restarts and retries included) replaces what the task
             // recorded of those; events VCL added (`add_event`) are kept, in time order.
-            let from_vcl = mem::take(&mut record.events)
-                .into_iter()
-                .filter(|e| e.name != "varnish.restart" && e.name != "varnish.retry");
-            record.events = mem::take(&mut self.events);
+            // The two arrays trade places: the slot keeps the record's, emptied, for its next
+            // span, so that neither side allocates (the record's comes from `span_pool`).
+            mem::swap(&mut record.events, &mut self.events);
             let before = record.events.len();
+            let from_vcl = self.events.drain(..).filter(|e| e.name != "varnish.restart" && e.name != "varnish.retry");
             record.events.extend(from_vcl);
             if record.events.len() > before {
                 record.events.sort_by_key(|e| e.time_unix_nano);
@@ -257,7 +257,13 @@ impl Slab {
     fn free(&mut self, slot: usize) {
         let p = &mut self.slots[slot];
         p.chain.clear();
+        // The events array is kept, emptied, for the slot's next span (unless it grew large).
+        let mut events = mem::take(&mut p.log.events);
         p.log = LogData::default();
+        if events.capacity() <= EVENTS_RESERVED * 4 {
+            events.clear();
+            p.log.events = events;
+        }
         p.finished = None;
         self.free.push(slot);
     }
@@ -695,8 +701,8 @@ impl Correlator {
             Tag::BackendOpen => {
                 // "<fd> <backend> <remote addr> <remote port> <local addr> <local port> ..."
                 let _fd = fields.next()?;
-                let name = String::from_utf8_lossy(fields.next()?).into_owned();
-                let addr = String::from_utf8_lossy(fields.next()?).into_owned();
+                let name = text_lossy(fields.next()?);
+                let addr = text_lossy(fields.next()?);
                 let port = parse_int::<u16>(fields.next()?);
                 log.peer = Some((name, addr, port));
             }
