@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use varnish::vcl::Ctx;
 
 use crate::config::{self, propagators, Trust};
+use crate::ids::{SpanId, TraceId};
 use crate::pipeline::{self, STATS};
 use crate::span::{text_lossy, vtim_to_unix_nano, SpanKind, Text, Value};
 use crate::trace::{self, outgoing_traceparent, Parent};
@@ -234,14 +235,33 @@ pub fn trace_backend(ctx: &mut Ctx) {
         log::vcl(ctx, "trace_backend() is for backend subroutines (vcl_backend_fetch); ignored");
         return;
     };
-    if let Some(state) = task::current(ctx) {
-        // A retry: Varnish rebuilt the bereq from the original, so send our context again.
-        if bo.retries > state.repeats_seen {
-            state.repeats_seen = bo.retries;
-            state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.retry");
+    match task::slot(ctx) {
+        Slot::Traced(state) => {
+            // A retry: Varnish rebuilt the bereq from the original, so send our context again.
+            if bo.retries > state.repeats_seen {
+                state.repeats_seen = bo.retries;
+                state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.retry");
+            }
+            unsafe { write_context(bo.bereq, &Outgoing::of(state)) };
+            return;
         }
-        unsafe { write_context(bo.bereq, state) };
-        return;
+        Slot::Unsampled(u) => {
+            // The same for an unsampled fetch, with the rebuilt bereq's tracestate checked again.
+            // SAFETY: the bereq of the running fetch.
+            let fields = unsafe { http::trace_fields(bo.bereq) };
+            let combined = crate::propagation::tracestate::combine(&fields.tracestate).ok().flatten();
+            let out = Outgoing {
+                trace_id: &u.trace_id,
+                span_id: &u.span_id,
+                flags: u.flags,
+                tracestate: outgoing_tracestate(combined.as_deref(), !fields.tracestate.is_empty()),
+                debug: false,
+            };
+            // SAFETY: the bereq of the running fetch.
+            unsafe { write_context(bo.bereq, &out) };
+            return;
+        }
+        Slot::Empty => {}
     }
     let fields = unsafe { http::trace_fields(bo.bereq) };
     // SAFETY: the bereq of the running fetch.
@@ -251,6 +271,39 @@ pub fn trace_backend(ctx: &mut Ctx) {
     if let Some(why) = started.restarted_because {
         log::vcl(ctx, format!("invalid bereq traceparent ({why}): starting a new trace"));
     }
+    STATS.spans_started.fetch_add(1, Relaxed);
+    if !started.context.sampled() {
+        // The common fetch at low sampling rates: send the context on and keep only the decision,
+        // as an unsampled request does: no span record, no state to build and close. (A debug
+        // flag only goes on with a sampled span.)
+        let c = &started.context;
+        let out = Outgoing {
+            trace_id: &c.trace_id,
+            span_id: &c.span_id,
+            flags: c.flags,
+            tracestate: outgoing_tracestate(c.tracestate.as_deref(), !fields.tracestate.is_empty()),
+            debug: false,
+        };
+        // SAFETY: the bereq of the running fetch.
+        unsafe { write_context(bo.bereq, &out) };
+        let u = Unsampled {
+            trace_id: c.trace_id,
+            span_id: c.span_id,
+            parent_span_id: c.parent_span_id,
+            parent_is_remote: c.parent_is_remote,
+            flags: c.flags,
+            caller_sampled: started.caller_sampled,
+            tracestate_applies: c.tracestate.is_some(),
+            had_tracestate: !fields.tracestate.is_empty(),
+        };
+        if !task::install_unsampled(ctx, u) {
+            log::vcl(ctx, "out of workspace: unsampled fetch context not kept");
+        }
+        return;
+    }
+    // SAFETY: the bereq of the running fetch.
+    let debug = started.caller_debug
+        || (from_traceparent && unsafe { other_formats::debug_requested(bo.bereq, config::hot().propagators) });
     let mut record = started.context.into_record();
     record.start_unix_nano = vtim_to_unix_nano(bo.t_first.0);
     record.vxid = task::current_vxid(ctx);
@@ -261,19 +314,15 @@ pub fn trace_backend(ctx: &mut Ctx) {
     let mut state = TaskState::new(record);
     state.repeats_seen = bo.retries;
     state.had_tracestate = !fields.tracestate.is_empty();
+    state.debug = debug;
     // SAFETY: the bereq of the running fetch.
-    state.debug = started.caller_debug
-        || (from_traceparent && unsafe { other_formats::debug_requested(bo.bereq, config::hot().propagators) });
-    unsafe { write_context(bo.bereq, &state) };
-    STATS.spans_started.fetch_add(1, Relaxed);
-    if state.record.sampled() {
-        if bo.uncacheable() != 0 {
-            // A pass: its object is never a hit, so no hit will link to this span; the tailer
-            // need not remember its IDs (a map insert and removal, 5% of its cycles at 100%).
-            crate::vsl::tailer::track(state.record.vxid);
-        } else {
-            crate::vsl::tailer::track_fetch(state.record.vxid, state.record.trace_id, state.record.span_id);
-        }
+    unsafe { write_context(bo.bereq, &Outgoing::of(&state)) };
+    if bo.uncacheable() != 0 {
+        // A pass: its object is never a hit, so no hit will link to this span; the tailer
+        // need not remember its IDs (a map insert and removal, 5% of its cycles at 100%).
+        crate::vsl::tailer::track(state.record.vxid);
+    } else {
+        crate::vsl::tailer::track_fetch(state.record.vxid, state.record.trace_id, state.record.span_id);
     }
     if task::install(ctx, state).is_err() {
         log::vcl(ctx, "out of workspace: span not recorded");
@@ -430,18 +479,22 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
         _ => std::ptr::null_mut(),
     };
     // An unsampled request that kept only its decision needs its context only where a fetch
-    // follows (the common unsampled cache hit needs nothing).
+    // follows (the common unsampled cache hit needs nothing), and sends it on from the decision
+    // (building its full state cost 1,000 instructions per unsampled miss or pass).
     let state = match task::slot(ctx) {
         Slot::Traced(state) => state,
-        Slot::Unsampled(u) if !target.is_null() => match adopt(ctx, u) {
-            Some(state) => state,
-            None => return,
-        },
-        Slot::Unsampled(_) | Slot::Empty => return,
+        Slot::Unsampled(u) => {
+            if !target.is_null() {
+                // SAFETY: a header table of the running request, and the request.
+                unsafe { write_unsampled_context(target, req, &u) };
+            }
+            return;
+        }
+        Slot::Empty => return,
     };
     if !target.is_null() {
         // SAFETY: a header table of the running task.
-        unsafe { write_context(target, state) };
+        unsafe { write_context(target, &Outgoing::of(state)) };
     }
     if !state.record.sampled() {
         return;
@@ -685,16 +738,27 @@ pub fn baggage(ctx: &mut Ctx, key: &CStr) -> String {
     key.to_str().ok().and_then(|k| parsed.get(k)).unwrap_or_default().to_owned()
 }
 
+/// The current task's IDs and flags (an unsampled one's from its decision).
+fn current_context(ctx: &Ctx) -> Option<(TraceId, SpanId, u8)> {
+    match task::slot(ctx) {
+        Slot::Traced(s) => Some((s.record.trace_id, s.record.span_id, s.record.flags)),
+        Slot::Unsampled(u) => Some((u.trace_id, u.span_id, u.flags)),
+        Slot::Empty => None,
+    }
+}
+
 pub fn trace_id(ctx: &mut Ctx) -> String {
-    state(ctx).map(|s| s.record.trace_id.to_hex()).unwrap_or_default()
+    current_context(ctx).map(|(t, _, _)| t.to_hex()).unwrap_or_default()
 }
 
 pub fn span_id(ctx: &mut Ctx) -> String {
-    state(ctx).map(|s| s.record.span_id.to_hex()).unwrap_or_default()
+    current_context(ctx).map(|(_, s, _)| s.to_hex()).unwrap_or_default()
 }
 
 pub fn traceparent(ctx: &mut Ctx) -> String {
-    state(ctx).map(|s| String::from_utf8_lossy(&outgoing_traceparent(&s.record)[..55]).into_owned()).unwrap_or_default()
+    current_context(ctx)
+        .map(|(t, s, f)| String::from_utf8_lossy(&trace::nul_terminated_traceparent(&t, &s, f)[..55]).into_owned())
+        .unwrap_or_default()
 }
 
 /// The attributes of a SERVER (or ESI INTERNAL) span from the request as received.
@@ -904,31 +968,93 @@ unsafe fn tell_the_client(resp: *mut varnish::ffi::http, record: &crate::span::S
     }
 }
 
-/// Sets `traceparent` (and `tracestate`, or removes it) on an outgoing request.
+/// The context a task sends on: from its full state, or, for an unsampled task that keeps only
+/// its decision, from that.
+struct Outgoing<'a> {
+    trace_id: &'a TraceId,
+    span_id: &'a SpanId,
+    flags: u8,
+    /// What becomes of the request's `tracestate` fields.
+    tracestate: OutgoingTracestate<'a>,
+    /// The caller's debug flag goes on (B3, Jaeger).
+    debug: bool,
+}
+
+enum OutgoingTracestate<'a> {
+    /// The validated, combined value (printable ASCII, at most 512 bytes).
+    Set(&'a str),
+    /// An invalid incoming `tracestate` must not travel on.
+    Remove,
+    /// There was none, or the one there is already ours: no work.
+    Keep,
+}
+
+/// The validated `tracestate` goes on; without one, what the request had is removed.
+fn outgoing_tracestate(validated: Option<&str>, had_tracestate: bool) -> OutgoingTracestate<'_> {
+    match validated {
+        Some(ts) => OutgoingTracestate::Set(ts),
+        None if had_tracestate => OutgoingTracestate::Remove,
+        None => OutgoingTracestate::Keep,
+    }
+}
+
+impl<'a> Outgoing<'a> {
+    fn of(state: &'a TaskState) -> Self {
+        let r = &state.record;
+        Outgoing {
+            trace_id: &r.trace_id,
+            span_id: &r.span_id,
+            flags: r.flags,
+            tracestate: outgoing_tracestate(r.tracestate.as_deref(), state.had_tracestate),
+            // A debug flag is the caller's, for its trace: sent on only when that trace continues.
+            debug: state.debug && state.trust == Trust::Extract,
+        }
+    }
+}
+
+/// Sets `traceparent` (and `tracestate`, or removes it) on an outgoing request, and the other
+/// enabled formats.
 ///
 /// # Safety
 /// `hp` must be NULL or a writable `struct http` of the running task.
-unsafe fn write_context(hp: *mut varnish::ffi::http, state: &TaskState) {
+unsafe fn write_context(hp: *mut varnish::ffi::http, out: &Outgoing<'_>) {
     let bits = config::hot().propagators;
-    let r = &state.record;
     if bits & propagators::TRACECONTEXT != 0 {
-        let tp = outgoing_traceparent(r);
+        let tp = trace::nul_terminated_traceparent(out.trace_id, out.span_id, out.flags);
         http::force(hp, http::H_TRACEPARENT, &tp[..55]);
-        match &r.tracestate {
-            // Validated printable ASCII (propagation::tracestate), at most 512 bytes.
-            Some(ts) => {
+        match out.tracestate {
+            OutgoingTracestate::Set(ts) => {
                 http::force(hp, http::H_TRACESTATE, ts.as_bytes());
             }
-            // An invalid incoming tracestate must not travel on; none at all needs no work.
-            None if state.had_tracestate => http::unset(hp, http::H_TRACESTATE),
-            None => {}
+            OutgoingTracestate::Remove => http::unset(hp, http::H_TRACESTATE),
+            OutgoingTracestate::Keep => {}
         }
     }
     if bits & (propagators::B3 | propagators::B3MULTI | propagators::JAEGER) != 0 {
-        // A debug flag is the caller's, for its trace: sent on only when that trace continues.
-        let debug = state.debug && state.trust == Trust::Extract;
-        other_formats::inject(hp, bits, &r.trace_id.0, &r.span_id.0, r.sampled(), debug);
+        other_formats::inject(hp, bits, &out.trace_id.0, &out.span_id.0, out.flags & 1 == 1, out.debug);
     }
+}
+
+/// Sends on the context of an unsampled client request that kept only its decision, as the
+/// full state built from it (`unsampled_state`) would: the caller's `tracestate`, read again
+/// from the request, goes on when it applies and is valid, and is removed otherwise.
+///
+/// # Safety
+/// `hp` must be a writable `struct http` of the running client task, `req` its request.
+unsafe fn write_unsampled_context(hp: *mut varnish::ffi::http, req: &varnish::ffi::req, u: &Unsampled) {
+    let combined = if u.tracestate_applies {
+        crate::propagation::tracestate::combine(&http::trace_fields(req.http).tracestate).ok().flatten()
+    } else {
+        None
+    };
+    let out = Outgoing {
+        trace_id: &u.trace_id,
+        span_id: &u.span_id,
+        flags: u.flags,
+        tracestate: outgoing_tracestate(combined.as_deref(), u.had_tracestate),
+        debug: false,
+    };
+    write_context(hp, &out);
 }
 
 /// The caller's context: `traceparent` when Trace Context is enabled and the field is there,

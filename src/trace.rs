@@ -206,7 +206,8 @@ pub fn outgoing_traceparent(record: &SpanRecord) -> [u8; 56] {
     nul_terminated_traceparent(&record.trace_id, &record.span_id, record.flags)
 }
 
-fn nul_terminated_traceparent(trace_id: &TraceId, span_id: &SpanId, flags: u8) -> [u8; 56] {
+/// The `traceparent` of a context, NUL-terminated for Varnish.
+pub fn nul_terminated_traceparent(trace_id: &TraceId, span_id: &SpanId, flags: u8) -> [u8; 56] {
     let mut out = [0u8; 56];
     out[..55].copy_from_slice(&traceparent::format(&trace_id.0, &span_id.0, flags));
     out
