@@ -54,6 +54,35 @@ pub trait Job<M>: Send + 'static {
     }
 }
 
+/// Whether a job may sleep its longer idle tick: only when its last tick ended with nothing in
+/// hand and no message had come since the tick before. Not merely "nothing in hand": at high
+/// rates most of the tailer's ticks end with every span complete, and a 20 ms sleep then gave
+/// each tick four times the work, a millisecond in one go on the workers' CPU (measured with
+/// `perf sched`: it was the p99 latency added at 100% sampling).
+#[derive(Default)]
+pub struct Activity {
+    /// A message came since the last tick ended.
+    messages: bool,
+    quiet: bool,
+}
+
+impl Activity {
+    /// A message was handled.
+    pub fn message(&mut self) {
+        self.messages = true;
+    }
+
+    /// A tick ended, with nothing left to do or not.
+    pub fn tick_ended(&mut self, nothing_in_hand: bool) {
+        self.quiet = nothing_in_hand && !self.messages;
+        self.messages = false;
+    }
+
+    pub fn quiet(&self) -> bool {
+        self.quiet
+    }
+}
+
 pub struct Worker<M: Send + 'static> {
     name: &'static str,
     tx: Sender<M>,
@@ -193,6 +222,26 @@ mod tests {
         let seen = Arc::new(AtomicUsize::new(0));
         let finished = Arc::new(AtomicUsize::new(0));
         (Counting { seen: seen.clone(), finished: finished.clone(), delay }, seen, finished)
+    }
+
+    #[test]
+    fn idle_only_after_a_tick_without_messages() {
+        let mut a = Activity::default();
+        assert!(!a.quiet(), "a new job keeps the short tick");
+        // Spans came and all completed within the tick: still busy.
+        a.message();
+        a.tick_ended(true);
+        assert!(!a.quiet());
+        // Spans still pending, no new message: busy.
+        a.tick_ended(false);
+        assert!(!a.quiet());
+        // Nothing pending, nothing came: idle.
+        a.tick_ended(true);
+        assert!(a.quiet());
+        // A message wakes it up again from the next tick on.
+        a.message();
+        a.tick_ended(true);
+        assert!(!a.quiet());
     }
 
     #[test]

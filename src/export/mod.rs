@@ -21,7 +21,7 @@ use otlp::{ExportError, OtlpClient, StopSignal};
 use crate::pipeline::{SharedCounters, STATS};
 use crate::span::SpanRecord;
 use crate::span_pool;
-use crate::worker::{Inbox, Job};
+use crate::worker::{Activity, Inbox, Job};
 
 /// Retries of a failed batch start after this and double each time, up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -65,6 +65,8 @@ pub struct ExportJob {
     failures: FailureLog,
     /// The pipeline's stop deadline, once it is stopping (shared with the OTLP client).
     stop: StopSignal,
+    /// Whether the last tick may be followed by the longer idle one.
+    activity: Activity,
 }
 
 /// Rate-limited reporting of export failures, and of the recovery after them.
@@ -128,6 +130,7 @@ impl ExportJob {
             text: String::new(),
             failures: FailureLog::default(),
             stop,
+            activity: Activity::default(),
         })
     }
 
@@ -238,6 +241,7 @@ impl ExportJob {
 
 impl Job<Box<SpanRecord>> for ExportJob {
     fn handle(&mut self, mut span: Box<SpanRecord>) {
+        self.activity.message();
         if self.waiting.len() >= self.cfg.queue_size {
             STATS.spans_dropped.fetch_add(1, Relaxed);
             return;
@@ -260,10 +264,11 @@ impl Job<Box<SpanRecord>> for ExportJob {
         }
         let due = self.oldest.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval);
         self.export(due);
+        self.activity.tick_ended(self.waiting.is_empty() && self.batch.is_empty());
     }
 
     fn idle(&self) -> bool {
-        self.waiting.is_empty() && self.batch.is_empty()
+        self.activity.quiet()
     }
 
     fn finish(&mut self) {

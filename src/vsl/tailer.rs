@@ -21,7 +21,7 @@ use super::record::TagTable;
 use crate::ids::{SpanId, TraceId};
 use crate::pipeline::{self, STATS};
 use crate::span::{SpanRecord, Value};
-use crate::worker::{Inbox, Job, Worker};
+use crate::worker::{Activity, Inbox, Job, Worker};
 
 pub enum Msg {
     /// A sampled span started in transaction `vxid`.
@@ -147,6 +147,7 @@ struct TailerJob {
     steps: u64,
     overruns: u64,
     read_delay: Duration,
+    activity: Activity,
 }
 
 impl TailerJob {
@@ -164,6 +165,7 @@ impl TailerJob {
             steps: 0,
             overruns: 0,
             read_delay: read_delay(),
+            activity: Activity::default(),
         }
     }
 
@@ -190,6 +192,7 @@ impl TailerJob {
     }
 
     fn handle_msg(&mut self, msg: Msg, now: Instant) {
+        self.activity.message();
         match msg {
             Msg::Track { vxid } => self.correlator.track(vxid, now),
             Msg::Forget { vxid } => self.correlator.untrack(vxid),
@@ -293,12 +296,13 @@ impl Job<Msg> for TailerJob {
         }
         self.correlator.expire(now, &mut self.done);
         self.flush();
+        self.activity.tick_ended(self.correlator.pending() == 0 && self.done.is_empty());
         // For the messages handled before the next tick (this one may have been long).
         self.now = Instant::now();
     }
 
     fn idle(&self) -> bool {
-        self.correlator.pending() == 0 && self.done.is_empty()
+        self.activity.quiet()
     }
 
     fn finish(&mut self) {
