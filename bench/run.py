@@ -58,10 +58,21 @@ CONFIGS = {
     "sampled_100pct_file": (True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_TRACES_EXPORTER": "file",
                                    "OPENTRACING_SPANS_FILE": "/dev/null"}),
 }
+# Run only when named in BENCH_CONFIGS: which background thread a cost comes from (100% sampling
+# without the exporter, without the log tailer, without either).
+DIAGNOSTIC_CONFIGS = {
+    "sampled_100pct_no_export": (True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_TRACES_EXPORTER": "none"}),
+    "sampled_100pct_no_vsl": (True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on", "OPENTRACING_VSL": "off"}),
+    "sampled_100pct_neither": (True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_TRACES_EXPORTER": "none",
+                                      "OPENTRACING_VSL": "off"}),
+}
 RECEIVER = os.path.join(REPO, "target", "release", "otlp-receiver")
 if os.environ.get("BENCH_CONFIGS"):
     wanted = os.environ["BENCH_CONFIGS"].split(",")
-    CONFIGS = {k: v for k, v in CONFIGS.items() if k in wanted or k == "baseline"}
+    unknown = [w for w in wanted if w not in CONFIGS and w not in DIAGNOSTIC_CONFIGS]
+    if unknown:
+        raise SystemExit(f"bench: BENCH_CONFIGS: unknown {', '.join(unknown)}")
+    CONFIGS = {k: v for k, v in {**CONFIGS, **DIAGNOSTIC_CONFIGS}.items() if k in wanted or k == "baseline"}
 # name -> folder of the module it loads, for the twins of BENCH_COMPARE_SO (the others: SO_DIR).
 MODULE_DIRS = {}
 COMPARE_SO = os.environ.get("BENCH_COMPARE_SO")
