@@ -257,10 +257,11 @@ impl Slab {
     fn free(&mut self, slot: usize) {
         let p = &mut self.slots[slot];
         p.chain.clear();
-        // The events array is kept, emptied, for the slot's next span (unless it grew large).
+        // The events array is kept, emptied, for the slot's next span, if it has the usual room
+        // (256 bytes): the slab keeps its slots, up to `max_pending` of them after a burst.
         let mut events = mem::take(&mut p.log.events);
         p.log = LogData::default();
-        if events.capacity() <= EVENTS_RESERVED * 4 {
+        if events.capacity() <= EVENTS_RESERVED {
             events.clear();
             p.log.events = events;
         }
