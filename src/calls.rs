@@ -237,7 +237,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
     };
     match task::slot(ctx) {
         Slot::Traced(state) => {
-            // A retry: Varnish rebuilt the bereq from the original, so send our context again.
+            // Called again (a retry, or after VCL changed the bereq): send our context again.
             if bo.retries > state.repeats_seen {
                 state.repeats_seen = bo.retries;
                 state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.retry");
@@ -246,15 +246,13 @@ pub fn trace_backend(ctx: &mut Ctx) {
             return;
         }
         Slot::Unsampled(u) => {
-            // The same for an unsampled fetch, with the rebuilt bereq's tracestate checked again.
-            // SAFETY: the bereq of the running fetch.
-            let fields = unsafe { http::trace_fields(bo.bereq) };
-            let combined = crate::propagation::tracestate::combine(&fields.tracestate).ok().flatten();
+            // The same for an unsampled fetch. Only a fetch whose bereq had no tracestate keeps
+            // the marker (see below): there is none of ours to send, and VCL's own stays.
             let out = Outgoing {
                 trace_id: &u.trace_id,
                 span_id: &u.span_id,
                 flags: u.flags,
-                tracestate: outgoing_tracestate(combined.as_deref(), !fields.tracestate.is_empty()),
+                tracestate: OutgoingTracestate::Keep,
                 debug: false,
             };
             // SAFETY: the bereq of the running fetch.
@@ -272,7 +270,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
         log::vcl(ctx, format!("invalid bereq traceparent ({why}): starting a new trace"));
     }
     STATS.spans_started.fetch_add(1, Relaxed);
-    if !started.context.sampled() {
+    if !started.context.sampled() && fields.tracestate.is_empty() {
         // The common fetch at low sampling rates: send the context on and keep only the decision,
         // as an unsampled request does: no span record, no state to build and close. (A debug
         // flag only goes on with a sampled span.)
@@ -296,10 +294,10 @@ pub fn trace_backend(ctx: &mut Ctx) {
             tracestate_applies: c.tracestate.is_some(),
             had_tracestate: !fields.tracestate.is_empty(),
         };
-        if !task::install_unsampled(ctx, u) {
-            log::vcl(ctx, "out of workspace: unsampled fetch context not kept");
+        if task::install_unsampled(ctx, u) {
+            return;
         }
-        return;
+        // No room in the workspace for the marker: the full state below (it can go on the heap).
     }
     // SAFETY: the bereq of the running fetch.
     let debug = started.caller_debug
@@ -483,13 +481,20 @@ pub fn cache_result(ctx: &mut Ctx, result: &CStr) {
     // (building its full state cost 1,000 instructions per unsampled miss or pass).
     let state = match task::slot(ctx) {
         Slot::Traced(state) => state,
-        Slot::Unsampled(u) => {
+        // With a tracestate, the full state keeps the validated value, so that what a retry or
+        // restart sends is what was validated, not the header VCL may have changed since.
+        Slot::Unsampled(u) if !u.had_tracestate => {
             if !target.is_null() {
                 // SAFETY: a header table of the running request, and the request.
                 unsafe { write_unsampled_context(target, req, &u) };
             }
             return;
         }
+        Slot::Unsampled(u) if !target.is_null() => match adopt(ctx, u) {
+            Some(state) => state,
+            None => return,
+        },
+        Slot::Unsampled(_) => return,
         Slot::Empty => return,
     };
     if !target.is_null() {
