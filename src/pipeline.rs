@@ -234,6 +234,7 @@ fn start_exporter(life: &mut Lifecycle, cfg: &Config) -> Result<(Worker<Box<Span
     let counters = life.counters.get_or_insert_with(|| Arc::new(SharedCounters(Vsc::new("OPENTRACING", "")))).clone();
     let stop = StopSignal::new();
     let job = ExportJob::new(cfg.export.clone(), Some(counters), stop.clone())?;
+    crate::span_pool::open();
     let worker = Worker::spawn_with_idle_tick("otel-export", cfg.export.queue_size, EXPORT_TICK, IDLE_TICK, job)
         .map_err(|e| format!("cannot start the exporter thread: {e}"))?;
     Ok((worker, stop))
@@ -376,11 +377,9 @@ pub fn vcl_cold() -> String {
         STATS.stop_timeouts.fetch_add(1, Relaxed);
     }
     let worker = EXPORTER.write().take();
-    match worker {
+    let stopped = match worker {
         Some(w) => {
             if w.stop(deadline.saturating_duration_since(Instant::now())) {
-                // Nothing gives records back any more; the library may be unloaded next.
-                crate::span_pool::drain();
                 "pipeline stopped".to_owned()
             } else {
                 STATS.stop_timeouts.fetch_add(1, Relaxed);
@@ -392,7 +391,11 @@ pub fn vcl_cold() -> String {
             }
         }
         None => "pipeline was not running".to_owned(),
-    }
+    };
+    // The library may be unloaded next: no record may stay pooled in a static, including those
+    // an exporter left to finish gives back later (it frees them).
+    crate::span_pool::close();
+    stopped
 }
 
 pub fn is_running() -> bool {

@@ -10,12 +10,14 @@
 //!
 //! Bounded: at most `POOLED` records wait here; one given back to a full pool is freed, and so is
 //! one whose arrays grew beyond the usual sizes (a span with hundreds of VCL attributes), so the
-//! pool never holds more than about `POOLED` × 3 KB. `drain` empties it when the pipeline stops,
-//! before the library may be unloaded.
+//! pool never holds more than about `POOLED` × 3 KB. `close` empties it when the pipeline stops,
+//! before the library may be unloaded, and keeps it empty until `open`: an exporter thread that
+//! did not stop in time (a slow collector) frees what it gives back instead of pooling it.
 //!
 //! Threading: any thread; lock-free (crossbeam's `ArrayQueue`: a compare-and-swap per take and
 //! per give).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
 
 use crossbeam_queue::ArrayQueue;
@@ -32,6 +34,8 @@ const MAX_EVENTS_KEPT: usize = 32;
 const MAX_LINKS_KEPT: usize = 8;
 
 static POOL: LazyLock<ArrayQueue<Box<SpanRecord>>> = LazyLock::new(|| ArrayQueue::new(POOLED));
+/// Set while no pipeline runs (`close`): records given back are freed.
+static CLOSED: AtomicBool = AtomicBool::new(false);
 
 /// A new record, as `SpanRecord::new` makes it: a reused one when the pool has one.
 pub fn record(kind: SpanKind, trace_id: TraceId, span_id: SpanId, parent: Option<SpanId>) -> Box<SpanRecord> {
@@ -50,12 +54,15 @@ pub fn record(kind: SpanKind, trace_id: TraceId, span_id: SpanId, parent: Option
 
 /// Takes back a record whose span was exported or dropped (the exporter thread).
 pub fn give(mut r: Box<SpanRecord>) {
-    if !worth_keeping(&r) {
+    if CLOSED.load(Ordering::Relaxed) || !worth_keeping(&r) {
         return;
     }
     r.clear_for_reuse();
-    // A full pool: this one is freed.
-    let _ = POOL.push(r);
+    // A full pool: this one is freed. A `close` between the check above and the push: the
+    // check again (sequentially consistent with `close`'s store) sees it and empties the pool.
+    if POOL.push(r).is_ok() && CLOSED.load(Ordering::SeqCst) {
+        drain();
+    }
 }
 
 /// Whether the record's arrays are of the usual sizes (the pool's memory stays bounded).
@@ -65,9 +72,19 @@ fn worth_keeping(r: &SpanRecord) -> bool {
         && r.links.capacity() <= MAX_LINKS_KEPT
 }
 
-/// Frees every pooled record (the pipeline stopped: the library may be unloaded next, and a
-/// static's contents are never freed).
-pub fn drain() {
+/// Frees every pooled record, and every record given back until `open` (the pipeline stopped:
+/// the library may be unloaded next, and a static's contents are never freed). CLI thread.
+pub fn close() {
+    CLOSED.store(true, Ordering::SeqCst);
+    drain();
+}
+
+/// Records are pooled again (a pipeline starts). CLI thread.
+pub fn open() {
+    CLOSED.store(false, Ordering::SeqCst);
+}
+
+fn drain() {
     while POOL.pop().is_some() {}
 }
 
@@ -89,6 +106,13 @@ mod tests {
         r.status_message = Some("m".to_owned());
         r.vxid = 12;
         r.outcome.vxid = Some(14);
+        // Every other field away from its new value too (`clear_for_reuse` resets field by field).
+        r.parent_is_remote = true;
+        r.flags = 3;
+        r.dropped_attributes = 2;
+        r.closed_by = crate::span::ClosedBy::Log;
+        // Shadows the outcome (an integer where the outcome takes a string).
+        r.set("error.type", Value::Int(1));
         r
     }
 
@@ -113,6 +137,19 @@ mod tests {
             let r = record(SpanKind::Server, TraceId([8; 16]), SpanId([9; 8]), None);
             assert_eq!(*r, SpanRecord::new(SpanKind::Server, TraceId([8; 16]), SpanId([9; 8]), None));
         }
+    }
+
+    #[test]
+    fn a_closed_pool_is_emptied_and_frees_what_it_is_given_until_opened() {
+        give(used_record());
+        close();
+        assert!(POOL.is_empty(), "emptied when closed");
+        give(used_record());
+        assert!(POOL.is_empty(), "freed, not pooled, while closed");
+        open();
+        give(used_record());
+        // nextest runs each test in a process of its own: nothing else takes it.
+        assert_eq!(POOL.len(), 1, "pooled again once open");
     }
 
     #[test]
