@@ -534,8 +534,10 @@ fn record_cache_result(state: &mut TaskState, req: &varnish::ffi::req, now: f64,
     // SAFETY: req->objcore is NULL or the object found, for the running subroutine.
     if let Some(oc) = unsafe { req.objcore.as_ref() } {
         let age = now - oc.t_origin.0;
-        state.record.set("varnish.object.age", Value::Float((age * 1000.0).round() / 1000.0));
-        state.record.set("varnish.object.ttl", Value::Float((f64::from(oc.ttl) - age).max(0.0).round()));
+        // In the outcome rather than the attributes: no search of them (two `set`s cost about
+        // 360 instructions per hit, callgrind).
+        state.record.outcome.object_age = Some((age * 1000.0).round() / 1000.0);
+        state.record.outcome.object_ttl = Some((f64::from(oc.ttl) - age).max(0.0).round());
     }
     state.record.outcome.cache_result = Some(value);
     state.cache_result_known = true;

@@ -41,17 +41,34 @@ pub fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
     if let Some(rest) = host.strip_prefix('[') {
         let (addr, after) = rest.split_once(']')?;
         let port = match after.strip_prefix(':') {
-            Some(p) => Some(p.parse().ok()?),
+            Some(p) => Some(port(p)?),
             None if after.is_empty() => None,
             None => return None,
         };
         return Some((addr, port));
     }
-    match host.rsplit_once(':') {
+    // One pass for the last colon and how many there are (the `str` searches it replaces cost
+    // about 330 instructions per request, callgrind).
+    let (mut last, mut colons) = (0, 0u32);
+    for (i, &b) in host.as_bytes().iter().enumerate() {
+        if b == b':' {
+            last = i;
+            colons += 1;
+        }
+    }
+    match colons {
         // One colon: host:port. More: an unbracketed IPv6 literal (no port).
-        Some((h, p)) if !h.contains(':') => Some((h, Some(p.parse().ok()?))),
+        1 => Some((&host[..last], Some(port(&host[last + 1..])?))),
         _ => Some((host, None)),
     }
+}
+
+/// A port: one to five digits (RFC 3986 `port = *DIGIT`; empty is refused), at most 65535.
+fn port(digits: &str) -> Option<u16> {
+    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    u16::try_from(digits.bytes().fold(0u32, |n, b| n * 10 + u32::from(b - b'0'))).ok()
 }
 
 /// The scheme of the original client request (`url.scheme` of a SERVER span), when a proxy in
@@ -143,10 +160,17 @@ pub fn protocol_version(proto: &str) -> Option<&'static str> {
 
 /// Splits a request target into path and query (`url.path`, `url.query`).
 pub fn path_and_query(url: &str) -> (&str, Option<&str>) {
-    let url = url.split('#').next().unwrap_or(url);
-    match url.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
+    // Byte searches for ASCII delimiters (always at character boundaries): the `str` pattern
+    // searches they replace cost about 200 instructions per request (callgrind).
+    let b = url.as_bytes();
+    match b.iter().position(|&c| c == b'?' || c == b'#') {
         None => (url, None),
+        Some(i) if b[i] == b'#' => (&url[..i], None),
+        Some(i) => {
+            let query = &url[i + 1..];
+            let end = query.bytes().position(|c| c == b'#').unwrap_or(query.len());
+            (&url[..i], Some(&query[..end]))
+        }
     }
 }
 
@@ -305,6 +329,14 @@ mod tests {
         assert_eq!(split_host(""), None);
         assert_eq!(split_host("a:b"), None);
         assert_eq!(split_host("a:99999"), None);
+        assert_eq!(split_host("a:65535"), Some(("a", Some(65535))));
+        assert_eq!(split_host("a:0080"), Some(("a", Some(80))));
+        assert_eq!(split_host("a:"), None);
+        assert_eq!(split_host("a:+80"), None, "digits only");
+        assert_eq!(split_host("[::1]:"), None);
+        assert_eq!(split_host("[::1]:x"), None);
+        assert_eq!(split_host("a:1:2"), Some(("a:1:2", None)));
+        assert_eq!(split_host("é.example:81"), Some(("é.example", Some(81))));
         assert_eq!(split_host("[::1]x"), None);
     }
 
@@ -316,6 +348,11 @@ mod tests {
         assert_eq!(path_and_query("/a/b?x=1&y=2"), ("/a/b", Some("x=1&y=2")));
         assert_eq!(path_and_query("/a#frag"), ("/a", None));
         assert_eq!(path_and_query("/"), ("/", None));
+        assert_eq!(path_and_query("/a?x#f?y"), ("/a", Some("x")));
+        assert_eq!(path_and_query("/a#f?x"), ("/a", None));
+        assert_eq!(path_and_query("?q"), ("", Some("q")));
+        assert_eq!(path_and_query("/é?ü=1"), ("/é", Some("ü=1")));
+        assert_eq!(path_and_query("/a?"), ("/a", Some("")));
     }
 
     #[test]

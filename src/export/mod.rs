@@ -218,16 +218,21 @@ impl ExportJob {
                 }
             }
             Output::Otlp(client) => {
-                let body = if client.protocol() == Protocol::HttpJson {
-                    self.text.clear();
-                    otlp_json::write_export_request(&mut self.text, &self.cfg.resource, &self.batch);
-                    self.text.as_bytes()
+                if client.protocol() == Protocol::HttpJson {
+                    let mut text = std::mem::take(&mut self.text);
+                    text.clear();
+                    otlp_json::write_export_request(&mut text, &self.cfg.resource, &self.batch);
+                    let mut body = text.into_bytes();
+                    let sent = client.send(&mut body);
+                    // Empty (or the client kept it and this one is new): valid UTF-8 either way.
+                    body.clear();
+                    self.text = String::from_utf8(body).unwrap_or_default();
+                    sent
                 } else {
                     self.bytes.clear();
                     otlp_proto::write_export_request(&mut self.bytes, &self.cfg.resource, &self.batch);
-                    &self.bytes
-                };
-                client.send(body)
+                    client.send(&mut self.bytes)
+                }
             }
         }
     }

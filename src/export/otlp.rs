@@ -148,7 +148,19 @@ impl OtlpClient {
 
     /// Sends one encoded `ExportTraceServiceRequest` (protobuf, or JSON for http/json). Returns
     /// within the configured timeout, and by the stop signal's deadline when it is set.
-    pub fn send(&mut self, body: &[u8]) -> Result<(), ExportError> {
+    ///
+    /// The body's buffer is lent to the HTTP client rather than copied, and comes back emptied,
+    /// with its room, once the client has let go of it (always, after a response). Why: the copy
+    /// of a 512-span body (about 300 KB) cost about 600 instructions per span (callgrind), and a
+    /// new buffer that size is mapped and faulted in page by page.
+    pub fn send(&mut self, body: &mut Vec<u8>) -> Result<(), ExportError> {
+        let lent = Lent::from(body);
+        let result = self.send_bytes(lent.bytes.clone());
+        lent.give_back(body);
+        result
+    }
+
+    fn send_bytes(&mut self, body: Bytes) -> Result<(), ExportError> {
         let deadline = Instant::now() + self.cfg.timeout;
         let stop = self.stop.clone();
         let timeout = self.cfg.timeout;
@@ -159,11 +171,11 @@ impl OtlpClient {
                 if self.cfg.gzip {
                     let mut gz =
                         flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
-                    gz.write_all(body).map_err(|e| ExportError::fatal(format!("gzip: {e}")))?;
+                    gz.write_all(&body).map_err(|e| ExportError::fatal(format!("gzip: {e}")))?;
                     let zipped = gz.finish().map_err(|e| ExportError::fatal(format!("gzip: {e}")))?;
                     request = request.header(reqwest::header::CONTENT_ENCODING, "gzip").body(zipped);
                 } else {
-                    request = request.body(body.to_vec());
+                    request = request.body(body);
                 }
                 let fut = async move {
                     let response = request.send().await.map_err(|e| ExportError::retryable(describe_reqwest(&e)))?;
@@ -189,7 +201,7 @@ impl OtlpClient {
                 self.runtime.block_on(bounded(fut, deadline, &stop))
             }
             Transport::Grpc { client, metadata } => {
-                let message = Bytes::copy_from_slice(body);
+                let message = body;
                 let mut request = tonic::Request::from_parts(metadata.clone(), Default::default(), message);
                 request.set_timeout(timeout);
                 let fut = async move {
@@ -208,6 +220,27 @@ impl OtlpClient {
     /// Drops the runtime without waiting for background work (idle connections).
     pub fn close(self) {
         self.runtime.shutdown_timeout(Duration::from_millis(100));
+    }
+}
+
+/// A request body lent to the HTTP client: `Bytes` over the exporter's own buffer.
+struct Lent {
+    bytes: Bytes,
+}
+
+impl Lent {
+    fn from(body: &mut Vec<u8>) -> Lent {
+        Lent { bytes: Bytes::from(std::mem::take(body)) }
+    }
+
+    /// Puts the buffer back, emptied, if nothing else holds it any more (the client dropped its
+    /// copy of the handle); otherwise the next batch grows a new one.
+    fn give_back(self, body: &mut Vec<u8>) {
+        if let Ok(mut buffer) = self.bytes.try_into_mut() {
+            // Emptied first: turning it into a `Vec` then moves no bytes.
+            buffer.clear();
+            *body = buffer.into();
+        }
     }
 }
 
@@ -345,7 +378,12 @@ mod tests {
     fn http_success_sends_type_headers_and_agent() {
         let (url, h) = answer_once("200 OK", "");
         let mut c = OtlpClient::new(&config(Protocol::HttpProtobuf, url, 2000), StopSignal::default()).unwrap();
-        c.send(b"\x0a\x00").unwrap();
+        let mut body = Vec::with_capacity(4096);
+        body.extend_from_slice(b"\x0a\x00");
+        let buffer = body.as_ptr();
+        c.send(&mut body).unwrap();
+        // The body was lent, not copied: the same buffer comes back, emptied, for the next batch.
+        assert!(body.is_empty() && body.capacity() == 4096 && body.as_ptr() == buffer);
         let head = h.join().unwrap().to_ascii_lowercase();
         assert!(head.starts_with("post /v1/traces http/1.1"), "{head}");
         assert!(head.contains("content-type: application/x-protobuf"), "{head}");
@@ -357,12 +395,12 @@ mod tests {
     fn http_statuses_map_to_retryable_or_not() {
         let (url, h) = answer_once("503 Service Unavailable", "retry-after: 7\r\n");
         let mut c = OtlpClient::new(&config(Protocol::HttpJson, url, 2000), StopSignal::default()).unwrap();
-        let e = c.send(b"{}").unwrap_err();
+        let e = c.send(&mut b"{}".to_vec()).unwrap_err();
         h.join().unwrap();
         assert!(e.retryable && e.retry_after == Some(Duration::from_secs(7)), "{e:?}");
         let (url, h) = answer_once("400 Bad Request", "");
         let mut c = OtlpClient::new(&config(Protocol::HttpJson, url, 2000), StopSignal::default()).unwrap();
-        let e = c.send(b"{}").unwrap_err();
+        let e = c.send(&mut b"{}".to_vec()).unwrap_err();
         h.join().unwrap();
         assert!(!e.retryable && e.message.starts_with("HTTP 400"), "{e:?}");
     }
@@ -373,7 +411,7 @@ mod tests {
         for protocol in [Protocol::HttpProtobuf, Protocol::Grpc] {
             let url = format!("http://127.0.0.1:{port}/v1/traces");
             let mut c = OtlpClient::new(&config(protocol, url, 5000), StopSignal::default()).unwrap();
-            let e = c.send(b"").unwrap_err();
+            let e = c.send(&mut Vec::new()).unwrap_err();
             assert!(e.retryable, "{protocol:?}: {e:?}");
         }
     }
@@ -385,12 +423,12 @@ mod tests {
         let url = format!("http://{}/v1/traces", hole.local_addr().unwrap());
         for protocol in [Protocol::HttpProtobuf, Protocol::Grpc] {
             let mut c = OtlpClient::new(&config(protocol, url.clone(), 300), StopSignal::default()).unwrap();
-            let e = c.send(b"").unwrap_err();
+            let e = c.send(&mut Vec::new()).unwrap_err();
             assert!(e.retryable, "{protocol:?}: {e:?}");
             let stop = StopSignal::default();
             let mut c = OtlpClient::new(&config(protocol, url.clone(), 60_000), stop.clone()).unwrap();
             stop.stop_by(Instant::now() + Duration::from_millis(200));
-            let e = c.send(b"").unwrap_err();
+            let e = c.send(&mut Vec::new()).unwrap_err();
             assert!(e.message.contains("stopping"), "{protocol:?}: {e:?}");
             c.close();
         }
@@ -442,9 +480,9 @@ srv.serve_forever()
         BufReader::new(py.stdout.take().unwrap()).read_line(&mut port).unwrap();
         let url = format!("https://127.0.0.1:{}/v1/traces", port.trim());
         let mut cfg = config(Protocol::HttpProtobuf, url, 5000);
-        let untrusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(b"").unwrap_err();
+        let untrusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(&mut Vec::new()).unwrap_err();
         cfg.certificate = Some(cert.clone());
-        let trusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(b"");
+        let trusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(&mut Vec::new());
         let _ = py.kill();
         let _ = py.wait();
         let _ = std::fs::remove_dir_all(&dir);

@@ -16,7 +16,6 @@ pub unsafe fn client_and_peer(ctx: &ffi::vrt_ctx) -> (Option<Text>, Option<(Text
     // A string attribute: SES_Get_client_ip() asserts on those, SES_Get_String_Attr() is the
     // accessor for them (what VCL's client.ip is printed from).
     let ip = ffi::SES_Get_String_Attr(sp, ffi::SessionAttr::ClientIp);
-    let client = (!ip.is_null()).then(|| text_lossy(CStr::from_ptr(ip).to_bytes()));
     let mut sa: *mut ffi::suckaddr = std::ptr::null_mut();
     let peer = if ffi::SES_Get_remote_addr(sp, &mut sa) == 0 && !sa.is_null() {
         let port = ffi::VSA_Port(sa) as u16;
@@ -31,6 +30,15 @@ pub unsafe fn client_and_peer(ctx: &ffi::vrt_ctx) -> (Option<Text>, Option<(Text
     } else {
         None
     };
+    let client = (!ip.is_null()).then(|| {
+        let ip = CStr::from_ptr(ip).to_bytes();
+        match &peer {
+            // Without the PROXY protocol the client is the peer: a copy of its text is cheaper
+            // than checking and copying Varnish's (about 130 instructions, callgrind).
+            Some((text, _)) if text.as_bytes() == ip => text.clone(),
+            _ => text_lossy(ip),
+        }
+    });
     (client, peer)
 }
 
