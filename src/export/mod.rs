@@ -223,15 +223,14 @@ impl ExportJob {
                     text.clear();
                     otlp_json::write_export_request(&mut text, &self.cfg.resource, &self.batch);
                     let mut body = text.into_bytes();
-                    let sent = client.send(&mut body);
+                    let sent = client.send(&mut body, 0);
                     // Empty (or the client kept it and this one is new): valid UTF-8 either way.
                     body.clear();
                     self.text = String::from_utf8(body).unwrap_or_default();
                     sent
                 } else {
-                    self.bytes.clear();
-                    otlp_proto::write_export_request(&mut self.bytes, &self.cfg.resource, &self.batch);
-                    client.send(&mut self.bytes)
+                    let start = otlp_proto::write_export_request(&mut self.bytes, &self.cfg.resource, &self.batch);
+                    client.send(&mut self.bytes, start)
                 }
             }
         }

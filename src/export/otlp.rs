@@ -154,9 +154,11 @@ impl OtlpClient {
     /// body is about 300 KB, copied and freed once per batch before. (callgrind showed the copy
     /// as about 600 instructions per span, but it counts each byte of a `rep movsb` as one
     /// instruction; the CPU copies tens of bytes a cycle, so the gain is small.)
-    pub fn send(&mut self, body: &mut Vec<u8>) -> Result<(), ExportError> {
+    ///
+    /// The request is `body[start..]` (the protobuf encoder leaves room before it).
+    pub fn send(&mut self, body: &mut Vec<u8>, start: usize) -> Result<(), ExportError> {
         let lent = Lent::from(body);
-        let result = self.send_bytes(lent.bytes.clone());
+        let result = self.send_bytes(lent.bytes.slice(start.min(lent.bytes.len())..));
         lent.give_back(body);
         result
     }
@@ -347,7 +349,7 @@ mod tests {
     }
 
     /// A one-shot HTTP server answering `status` (a real socket, no mock client).
-    fn answer_once(status: &'static str, extra: &'static str) -> (String, std::thread::JoinHandle<String>) {
+    fn answer_once(status: &'static str, extra: &'static str) -> (String, std::thread::JoinHandle<(String, Vec<u8>)>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/v1/traces", l.local_addr().unwrap());
         let h = std::thread::spawn(move || {
@@ -370,7 +372,7 @@ mod tests {
             r.read_exact(&mut body).unwrap();
             let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n{extra}connection: close\r\n\r\n");
             r.get_mut().write_all(reply.as_bytes()).unwrap();
-            head
+            (head, body)
         });
         (url, h)
     }
@@ -380,12 +382,14 @@ mod tests {
         let (url, h) = answer_once("200 OK", "");
         let mut c = OtlpClient::new(&config(Protocol::HttpProtobuf, url, 2000), StopSignal::default()).unwrap();
         let mut body = Vec::with_capacity(4096);
-        body.extend_from_slice(b"\x0a\x00");
+        body.extend_from_slice(b"room\x0a\x00");
         let buffer = body.as_ptr();
-        c.send(&mut body).unwrap();
+        c.send(&mut body, 4).unwrap();
         // The body was lent, not copied: the same buffer comes back, emptied, for the next batch.
         assert!(body.is_empty() && body.capacity() == 4096 && body.as_ptr() == buffer);
-        let head = h.join().unwrap().to_ascii_lowercase();
+        let (head, sent) = h.join().unwrap();
+        assert_eq!(sent, b"\x0a\x00", "from `start` on");
+        let head = head.to_ascii_lowercase();
         assert!(head.starts_with("post /v1/traces http/1.1"), "{head}");
         assert!(head.contains("content-type: application/x-protobuf"), "{head}");
         assert!(head.contains("x-api-key: k1"), "{head}");
@@ -396,12 +400,12 @@ mod tests {
     fn http_statuses_map_to_retryable_or_not() {
         let (url, h) = answer_once("503 Service Unavailable", "retry-after: 7\r\n");
         let mut c = OtlpClient::new(&config(Protocol::HttpJson, url, 2000), StopSignal::default()).unwrap();
-        let e = c.send(&mut b"{}".to_vec()).unwrap_err();
+        let e = c.send(&mut b"{}".to_vec(), 0).unwrap_err();
         h.join().unwrap();
         assert!(e.retryable && e.retry_after == Some(Duration::from_secs(7)), "{e:?}");
         let (url, h) = answer_once("400 Bad Request", "");
         let mut c = OtlpClient::new(&config(Protocol::HttpJson, url, 2000), StopSignal::default()).unwrap();
-        let e = c.send(&mut b"{}".to_vec()).unwrap_err();
+        let e = c.send(&mut b"{}".to_vec(), 0).unwrap_err();
         h.join().unwrap();
         assert!(!e.retryable && e.message.starts_with("HTTP 400"), "{e:?}");
     }
@@ -412,7 +416,7 @@ mod tests {
         for protocol in [Protocol::HttpProtobuf, Protocol::Grpc] {
             let url = format!("http://127.0.0.1:{port}/v1/traces");
             let mut c = OtlpClient::new(&config(protocol, url, 5000), StopSignal::default()).unwrap();
-            let e = c.send(&mut Vec::new()).unwrap_err();
+            let e = c.send(&mut Vec::new(), 0).unwrap_err();
             assert!(e.retryable, "{protocol:?}: {e:?}");
         }
     }
@@ -424,12 +428,12 @@ mod tests {
         let url = format!("http://{}/v1/traces", hole.local_addr().unwrap());
         for protocol in [Protocol::HttpProtobuf, Protocol::Grpc] {
             let mut c = OtlpClient::new(&config(protocol, url.clone(), 300), StopSignal::default()).unwrap();
-            let e = c.send(&mut Vec::new()).unwrap_err();
+            let e = c.send(&mut Vec::new(), 0).unwrap_err();
             assert!(e.retryable, "{protocol:?}: {e:?}");
             let stop = StopSignal::default();
             let mut c = OtlpClient::new(&config(protocol, url.clone(), 60_000), stop.clone()).unwrap();
             stop.stop_by(Instant::now() + Duration::from_millis(200));
-            let e = c.send(&mut Vec::new()).unwrap_err();
+            let e = c.send(&mut Vec::new(), 0).unwrap_err();
             assert!(e.message.contains("stopping"), "{protocol:?}: {e:?}");
             c.close();
         }
@@ -481,9 +485,9 @@ srv.serve_forever()
         BufReader::new(py.stdout.take().unwrap()).read_line(&mut port).unwrap();
         let url = format!("https://127.0.0.1:{}/v1/traces", port.trim());
         let mut cfg = config(Protocol::HttpProtobuf, url, 5000);
-        let untrusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(&mut Vec::new()).unwrap_err();
+        let untrusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(&mut Vec::new(), 0).unwrap_err();
         cfg.certificate = Some(cert.clone());
-        let trusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(&mut Vec::new());
+        let trusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(&mut Vec::new(), 0);
         let _ = py.kill();
         let _ = py.wait();
         let _ = std::fs::remove_dir_all(&dir);
