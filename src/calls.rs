@@ -194,9 +194,11 @@ fn state<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
     }
 }
 
-/// Builds and attaches the full state of an unsampled request that kept only `u`.
+/// Builds and attaches the full state of an unsampled request that kept only `u`. For client
+/// tasks: its callers (through `state`) are `sample()` and `trust()`, which run in vcl_recv only.
+/// An unsampled fetch's marker (`trace_backend`) is never adopted: without a request, `None`.
 fn adopt<'a>(ctx: &Ctx, u: Unsampled) -> Option<&'a mut TaskState> {
-    // SAFETY: only a client task installs the marker; ctx->req is its request.
+    // SAFETY: ctx->req is NULL or the running client task's request.
     let req = unsafe { ctx.raw.req.as_ref()? };
     // SAFETY: as above.
     task::install(ctx, unsafe { unsampled_state(ctx.raw, req, u) }).ok()

@@ -132,14 +132,14 @@ unsafe fn take(p: &mut ffi::vmod_priv) -> TaskState {
 pub enum Slot<'a> {
     /// Nothing of ours: `trace_request()`/`trace_backend()` did not run in this task.
     Empty,
-    /// An unsampled request that has needed nothing more than its decision so far (see
+    /// An unsampled request or fetch that has needed nothing more than its decision so far (see
     /// `install_unsampled`).
     Unsampled(Unsampled),
     Traced(&'a mut TaskState),
 }
 
-/// What an unsampled request keeps, in its workspace: the identity of the context it was decided
-/// on, so that the context built later (`calls::state`) is exactly that one, whatever VCL did to
+/// What an unsampled request or fetch keeps, in its workspace: the identity of the context it was
+/// decided on, so that the context built later (`calls::state`) is exactly that one, whatever VCL did to
 /// the request's headers meanwhile. Plain data: nothing to drop, so the workspace can hold it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Unsampled {
@@ -200,11 +200,12 @@ pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
     }
 }
 
-/// Marks the current task as an unsampled request. Most requests are not sampled, and most of
-/// them are cache hits that never send anything downstream: for those, the decision and its IDs
-/// are all we keep (no span record, no copy, a fini that returns at once). A later call that
-/// needs the context (a fetch, VCL asking for the IDs, `sample()`) builds it then
-/// (`calls::state`). Returns false if the workspace has no room (keep the full state then).
+/// Marks the current task as an unsampled request or fetch. Most requests are not sampled, and
+/// most of them are cache hits that never send anything downstream: for those, the decision and
+/// its IDs are all we keep (no span record, no copy, a fini that returns at once). A fetch, VCL
+/// asking for the IDs, or a retry reads the context from it; `sample()` and `trust()` (client
+/// tasks) build the full state then (`calls::state`). Returns false if the workspace has no
+/// room (keep the full state then).
 pub fn install_unsampled(ctx: &Ctx, u: Unsampled) -> bool {
     // SAFETY: as in `current`; the workspace allocation lives as long as the task (a rollback
     // releases it, after the fini has parked a copy).
