@@ -37,8 +37,11 @@ pub fn trace_request(ctx: &mut Ctx) {
             if req.restarts > state.repeats_seen {
                 state.repeats_seen = req.restarts;
                 state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.restart");
-                // The restarted request looks the object up again: its result replaces the last.
+                // The restarted request looks the object up again: its result replaces the last,
+                // and a hit's age and TTL go with it (a miss or pass after the restart has none).
                 state.cache_result_known = false;
+                state.record.outcome.object_age = None;
+                state.record.outcome.object_ttl = None;
             }
             return;
         }
@@ -195,8 +198,10 @@ fn state<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
 }
 
 /// Builds and attaches the full state of an unsampled request that kept only `u`. For client
-/// tasks: its callers (through `state`) are `sample()` and `trust()`, which run in vcl_recv only.
-/// An unsampled fetch's marker (`trace_backend`) is never adopted: without a request, `None`.
+/// tasks only: its callers are `sample()` and `trust()` (through `state`, in vcl_recv),
+/// `finish()` (telling the client the context: traceresponse, Server-Timing) and
+/// `cache_result()` (a fetch follows and the caller sent a tracestate). An unsampled fetch's
+/// marker (`trace_backend`) is never adopted: without a request, `None`.
 fn adopt<'a>(ctx: &Ctx, u: Unsampled) -> Option<&'a mut TaskState> {
     // SAFETY: ctx->req is NULL or the running client task's request.
     let req = unsafe { ctx.raw.req.as_ref()? };

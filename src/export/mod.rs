@@ -29,6 +29,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// At most one log line per this period about failing exports (a dead collector must not
 /// flood the log).
 const FAILURE_LOG_PERIOD: Duration = Duration::from_secs(60);
+/// The protobuf buffer is kept for the next batch up to this size: a 512-span batch of sampled
+/// hits takes about 400 KB; one of spans with many long attributes can take megabytes.
+const MAX_KEPT_BUFFER: usize = 4 << 20;
 
 enum Output {
     File(File),
@@ -230,7 +233,12 @@ impl ExportJob {
                     sent
                 } else {
                     let start = otlp_proto::write_export_request(&mut self.bytes, &self.cfg.resource, &self.batch);
-                    client.send(&mut self.bytes, start)
+                    let sent = client.send(&mut self.bytes, start);
+                    if self.bytes.capacity() > MAX_KEPT_BUFFER {
+                        // One batch of unusually large spans: its room is not kept for ever.
+                        self.bytes = Vec::new();
+                    }
+                    sent
                 }
             }
         }

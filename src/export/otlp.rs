@@ -150,10 +150,13 @@ impl OtlpClient {
     /// within the configured timeout, and by the stop signal's deadline when it is set.
     ///
     /// The body's buffer is lent to the HTTP client rather than copied, and comes back emptied,
-    /// with its room, once the client has let go of it (always, after a response): a 512-span
-    /// body is about 300 KB, copied and freed once per batch before. (callgrind showed the copy
-    /// as about 600 instructions per span, but it counts each byte of a `rep movsb` as one
-    /// instruction; the CPU copies tens of bytes a cycle, so the gain is small.)
+    /// with its room, when the client has let go of it by the time the answer is in (the usual
+    /// case; not when a server answers before reading the whole body, an early 413 or 401, where
+    /// hyper may still hold it: `body` is then left empty and the next batch grows a new one).
+    /// A 512-span body is about 300 KB, copied and freed once per batch before. (callgrind
+    /// showed the copy as about 600 instructions per span, but it counts each byte of a
+    /// `rep movsb` as one instruction; the CPU copies tens of bytes a cycle, so the gain is
+    /// small.) OTLP/gRPC still copies the body once, into tonic's frame (`RawEncoder`).
     ///
     /// The request is `body[start..]` (the protobuf encoder leaves room before it).
     pub fn send(&mut self, body: &mut Vec<u8>, start: usize) -> Result<(), ExportError> {

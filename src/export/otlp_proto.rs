@@ -411,10 +411,14 @@ fn put_span(out: &mut Buf<'_>, r: &SpanRecord) {
         out.buf[head..body].copy_from_slice(&[scope_spans::SPANS, len as u8 | 0x80, (len >> 7) as u8]);
         return;
     }
-    // A shorter or a longer span: its length takes one byte, or three or more. The body moves.
+    // A shorter or a longer span: its length takes one byte, or three to five. The body moves.
     let (varint, n) = varint_bytes(len as u64);
     out.at = head + 1 + n;
-    out.grow(len);
+    // At most two bytes more than the span took: exactly those (`grow` would double the buffer).
+    let need = out.at + len;
+    if need > out.buf.len() {
+        out.buf.resize(need, 0);
+    }
     out.buf.copy_within(body..body + len, head + 1 + n);
     out.buf[head] = scope_spans::SPANS;
     out.buf[head + 1..head + 1 + n].copy_from_slice(&varint[..n]);
@@ -464,6 +468,7 @@ fn put_span_body(out: &mut Buf<'_>, r: &SpanRecord) {
 /// its room is reused) and returns where the request starts in it: the request is `out[start..]`
 /// (the bytes before are room the headers did not need). One `ResourceSpans` with `resource`,
 /// and one `ScopeSpans` for this module. `spans` are records or boxed records, as in `otlp_json`.
+#[must_use = "the request starts at the returned offset"]
 pub fn write_export_request<S: Borrow<SpanRecord>>(out: &mut Vec<u8>, resource: &Resource, spans: &[S]) -> usize {
     out.clear();
     let resource_body = resource_len(resource);
@@ -482,7 +487,10 @@ pub fn write_export_request<S: Borrow<SpanRecord>>(out: &mut Vec<u8>, resource: 
 
     let scope_spans_body = len_field(scope_body) + (end - room);
     let resource_spans_body = len_field(resource_body) + len_field(scope_spans_body);
-    let headers = 1 + varint_len(resource_spans_body as u64) + len_field(resource_body) + 1
+    let headers = 1
+        + varint_len(resource_spans_body as u64)
+        + len_field(resource_body)
+        + 1
         + varint_len(scope_spans_body as u64)
         + len_field(scope_body);
     let start = room - headers;

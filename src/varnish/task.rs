@@ -203,9 +203,10 @@ pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
 /// Marks the current task as an unsampled request or fetch. Most requests are not sampled, and
 /// most of them are cache hits that never send anything downstream: for those, the decision and
 /// its IDs are all we keep (no span record, no copy, a fini that returns at once). A fetch, VCL
-/// asking for the IDs, or a retry reads the context from it; `sample()` and `trust()` (client
-/// tasks) build the full state then (`calls::state`). Returns false if the workspace has no
-/// room (keep the full state then).
+/// asking for the IDs, or a retry reads the context from it. In client tasks, `sample()`,
+/// `trust()`, `finish()` (traceresponse, Server-Timing) and `cache_result()` (a caller's
+/// tracestate to send on) build the full state then (`calls::adopt`). Returns false if the
+/// workspace has no room (keep the full state then).
 pub fn install_unsampled(ctx: &Ctx, u: Unsampled) -> bool {
     // SAFETY: as in `current`; the workspace allocation lives as long as the task (a rollback
     // releases it, after the fini has parked a copy).

@@ -2,10 +2,10 @@
 """Asserts how many spans of an OTLP/JSON-lines file match some conditions (for .vtc tests).
 
 usage: span_check.py FILE COUNT [COND ...]
-COND is FIELD=VALUE or FIELD!=VALUE, FIELD one of: kind (server, client, internal), name,
-traceId, spanId, parentSpanId ("" for a root), status (unset, ok, error), event (a span event
-name that must be present), or any attribute key (compared as text; for a string[] attribute,
-such as a captured header, VALUE must be one of its elements).
+COND is FIELD=VALUE, FIELD!=VALUE or !KEY (the span has no attribute KEY), FIELD one of: kind
+(server, client, internal), name, traceId, spanId, parentSpanId ("" for a root), status (unset,
+ok, error), event (a span event name that must be present), or any attribute key (compared as
+text; for a string[] attribute, such as a captured header, VALUE must be one of its elements).
 Prints the matching spans; exits 1 when the count differs, or when a span repeats an attribute key.
 """
 import json
@@ -56,6 +56,8 @@ def field(span, name):
 
 
 def matches(span, cond):
+    if cond.startswith("!") and "=" not in cond:
+        return field(span, cond[1:]) is None
     neg = "!=" in cond
     key, value = cond.split("!=" if neg else "=", 1)
     actual = field(span, key)
