@@ -37,17 +37,21 @@ cleanup() {
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-origin_port=$(port)
+# Three distinct free ports, chosen while all three are held (one at a time, two could be the
+# same: it happened, and varnishd then failed to listen).
+read -r origin_port receiver_port proxy_port < <(python3 -c '
+import socket
+held = [socket.socket() for _ in range(3)]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in held))')
 exporter=(OTEL_TRACES_EXPORTER=none)
 if [ "$export_to" != none ]; then
-    receiver_port=$(port)
     "$receiver" --http "127.0.0.1:$receiver_port" --mode discard >/dev/null 2>&1 &
     pids+=($!)
     exporter=(OTEL_TRACES_EXPORTER=otlp OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf
               OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$receiver_port")
 fi
-proxy_port=$(port)
 
 cat >"$work/origin.vcl" <<EOF
 vcl 4.1;

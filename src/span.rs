@@ -119,6 +119,41 @@ pub enum Value {
     Bool(bool),
 }
 
+impl Value {
+    pub fn borrowed(&self) -> ValueRef<'_> {
+        match self {
+            Value::Str(s) => ValueRef::Str(s),
+            Value::StrArray(v) => ValueRef::StrArray(v),
+            Value::Int(i) => ValueRef::Int(*i),
+            Value::Float(f) => ValueRef::Float(*f),
+            Value::Bool(b) => ValueRef::Bool(*b),
+        }
+    }
+}
+
+/// An attribute's value as the encoders read it: borrowed from an `Attribute`, or made from a
+/// typed field of the `Outcome` (no `Value` is built for those).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ValueRef<'a> {
+    Str(&'a str),
+    StrArray(&'a [String]),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl ValueRef<'_> {
+    pub fn to_value(self) -> Value {
+        match self {
+            ValueRef::Str(s) => Value::Str(s.into()),
+            ValueRef::StrArray(v) => Value::StrArray(v.to_vec()),
+            ValueRef::Int(i) => Value::Int(i),
+            ValueRef::Float(f) => Value::Float(f),
+            ValueRef::Bool(b) => Value::Bool(b),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attribute {
     pub key: Cow<'static, str>,
@@ -181,11 +216,13 @@ pub struct Event {
 }
 
 /// How a span ended, as the end of its task and then the shared-memory log tell it (the log,
-/// which knows better, replaces what the task saw). Kept in typed fields rather than attributes
-/// until the exporter takes the span (`SpanRecord::seal`): each source then replaces a value
-/// without searching the attributes, and the tailer never reads them (by the time it merges a
-/// span, its attribute array is out of the CPU's caches: `SpanRecord::set` on it was 9% of the
-/// tailer's cycles, measured with `perf record`).
+/// which knows better, replaces what the task saw). Kept in typed fields rather than attributes,
+/// up to the encoders (`SpanRecord::for_each_outcome_attribute`): each source then replaces a
+/// value without searching the attributes, and the tailer never reads them (by the time it
+/// merges a span, its attribute array is out of the CPU's caches: `SpanRecord::set` on it was 9%
+/// of the tailer's cycles, measured with `perf record`). Moving the outcome into the attributes
+/// when the exporter took a span, as before, cost about 575 instructions per span, and more to
+/// encode and drop those generic `Attribute`s (callgrind).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Outcome {
     /// `varnish.vxid`: the transaction the span ended in (restarts and retries change it).
@@ -276,6 +313,9 @@ impl Outcome {
 /// the vector instead copied it twice per span.
 const ATTRIBUTES_RESERVED: usize = 32;
 
+/// `SpanRecord::outcome_kept` before `seal`: no limit applied yet.
+const OUTCOME_UNSEALED: u8 = u8::MAX;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SpanRecord {
     pub trace_id: TraceId,
@@ -302,8 +342,11 @@ pub struct SpanRecord {
     /// The VXID of the task when the span started; the final one is recorded as `varnish.vxid`.
     pub vxid: u64,
     pub closed_by: ClosedBy,
-    /// How the span ended; moved into the attributes by `seal`, when the exporter takes the span.
+    /// How the span ended; exported after the attributes (`for_each_outcome_attribute`).
     pub outcome: Outcome,
+    /// How many of the outcome's attributes are exported: all of them (`OUTCOME_UNSEALED`)
+    /// until `seal` applies the count limit.
+    outcome_kept: u8,
     /// VCL set an attribute whose key the outcome also fills in (with a type the outcome does
     /// not take): `seal` then lets the outcome's value, if any, replace it. Keeps `seal` from
     /// searching the attributes of every other span.
@@ -332,6 +375,7 @@ impl SpanRecord {
             vxid: 0,
             closed_by: ClosedBy::Open,
             outcome: Outcome::default(),
+            outcome_kept: OUTCOME_UNSEALED,
             outcome_shadowed: false,
         }
     }
@@ -368,6 +412,7 @@ impl SpanRecord {
             vxid,
             closed_by,
             outcome,
+            outcome_kept,
             outcome_shadowed,
         } = self;
         *trace_id = TraceId([0; 16]);
@@ -392,10 +437,10 @@ impl SpanRecord {
         }
         *vxid = 0;
         *closed_by = ClosedBy::Open;
-        // `seal` took it: usually already empty.
         if !outcome.is_empty() {
             *outcome = Outcome::default();
         }
+        *outcome_kept = OUTCOME_UNSEALED;
         *outcome_shadowed = false;
     }
 
@@ -443,80 +488,95 @@ impl SpanRecord {
         }
     }
 
-    /// Moves the outcome into the attributes. The exporter's thread calls it when it takes the
-    /// span: the encoder reads the attributes right after, whereas on the tailer they are out of
-    /// the CPU's caches. Within the attribute count limit the outcome comes first (the status
-    /// and the sizes matter more than the last attribute VCL added).
+    /// Applies the limits to the span as the encoders will write it: VCL's attributes, then the
+    /// outcome's. The exporter's thread calls it when it takes the span. Within the attribute
+    /// count limit the outcome comes first (the status and the sizes matter more than the last
+    /// attribute VCL added); a key VCL set that the outcome fills in gives way to it. Sealing
+    /// again changes nothing.
     pub fn seal(&mut self) {
         self.seal_within(max_attributes(), max_value_len());
     }
 
     /// `seal` with the limits given (the tests' own, not the process's).
     fn seal_within(&mut self, max: usize, max_len: usize) {
-        let o = std::mem::take(&mut self.outcome);
+        if self.outcome_kept != OUTCOME_UNSEALED {
+            return;
+        }
         if self.outcome_shadowed {
             self.outcome_shadowed = false;
-            let kind = self.kind;
+            let (o, kind) = (&self.outcome, self.kind);
             self.attributes.retain(|a| !o.writes(&a.key, kind));
         }
-        let known = o.count();
+        let known = self.outcome.count();
         let room = max.saturating_sub(known);
         if self.attributes.len() > room {
             self.dropped_attributes += (self.attributes.len() - room) as u32;
             self.attributes.truncate(room);
         }
-        self.attributes.reserve(known.min(max));
-        let (a, mut refused) = (&mut self.attributes, 0u32);
-        // Only a limit below the outcome's own count refuses some of it (in this order).
-        let mut push = |key: &'static str, value: Value| {
-            if a.len() < max {
-                a.push(Attribute { key: Cow::Borrowed(key), value });
-            } else {
-                refused += 1;
+        // Only a limit below the outcome's own count refuses some of it (the last ones in
+        // `for_each_outcome_attribute`'s order).
+        let kept = known.min(max);
+        self.dropped_attributes += (known - kept) as u32;
+        self.outcome_kept = kept as u8; // at most 12
+                                        // The strings within the value length limit, as `set` keeps them.
+        let o = &mut self.outcome;
+        for s in [&mut o.error_type, &mut o.cache_result, &mut o.backend, &mut o.peer_address].into_iter().flatten() {
+            if s.len() > max_len {
+                s.truncate(char_boundary_at_most(s, max_len));
+            }
+        }
+    }
+
+    /// Calls `f` with each attribute of the outcome, in the order they are exported (after the
+    /// record's `attributes`), as many as `seal` kept.
+    #[inline]
+    pub fn for_each_outcome_attribute(&self, mut f: impl FnMut(&'static str, ValueRef<'_>)) {
+        let o = &self.outcome;
+        let mut left = self.outcome_kept;
+        let mut emit = |key: &'static str, value: ValueRef<'_>| {
+            if left > 0 {
+                left -= 1;
+                f(key, value);
             }
         };
-        let size = |n: u64| Value::Int(n.min(i64::MAX as u64) as i64);
-        // The strings within the value length limit, as `set` keeps them.
+        let size = |n: u64| ValueRef::Int(n.min(i64::MAX as u64) as i64);
         if let Some(s) = o.status_code {
-            push("http.response.status_code", Value::Int(i64::from(s)));
+            emit("http.response.status_code", ValueRef::Int(i64::from(s)));
         }
-        if let Some(t) = o.error_type {
-            push("error.type", Value::Str(truncate_text(t, max_len)));
+        if let Some(t) = &o.error_type {
+            emit("error.type", ValueRef::Str(t));
         }
         if let Some(n) = o.request_body_size {
-            push("http.request.body.size", size(n));
+            emit("http.request.body.size", size(n));
         }
         if let Some(n) = o.response_body_size {
-            push("http.response.body.size", size(n));
+            emit("http.response.body.size", size(n));
         }
-        if let Some(r) = o.cache_result {
-            push("varnish.cache_result", Value::Str(truncate_text(r, max_len)));
+        if let Some(r) = &o.cache_result {
+            emit("varnish.cache_result", ValueRef::Str(r));
         }
         if let Some(age) = o.object_age {
-            push("varnish.object.age", Value::Float(age));
+            emit("varnish.object.age", ValueRef::Float(age));
         }
         if let Some(ttl) = o.object_ttl {
-            push("varnish.object.ttl", Value::Float(ttl));
+            emit("varnish.object.ttl", ValueRef::Float(ttl));
         }
         if let Some(v) = o.vxid {
-            push("varnish.vxid", size(v));
+            emit("varnish.vxid", size(v));
         }
         if let Some(n) = o.repeats {
-            push(
-                if self.kind == SpanKind::Client { "varnish.retries" } else { "varnish.restarts" },
-                Value::Int(i64::from(n)),
-            );
+            let key = if self.kind == SpanKind::Client { "varnish.retries" } else { "varnish.restarts" };
+            emit(key, ValueRef::Int(i64::from(n)));
         }
-        if let Some(b) = o.backend {
-            push("varnish.backend", Value::Str(truncate_text(b, max_len)));
+        if let Some(b) = &o.backend {
+            emit("varnish.backend", ValueRef::Str(b));
         }
-        if let Some(a) = o.peer_address {
-            push("network.peer.address", Value::Str(truncate_text(a, max_len)));
+        if let Some(a) = &o.peer_address {
+            emit("network.peer.address", ValueRef::Str(a));
         }
         if let Some(p) = o.peer_port {
-            push("network.peer.port", Value::Int(i64::from(p)));
+            emit("network.peer.port", ValueRef::Int(i64::from(p)));
         }
-        self.dropped_attributes += refused;
     }
 
     /// Appends an attribute the caller knows is not set yet (our own keys, set once): no search.
@@ -642,11 +702,16 @@ mod tests {
         assert_eq!(r.get("http.route"), Some(&Value::Str("/b".into())));
     }
 
-    /// The attributes as the exporter gets them (`seal`), as (key, value) pairs.
-    fn sealed(mut r: SpanRecord) -> (Vec<(String, Value)>, u32) {
-        r.seal();
-        assert!(r.outcome.is_empty());
-        (r.attributes.into_iter().map(|a| (a.key.into_owned(), a.value)).collect(), r.dropped_attributes)
+    /// The attributes as the encoders write them, after `seal_within`, as (key, value) pairs.
+    fn sealed_within(mut r: SpanRecord, max: usize, max_len: usize) -> (Vec<(String, Value)>, u32) {
+        r.seal_within(max, max_len);
+        let mut all: Vec<_> = r.attributes.iter().map(|a| (a.key.clone().into_owned(), a.value.clone())).collect();
+        r.for_each_outcome_attribute(|key, value| all.push((key.to_owned(), value.to_value())));
+        (all, r.dropped_attributes)
+    }
+
+    fn sealed(r: SpanRecord) -> (Vec<(String, Value)>, u32) {
+        sealed_within(r, MAX_ATTRIBUTES, MAX_VALUE_LEN)
     }
 
     fn kv(key: &str, value: Value) -> (String, Value) {
@@ -773,10 +838,6 @@ mod tests {
 
     #[test]
     fn below_the_outcomes_own_count_the_limit_still_holds_and_the_values_are_cut() {
-        let sealed_within = |mut r: SpanRecord, max: usize, max_len: usize| {
-            r.seal_within(max, max_len);
-            (r.attributes.into_iter().map(|a| (a.key.into_owned(), a.value)).collect::<Vec<_>>(), r.dropped_attributes)
-        };
         let mut r = SpanRecord::new(SpanKind::Client, TraceId([1; 16]), SpanId([2; 8]), None);
         r.set_str("url.full", "http://b/");
         r.set_http_status(503); // and error.type

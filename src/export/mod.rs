@@ -226,14 +226,15 @@ impl ExportJob {
                     text.clear();
                     otlp_json::write_export_request(&mut text, &self.cfg.resource, &self.batch);
                     let mut body = text.into_bytes();
-                    let sent = client.send(&mut body, 0);
+                    let whole = 0..body.len();
+                    let sent = client.send(&mut body, whole);
                     // Empty (or the client kept it and this one is new): valid UTF-8 either way.
                     body.clear();
                     self.text = String::from_utf8(body).unwrap_or_default();
                     sent
                 } else {
-                    let start = otlp_proto::write_export_request(&mut self.bytes, &self.cfg.resource, &self.batch);
-                    let sent = client.send(&mut self.bytes, start);
+                    let request = otlp_proto::write_export_request(&mut self.bytes, &self.cfg.resource, &self.batch);
+                    let sent = client.send(&mut self.bytes, request);
                     if self.bytes.capacity() > MAX_KEPT_BUFFER {
                         // One batch of unusually large spans: its room is not kept for ever.
                         self.bytes = Vec::new();

@@ -149,19 +149,21 @@ impl OtlpClient {
     /// Sends one encoded `ExportTraceServiceRequest` (protobuf, or JSON for http/json). Returns
     /// within the configured timeout, and by the stop signal's deadline when it is set.
     ///
-    /// The body's buffer is lent to the HTTP client rather than copied, and comes back emptied,
-    /// with its room, when the client has let go of it by the time the answer is in (the usual
-    /// case; not when a server answers before reading the whole body, an early 413 or 401, where
-    /// hyper may still hold it: `body` is then left empty and the next batch grows a new one).
+    /// The body's buffer is lent to the HTTP client rather than copied, and comes back as it
+    /// was, with its room, when the client has let go of it by the time the answer is in (the
+    /// usual case; not when a server answers before reading the whole body, an early 413 or
+    /// 401, where hyper may still hold it: `body` is then left empty and the next batch grows a
+    /// new one).
     /// A 512-span body is about 300 KB, copied and freed once per batch before. (callgrind
     /// showed the copy as about 600 instructions per span, but it counts each byte of a
     /// `rep movsb` as one instruction; the CPU copies tens of bytes a cycle, so the gain is
     /// small.) OTLP/gRPC still copies the body once, into tonic's frame (`RawEncoder`).
     ///
-    /// The request is `body[start..]` (the protobuf encoder leaves room before it).
-    pub fn send(&mut self, body: &mut Vec<u8>, start: usize) -> Result<(), ExportError> {
+    /// The request is `body[request]` (the protobuf encoder leaves room around it).
+    pub fn send(&mut self, body: &mut Vec<u8>, request: std::ops::Range<usize>) -> Result<(), ExportError> {
         let lent = Lent::from(body);
-        let result = self.send_bytes(lent.bytes.slice(start.min(lent.bytes.len())..));
+        let end = request.end.min(lent.bytes.len());
+        let result = self.send_bytes(lent.bytes.slice(request.start.min(end)..end));
         lent.give_back(body);
         result
     }
@@ -239,12 +241,11 @@ impl Lent {
         Lent { bytes: Bytes::from(std::mem::take(body)) }
     }
 
-    /// Puts the buffer back, emptied, if nothing else holds it any more (the client dropped its
-    /// copy of the handle); otherwise the next batch grows a new one.
+    /// Puts the buffer back, as it was, if nothing else holds it any more (the client dropped
+    /// its copy of the handle); otherwise the next batch grows a new one. Taking it back moves
+    /// no bytes: the `Bytes` covers the whole buffer, from its start.
     fn give_back(self, body: &mut Vec<u8>) {
-        if let Ok(mut buffer) = self.bytes.try_into_mut() {
-            // Emptied first: turning it into a `Vec` then moves no bytes.
-            buffer.clear();
+        if let Ok(buffer) = self.bytes.try_into_mut() {
             *body = buffer.into();
         }
     }
@@ -387,11 +388,13 @@ mod tests {
         let mut body = Vec::with_capacity(4096);
         body.extend_from_slice(b"room\x0a\x00");
         let buffer = body.as_ptr();
-        c.send(&mut body, 4).unwrap();
-        // The body was lent, not copied: the same buffer comes back, emptied, for the next batch.
-        assert!(body.is_empty() && body.capacity() == 4096 && body.as_ptr() == buffer);
+        body.extend_from_slice(b"left over");
+        c.send(&mut body, 4..6).unwrap();
+        // The body was lent, not copied: the same buffer comes back, as it was, for the next batch.
+        assert_eq!(body, b"room\x0a\x00left over");
+        assert!(body.capacity() == 4096 && body.as_ptr() == buffer);
         let (head, sent) = h.join().unwrap();
-        assert_eq!(sent, b"\x0a\x00", "from `start` on");
+        assert_eq!(sent, b"\x0a\x00", "the request's range only");
         let head = head.to_ascii_lowercase();
         assert!(head.starts_with("post /v1/traces http/1.1"), "{head}");
         assert!(head.contains("content-type: application/x-protobuf"), "{head}");
@@ -403,12 +406,12 @@ mod tests {
     fn http_statuses_map_to_retryable_or_not() {
         let (url, h) = answer_once("503 Service Unavailable", "retry-after: 7\r\n");
         let mut c = OtlpClient::new(&config(Protocol::HttpJson, url, 2000), StopSignal::default()).unwrap();
-        let e = c.send(&mut b"{}".to_vec(), 0).unwrap_err();
+        let e = c.send(&mut b"{}".to_vec(), 0..2).unwrap_err();
         h.join().unwrap();
         assert!(e.retryable && e.retry_after == Some(Duration::from_secs(7)), "{e:?}");
         let (url, h) = answer_once("400 Bad Request", "");
         let mut c = OtlpClient::new(&config(Protocol::HttpJson, url, 2000), StopSignal::default()).unwrap();
-        let e = c.send(&mut b"{}".to_vec(), 0).unwrap_err();
+        let e = c.send(&mut b"{}".to_vec(), 0..2).unwrap_err();
         h.join().unwrap();
         assert!(!e.retryable && e.message.starts_with("HTTP 400"), "{e:?}");
     }
@@ -419,7 +422,7 @@ mod tests {
         for protocol in [Protocol::HttpProtobuf, Protocol::Grpc] {
             let url = format!("http://127.0.0.1:{port}/v1/traces");
             let mut c = OtlpClient::new(&config(protocol, url, 5000), StopSignal::default()).unwrap();
-            let e = c.send(&mut Vec::new(), 0).unwrap_err();
+            let e = c.send(&mut Vec::new(), 0..0).unwrap_err();
             assert!(e.retryable, "{protocol:?}: {e:?}");
         }
     }
@@ -431,12 +434,12 @@ mod tests {
         let url = format!("http://{}/v1/traces", hole.local_addr().unwrap());
         for protocol in [Protocol::HttpProtobuf, Protocol::Grpc] {
             let mut c = OtlpClient::new(&config(protocol, url.clone(), 300), StopSignal::default()).unwrap();
-            let e = c.send(&mut Vec::new(), 0).unwrap_err();
+            let e = c.send(&mut Vec::new(), 0..0).unwrap_err();
             assert!(e.retryable, "{protocol:?}: {e:?}");
             let stop = StopSignal::default();
             let mut c = OtlpClient::new(&config(protocol, url.clone(), 60_000), stop.clone()).unwrap();
             stop.stop_by(Instant::now() + Duration::from_millis(200));
-            let e = c.send(&mut Vec::new(), 0).unwrap_err();
+            let e = c.send(&mut Vec::new(), 0..0).unwrap_err();
             assert!(e.message.contains("stopping"), "{protocol:?}: {e:?}");
             c.close();
         }
@@ -488,9 +491,9 @@ srv.serve_forever()
         BufReader::new(py.stdout.take().unwrap()).read_line(&mut port).unwrap();
         let url = format!("https://127.0.0.1:{}/v1/traces", port.trim());
         let mut cfg = config(Protocol::HttpProtobuf, url, 5000);
-        let untrusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(&mut Vec::new(), 0).unwrap_err();
+        let untrusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(&mut Vec::new(), 0..0).unwrap_err();
         cfg.certificate = Some(cert.clone());
-        let trusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(&mut Vec::new(), 0);
+        let trusted = OtlpClient::new(&cfg, StopSignal::default()).unwrap().send(&mut Vec::new(), 0..0);
         let _ = py.kill();
         let _ = py.wait();
         let _ = std::fs::remove_dir_all(&dir);

@@ -6,7 +6,7 @@
 
 use std::borrow::Borrow;
 
-use crate::span::{SpanRecord, Value};
+use crate::span::{SpanRecord, ValueRef};
 
 pub use super::resource::Resource;
 
@@ -81,13 +81,13 @@ fn int64(out: &mut String, n: impl itoa::Integer) {
     out.push('"');
 }
 
-fn any_value(out: &mut String, v: &Value) {
+fn any_value(out: &mut String, v: ValueRef<'_>) {
     match v {
-        Value::Str(s) => {
+        ValueRef::Str(s) => {
             out.push_str("{\"stringValue\":");
             string(out, s);
         }
-        Value::StrArray(v) => {
+        ValueRef::StrArray(v) => {
             out.push_str("{\"arrayValue\":{\"values\":[");
             for (i, s) in v.iter().enumerate() {
                 if i > 0 {
@@ -99,28 +99,28 @@ fn any_value(out: &mut String, v: &Value) {
             }
             out.push_str("]}");
         }
-        Value::Int(i) => {
+        ValueRef::Int(i) => {
             out.push_str("{\"intValue\":");
-            int64(out, *i);
+            int64(out, i);
         }
         // JSON has no NaN/Infinity; the proto3 JSON mapping spells them as strings.
-        Value::Float(f) if f.is_nan() => out.push_str("{\"doubleValue\":\"NaN\""),
-        Value::Float(f) if f.is_infinite() => {
-            out.push_str(if *f > 0.0 { "{\"doubleValue\":\"Infinity\"" } else { "{\"doubleValue\":\"-Infinity\"" })
+        ValueRef::Float(f) if f.is_nan() => out.push_str("{\"doubleValue\":\"NaN\""),
+        ValueRef::Float(f) if f.is_infinite() => {
+            out.push_str(if f > 0.0 { "{\"doubleValue\":\"Infinity\"" } else { "{\"doubleValue\":\"-Infinity\"" })
         }
-        Value::Float(f) => {
+        ValueRef::Float(f) => {
             out.push_str("{\"doubleValue\":");
-            float(out, *f);
+            float(out, f);
         }
-        Value::Bool(b) => {
+        ValueRef::Bool(b) => {
             out.push_str("{\"boolValue\":");
-            out.push_str(if *b { "true" } else { "false" });
+            out.push_str(if b { "true" } else { "false" });
         }
     }
     out.push('}');
 }
 
-fn key_value(out: &mut String, key: &str, value: &Value) {
+fn key_value(out: &mut String, key: &str, value: ValueRef<'_>) {
     out.push_str("{\"key\":");
     string(out, key);
     out.push_str(",\"value\":");
@@ -156,14 +156,19 @@ pub fn write_span(out: &mut String, r: &SpanRecord) {
     int64(out, r.start_unix_nano);
     out.push_str(",\"endTimeUnixNano\":");
     int64(out, r.end_unix_nano);
-    debug_assert!(r.outcome.is_empty(), "a span is sealed before it is encoded");
     out.push_str(",\"attributes\":[");
-    for (i, a) in r.attributes.iter().enumerate() {
-        if i > 0 {
+    let mut first = true;
+    let mut write = |key: &str, value: ValueRef<'_>| {
+        if !first {
             out.push(',');
         }
-        key_value(out, &a.key, &a.value);
+        first = false;
+        key_value(out, key, value);
+    };
+    for a in &r.attributes {
+        write(&a.key, a.value.borrowed());
     }
+    r.for_each_outcome_attribute(write);
     out.push(']');
     if r.dropped_attributes > 0 {
         out.push_str(",\"droppedAttributesCount\":");
@@ -262,7 +267,7 @@ pub fn span(r: &SpanRecord) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::ids::{SpanId, TraceId};
-    use crate::span::{SpanKind, StatusCode};
+    use crate::span::{SpanKind, StatusCode, Value};
 
     fn sample() -> SpanRecord {
         let mut r = SpanRecord::new(SpanKind::Server, TraceId([0xab; 16]), SpanId([0x01; 8]), Some(SpanId([0x02; 8])));
