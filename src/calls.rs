@@ -846,7 +846,7 @@ unsafe fn server_attributes(
 
 /// `server.address` and `server.port` (if given) from a `Host`-like value.
 fn host_and_port(h: &[u8]) -> Option<(&str, Option<u16>)> {
-    semconv::split_host(std::str::from_utf8(h).ok()?)
+    semconv::split_host(crate::span::utf8(h)?)
 }
 
 /// The attributes of a CLIENT span from the backend request as VCL built it.
@@ -857,7 +857,7 @@ unsafe fn client_attributes(bereq: *const varnish::ffi::http, record: &mut crate
     let spans = config::active_spans();
     let line = request_attributes(bereq, &spans, record);
     record.name = semconv::span_name(line.method, None);
-    let host = http::header(bereq, b"host").and_then(|h| std::str::from_utf8(h).ok());
+    let host = http::header(bereq, b"host").and_then(crate::span::utf8);
     if let Some((address, port)) = host.and_then(semconv::split_host) {
         record.add("server.address", Value::Str(Text::from(address)));
         // Required on CLIENT spans: the scheme's default when Host names none.
@@ -914,7 +914,7 @@ unsafe fn request_attributes<'a>(
     }
     let (path, query) = semconv::path_and_query(&url);
     record.add("url.path", Value::Str(Text::from(path)));
-    if let Some(v) = std::str::from_utf8(http::proto(hp)).ok().and_then(semconv::protocol_version) {
+    if let Some(v) = crate::span::utf8(http::proto(hp)).and_then(semconv::protocol_version) {
         record.add("network.protocol.version", Value::Str(v.into()));
     }
     if let Some(role) = spans.role {

@@ -635,15 +635,34 @@ impl SpanRecord {
     }
 }
 
-/// Cuts `s` to at most `max` bytes without splitting a UTF-8 character.
-/// `truncate` for a value that may be borrowed (ours are short: only owned ones are ever cut).
 /// `bytes` as text, invalid UTF-8 replaced (U+FFFD). Valid text, the usual case, is copied as
 /// it is: `CompactString::from_utf8_lossy` walks it character by character (1,000 instructions
 /// for an IPv4 address, measured with callgrind).
 pub fn text_lossy(bytes: &[u8]) -> Text {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => Text::from(s),
-        Err(_) => Text::from(String::from_utf8_lossy(bytes)),
+    match utf8(bytes) {
+        Some(s) => Text::from(s),
+        None => Text::from(String::from_utf8_lossy(bytes)),
+    }
+}
+
+/// `bytes` as text if it is UTF-8. ASCII, what nearly every request line, header value and
+/// address is, is recognised by `is_ascii` (a word at a time): `std::str::from_utf8` cost 80 to
+/// 160 instructions on values of 10 to 20 bytes (callgrind), a few times more.
+#[inline]
+pub fn utf8(bytes: &[u8]) -> Option<&str> {
+    if bytes.is_ascii() {
+        // SAFETY: ASCII text is UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(bytes) })
+    } else {
+        std::str::from_utf8(bytes).ok()
+    }
+}
+
+/// `bytes` as text, borrowed when it is UTF-8, invalid sequences replaced (U+FFFD) otherwise.
+pub fn utf8_lossy(bytes: &[u8]) -> Cow<'_, str> {
+    match utf8(bytes) {
+        Some(s) => Cow::Borrowed(s),
+        None => String::from_utf8_lossy(bytes),
     }
 }
 
@@ -884,6 +903,19 @@ mod tests {
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].len(), MAX_VALUE_LEN);
         assert_eq!(v[1], "short");
+    }
+
+    #[test]
+    fn text_from_bytes_takes_ascii_and_utf8_and_replaces_the_rest() {
+        assert_eq!(utf8(b"GET"), Some("GET"));
+        assert_eq!(utf8(b""), Some(""));
+        assert_eq!(utf8("/caf\u{e9}?q=\u{1f980}".as_bytes()), Some("/caf\u{e9}?q=\u{1f980}"));
+        assert_eq!(utf8(b"/a\xff"), None);
+        assert_eq!(utf8(b"\xc3"), None, "a sequence cut short");
+        assert!(matches!(utf8_lossy(b"/plain"), Cow::Borrowed("/plain")));
+        assert_eq!(utf8_lossy(b"/a\xffb"), "/a\u{fffd}b");
+        assert_eq!(text_lossy(b"10.0.0.1"), "10.0.0.1");
+        assert_eq!(text_lossy(b"\xfe1"), "\u{fffd}1");
     }
 
     #[test]

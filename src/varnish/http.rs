@@ -240,7 +240,7 @@ pub unsafe fn request_line<'a>(hp: *const ffi::http) -> (Cow<'a, str>, Cow<'a, s
             return Cow::Borrowed("");
         }
         let bytes = std::slice::from_raw_parts(t.b.cast::<u8>(), t.e.offset_from(t.b) as usize);
-        String::from_utf8_lossy(bytes)
+        crate::span::utf8_lossy(bytes)
     };
     (get(ffi::HTTP_HDR_METHOD), get(ffi::HTTP_HDR_URL))
 }
