@@ -886,6 +886,19 @@ mod tests {
     }
 
     #[test]
+    fn sealing_again_changes_nothing() {
+        let mut r = record();
+        r.set_str("url.path", "/");
+        r.set_http_status(503);
+        r.outcome.vxid = Some(7);
+        r.seal_within(2, MAX_VALUE_LEN);
+        let once = r.clone();
+        assert_eq!((r.attributes.len(), r.outcome_kept, r.dropped_attributes), (0, 2, 2));
+        r.seal_within(2, MAX_VALUE_LEN);
+        assert_eq!(r, once);
+    }
+
+    #[test]
     fn attribute_count_is_bounded_and_counted() {
         let mut r = record();
         for i in 0..MAX_ATTRIBUTES + 5 {

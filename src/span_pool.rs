@@ -131,6 +131,7 @@ mod tests {
     #[test]
     fn a_record_given_back_is_emptied_and_keeps_its_room() {
         let mut emptied = used_record();
+        emptied.seal(); // as the exporter leaves it
         let room = (emptied.attributes.capacity(), emptied.events.capacity(), emptied.links.capacity());
         emptied.clear_for_reuse();
         let fresh = SpanRecord::new(SpanKind::Internal, TraceId([0; 16]), SpanId([0; 8]), None);
