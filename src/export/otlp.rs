@@ -111,7 +111,9 @@ impl OtlpClient {
                         if a.url().scheme() == "https" {
                             let to = a.url().to_string();
                             a.error(format!("redirected to {to}: set OTEL_EXPORTER_OTLP_ENDPOINT to the https URL"))
-                        } else if a.previous().len() >= 10 {
+                        } else if a.previous().len() > 10 {
+                            // `previous` holds the first URL too: ten redirects followed, as
+                            // reqwest's own default.
                             a.error("more than 10 redirects")
                         } else {
                             a.follow()
@@ -203,7 +205,15 @@ impl OtlpClient {
                     request = request.body(body);
                 }
                 let fut = async move {
-                    let response = request.send().await.map_err(|e| ExportError::retryable(describe_reqwest(&e)))?;
+                    let response = request.send().await.map_err(|e| {
+                        // A redirect refused (to https, or an eleventh) is the configuration's:
+                        // retrying the batch would only fail again.
+                        if e.is_redirect() {
+                            ExportError::fatal(describe_reqwest(&e))
+                        } else {
+                            ExportError::retryable(describe_reqwest(&e))
+                        }
+                    })?;
                     let status = response.status();
                     if status.is_success() {
                         // Read the (small) body so the connection can be reused.
@@ -441,6 +451,59 @@ mod tests {
         h.join().unwrap();
         assert!(e.message.contains("redirected to https://127.0.0.1:9/v1/traces"), "{e:?}");
         assert!(e.message.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{e:?}");
+        assert!(!e.retryable, "a configuration error: the batch is not retried");
+    }
+
+    /// A server redirecting `hops` times (307, on the same host), then accepting the export.
+    fn redirecting(hops: usize) -> (String, std::thread::JoinHandle<usize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hop/0", l.local_addr().unwrap());
+        let h = std::thread::spawn(move || {
+            let mut served = 0;
+            for stream in l.incoming() {
+                let mut r = BufReader::new(stream.unwrap());
+                let (mut head, mut len) = (String::new(), 0);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                let hop: usize = head.split_whitespace().nth(1).unwrap().trim_start_matches("/hop/").parse().unwrap();
+                let reply = if hop < hops {
+                    format!("HTTP/1.1 307 Temporary Redirect\r\nlocation: /hop/{}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n", hop + 1)
+                } else {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
+                };
+                r.get_mut().write_all(reply.as_bytes()).unwrap();
+                served += 1;
+                if hop >= hops || served >= 11 {
+                    return served;
+                }
+            }
+            served
+        });
+        (url, h)
+    }
+
+    #[test]
+    fn ten_redirects_are_followed_and_an_eleventh_refused() {
+        let (url, h) = redirecting(10);
+        let mut c = OtlpClient::new(&config(Protocol::HttpProtobuf, url, 5000), StopSignal::default()).unwrap();
+        c.send(&mut b"{}".to_vec(), 0..2).unwrap();
+        assert_eq!(h.join().unwrap(), 11, "the first request and ten redirects");
+        let (url, h) = redirecting(11);
+        let mut c = OtlpClient::new(&config(Protocol::HttpProtobuf, url, 5000), StopSignal::default()).unwrap();
+        let e = c.send(&mut b"{}".to_vec(), 0..2).unwrap_err();
+        assert!(e.message.contains("more than 10 redirects") && !e.retryable, "{e:?}");
+        drop(c);
+        assert_eq!(h.join().unwrap(), 11);
     }
 
     #[test]
