@@ -73,8 +73,10 @@ EOF
 
 varnishd -n "$work/origin" -a "127.0.0.1:$origin_port" -f "$work/origin.vcl" -j none -F >/dev/null 2>&1 &
 pids+=($!)
+# One profile per thread; threads take turns (--fair-sched): with valgrind's default lock a
+# background thread could wait long, and records it has not given back come from malloc instead.
 env OTEL_TRACES_SAMPLER="$sampler" "${exporter[@]}" \
-    valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$work/cg.%p.out" \
+    valgrind --tool=callgrind --trace-children=yes --separate-threads=yes --fair-sched=yes --callgrind-out-file="$work/cg.%p.out" \
     varnishd -n "$work/proxy" -a "127.0.0.1:$proxy_port" -f "$work/proxy.vcl" -j none -F \
     -p thread_pools=1 -p thread_pool_min=5 >"$work/valgrind.log" 2>&1 &
 manager=$!
@@ -86,53 +88,79 @@ done
 wrk -t1 -c2 -d"${seconds}s" "http://127.0.0.1:$proxy_port/$workload" | grep -E "requests in"
 kill -TERM "$manager"
 wait "$manager" 2>/dev/null || true
-# The child is the process that served requests (the VCL compiler, another child of the
-# manager, may run more instructions when the run is short).
-out=$(grep -l 'CNT_Request' "$work"/cg.*.out | xargs -r grep -H -E '^summary:' | sort -t' ' -k2 -n | tail -1 | cut -d: -f1) || true
-[ -n "$out" ] || { echo "callgrind.sh: no profile of a process that served requests; see $work/valgrind.log" >&2; exit 1; }
-python3 - "$out" <<'EOF'
+# One profile per thread (--separate-threads): a background thread's total is then all of its
+# work, whatever the compiler inlined. The child is the process whose threads served requests
+# (the VCL compiler, another child of the manager, has no CNT_Request).
+pid=$(grep -l 'CNT_Request' "$work"/cg.*.out-* 2>/dev/null | head -1 | sed -E 's/.*cg\.([0-9]+)\.out-[0-9]+$/\1/') || true
+[ -n "$pid" ] || { echo "callgrind.sh: no profile of a process that served requests; see $work/valgrind.log" >&2; exit 1; }
+python3 - "$work"/cg."$pid".out-* <<'EOF'
 import collections, re, subprocess, sys
-path = sys.argv[1]
-names, calls, current = {}, collections.Counter(), None
-for line in open(path):
-    m = re.match(r'(c?)fn=\((\d+)\)(?: (.*))?', line)
-    if m:
-        if m.group(3):
-            names[m.group(2)] = m.group(3).strip()
-        if m.group(1):
-            current = names.get(m.group(2))
-        continue
-    m = re.match(r'calls=(\d+)', line)
-    if m and current:
-        calls[current] += int(m.group(1))
-requests = calls["CNT_Request"]
-print(f"callgrind: {requests} requests; instructions per request, inclusive:")
-report = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", path],
-                        capture_output=True, text=True).stdout
-wanted = ["PROGRAM TOTALS", "vmod_c_trace_request", "vmod_c_trace_backend", "vmod_c_cache_result",
+wanted = ["vmod_c_trace_request", "vmod_c_trace_backend", "vmod_c_cache_result",
           "vmod_c_finish", "task_fini_ws", "task_fini_unsampled", "VRT_priv_task ",
           "Correlator::records", "Correlator::complete", "write_export_request"]
-# A background thread's work: the worker loop calls its job's `handle` for each message, `tick`
-# between them and `finish` at the end; together they are the thread's cost. (The exporter's
-# `tick` calls `handle` only for records stashed by a rollback, rare.)
-threads = {"tailer thread (handle + tick + finish)": "TailerJob as vmod_opentracing::worker::Job",
-           "exporter thread (handle + tick + finish)": "ExportJob as vmod_opentracing::worker::Job"}
-seen, thread_totals = set(), dict.fromkeys(threads, 0)
-for line in report.splitlines():
-    m = re.match(r'\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*)', line)
-    if not m:
-        continue
-    name, count = m.group(2).rstrip(), int(m.group(1).replace(',', ''))
-    for label, job in threads.items():
-        if job in name and re.search(r'>::(handle|tick|finish) \[', name):
-            thread_totals[label] += count
-    for w in wanted:
-        # A function's own entry ends with its object file in brackets; lines without are code
-        # inlined from elsewhere. The report is sorted, so the first match is the total.
-        if w in name and w not in seen and (w == "PROGRAM TOTALS" or name.endswith("]")):
-            seen.add(w)
-            print(f"{count / max(requests, 1):10.0f}  {w.strip()}")
-for label, total in thread_totals.items():
-    print(f"{total / max(requests, 1):10.0f}  {label}")
+# A thread is the tailer or the exporter when its job's methods appear in its profile (the
+# exporter of a configuration replaced at start-up, stopped by another thread, counts too).
+jobs = {"tailer thread (all its work)": "TailerJob as vmod_opentracing::worker::Job",
+        "exporter thread (all its work)": "ExportJob as vmod_opentracing::worker::Job"}
+totals, requests, spans, program = collections.Counter(), 0, 0, 0
+records, records_allocated = 0, 0
+for path in sys.argv[1:]:
+    names, caller, current = {}, None, None
+    for line in open(path):
+        m = re.match(r'(c?)fn=\((\d+)\)(?: (.*))?', line)
+        if m:
+            if m.group(3):
+                names[m.group(2)] = m.group(3).strip()
+            if m.group(1):
+                current = names.get(m.group(2))
+            else:
+                caller = names.get(m.group(2))
+            continue
+        m = re.match(r'calls=(\d+)', line)
+        if not (m and current):
+            continue
+        n = int(m.group(1))
+        if current == "CNT_Request":
+            requests += n
+        elif current.endswith("otlp_proto::put_span"):
+            spans += n
+        elif current.endswith("span_pool::record"):
+            records += n
+        elif current.endswith("__rust_alloc") and caller and caller.endswith("span_pool::record"):
+            records_allocated += n
+    report = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", path],
+                            capture_output=True, text=True).stdout
+    seen, thread_total, job_of_thread = set(), 0, None
+    for line in report.splitlines():
+        m = re.match(r'\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*)', line)
+        if not m:
+            continue
+        name, count = m.group(2).rstrip(), int(m.group(1).replace(',', ''))
+        if name == "PROGRAM TOTALS":
+            thread_total = count
+            continue
+        for label, job in jobs.items():
+            if job in name:
+                job_of_thread = label
+        for w in wanted:
+            # A function's own entry ends with its object file in brackets; lines without are
+            # code inlined from elsewhere. The report is sorted, so the first match is the total.
+            if w in name and w not in seen and name.endswith("]"):
+                seen.add(w)
+                totals[w] += count
+    program += thread_total
+    if job_of_thread:
+        totals[job_of_thread] += thread_total
+per = max(requests, 1)
+# The exporter's figure holds only when every span was sent before varnishd stopped (callgrind
+# slows the stop: a sampled pass should show two spans per request).
+print(f"callgrind: {requests} requests, {spans} spans encoded; instructions per request, inclusive:")
+# A span record comes from the pool unless the exporter has not given records back yet; a new
+# one costs an allocation here and the attribute array's on the first `add` (a few hundred
+# instructions in `trace_request` and `trace_backend`; under callgrind, when the exporter lags).
+print(f"callgrind: span records taken from the pool: {records - records_allocated} of {records}")
+print(f"{program / per:10.0f}  PROGRAM TOTALS")
+for w, count in sorted(totals.items(), key=lambda kv: -kv[1]):
+    print(f"{count / per:10.0f}  {w.strip()}")
 EOF
-echo "callgrind: full profile in $out (callgrind_annotate --inclusive=yes $out)"
+echo "callgrind: profiles, one per thread, in $work/cg.$pid.out-* (callgrind_annotate --inclusive=yes <file>)"
