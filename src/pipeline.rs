@@ -135,6 +135,9 @@ pub struct Counters {
     /// Internal errors (panics) caught in the background threads; each cost one span or batch
     #[counter]
     internal_errors: AtomicU64,
+    /// Span records allocated because none was free for reuse (the exporter gives records back after each batch)
+    #[counter]
+    span_records_allocated: AtomicU64,
 }
 
 impl Counters {
@@ -160,6 +163,7 @@ impl Counters {
         copy(&self.vsl_pending, &STATS.vsl_pending);
         self.vsl_attached.store(u64::from(crate::vsl::tailer::ATTACHED.load(Relaxed)), Relaxed);
         copy(&self.internal_errors, &crate::worker::PANICS);
+        self.span_records_allocated.store(crate::span_pool::allocated(), Relaxed);
     }
 }
 

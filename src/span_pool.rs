@@ -17,7 +17,7 @@
 //! Threading: any thread; lock-free (crossbeam's `ArrayQueue`: a compare-and-swap per take and
 //! per give).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::LazyLock;
 
 use crossbeam_queue::ArrayQueue;
@@ -36,6 +36,9 @@ const MAX_LINKS_KEPT: usize = 8;
 static POOL: LazyLock<ArrayQueue<Box<SpanRecord>>> = LazyLock::new(|| ArrayQueue::new(POOLED));
 /// Set while no pipeline runs (`close`): records given back are freed.
 static CLOSED: AtomicBool = AtomicBool::new(false);
+/// Records allocated because the pool was empty (varnishstat `span_records_allocated`). Counted
+/// on the slow path only: a record taken from the pool touches no shared counter.
+static ALLOCATED: AtomicU64 = AtomicU64::new(0);
 
 /// A new record, as `SpanRecord::new` makes it: a reused one when the pool has one.
 pub fn record(kind: SpanKind, trace_id: TraceId, span_id: SpanId, parent: Option<SpanId>) -> Box<SpanRecord> {
@@ -48,8 +51,19 @@ pub fn record(kind: SpanKind, trace_id: TraceId, span_id: SpanId, parent: Option
             r.parent_span_id = parent;
             r
         }
-        None => Box::new(SpanRecord::new(kind, trace_id, span_id, parent)),
+        None => {
+            ALLOCATED.fetch_add(1, Ordering::Relaxed);
+            Box::new(SpanRecord::new(kind, trace_id, span_id, parent))
+        }
     }
+}
+
+/// How many records were allocated because the pool was empty, since the process started. In
+/// the steady state it stays still: the exporter gives each exported record back. When it
+/// climbs with the traffic, records are not coming back in time (an exporter lagging or
+/// retrying), and each span start pays an allocation (a few hundred instructions).
+pub fn allocated() -> u64 {
+    ALLOCATED.load(Ordering::Relaxed)
 }
 
 /// Takes back a record whose span was exported or dropped (the exporter thread).
