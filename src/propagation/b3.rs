@@ -48,7 +48,7 @@
 //!
 //! Parsing never allocates and never panics.
 
-use super::traceparent::{hex_lower, trim_ows};
+use super::traceparent::{decode_lower_hex, hex_lower, trim_ows};
 
 /// The single header.
 pub const SINGLE: &str = "b3";
@@ -227,26 +227,13 @@ impl core::fmt::Display for Invalid {
     }
 }
 
-#[inline]
-fn nibble(c: u8) -> Result<u8, Invalid> {
-    match c {
-        b'0'..=b'9' => Ok(c - b'0'),
-        b'a'..=b'f' => Ok(c - b'a' + 10),
-        b'A'..=b'F' => Err(Invalid::Uppercase),
-        _ => Err(Invalid::Hex),
-    }
-}
-
 /// Decodes lower-hex `src` into `out`; `src` must be `2 * out.len()` long,
-/// otherwise `length` is returned.
+/// otherwise `length` is returned. The first refused digit says why.
 fn decode(src: &[u8], out: &mut [u8], length: Invalid) -> Result<(), Invalid> {
     if src.len() != out.len() * 2 {
         return Err(length);
     }
-    for (pair, o) in src.chunks_exact(2).zip(out.iter_mut()) {
-        *o = (nibble(pair[0])? << 4) | nibble(pair[1])?;
-    }
-    Ok(())
+    decode_lower_hex(src, out).map_err(|r| if r.uppercase { Invalid::Uppercase } else { Invalid::Hex })
 }
 
 fn decode_trace_id(src: &[u8]) -> Result<[u8; 16], Invalid> {
@@ -532,6 +519,30 @@ mod tests {
     }
 
     // --- single header: the spec's examples -------------------------------
+
+    /// The shared table-driven decoder against B3's digit-by-digit reading: every pair of
+    /// bytes, and the first refused digit deciding the reason.
+    #[test]
+    fn decode_agrees_with_reading_digit_by_digit() {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Err(Invalid::Uppercase),
+            _ => Err(Invalid::Hex),
+        };
+        for a in 0..=255u8 {
+            for b in 0..=255u8 {
+                let want = digit(a).and_then(|h| digit(b).map(|l| h << 4 | l));
+                let mut out = [0u8];
+                let got = decode(&[a, b], &mut out, Invalid::SpanIdLength).map(|()| out[0]);
+                assert_eq!(got, want, "{a:#x} {b:#x}");
+            }
+        }
+        let mut out = [0u8; 3];
+        assert_eq!(decode(b"0aAz99", &mut out, Invalid::SpanIdLength), Err(Invalid::Uppercase));
+        assert_eq!(decode(b"0azA99", &mut out, Invalid::SpanIdLength), Err(Invalid::Hex));
+        assert_eq!(decode(b"0aff", &mut out, Invalid::SpanIdLength), Err(Invalid::SpanIdLength));
+    }
 
     #[test]
     fn spec_single_header_example() {
