@@ -524,11 +524,14 @@ mod tests {
     /// bytes, and the first refused digit deciding the reason.
     #[test]
     fn decode_agrees_with_reading_digit_by_digit() {
-        let digit = |c: u8| match c {
-            b'0'..=b'9' => Ok(c - b'0'),
-            b'a'..=b'f' => Ok(c - b'a' + 10),
-            b'A'..=b'F' => Err(Invalid::Uppercase),
-            _ => Err(Invalid::Hex),
+        let digit = |c| {
+            crate::propagation::traceparent::reference_digit(c).map_err(|upper| {
+                if upper {
+                    Invalid::Uppercase
+                } else {
+                    Invalid::Hex
+                }
+            })
         };
         for a in 0..=255u8 {
             for b in 0..=255u8 {

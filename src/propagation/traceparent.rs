@@ -149,6 +149,18 @@ pub(crate) fn decode_lower_hex(src: &[u8], out: &mut [u8]) -> Result<(), Refused
     Err(Refused { at, uppercase: NIBBLE[usize::from(src[at])] == UPPER })
 }
 
+/// A hex digit read the plain way, the tests' reference for `decode_lower_hex`: its value, or
+/// why it is refused (`Err(true)`: an uppercase digit; `Err(false)`: anything else).
+#[cfg(test)]
+pub(crate) fn reference_digit(c: u8) -> Result<u8, bool> {
+    match c {
+        b'0'..=b'9' => Ok(c - b'0'),
+        b'a'..=b'f' => Ok(c - b'a' + 10),
+        b'A'..=b'F' => Err(true),
+        _ => Err(false),
+    }
+}
+
 /// Decodes lowercase hex `src` into `out` (`src.len()` must be `2 * out.len()`,
 /// which all callers guarantee through fixed slice bounds).
 #[inline]
@@ -642,12 +654,7 @@ mod tests {
     /// bytes, and which refused pair decides the reason.
     #[test]
     fn decode_agrees_with_reading_digit_by_digit() {
-        let digit = |c: u8| match c {
-            b'0'..=b'9' => Ok(c - b'0'),
-            b'a'..=b'f' => Ok(c - b'a' + 10),
-            b'A'..=b'F' => Err(Invalid::Uppercase),
-            _ => Err(Invalid::Hex),
-        };
+        let digit = |c| reference_digit(c).map_err(|upper| if upper { Invalid::Uppercase } else { Invalid::Hex });
         for a in 0..=255u8 {
             for b in 0..=255u8 {
                 let want = match (digit(a), digit(b)) {
