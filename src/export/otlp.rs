@@ -379,6 +379,24 @@ mod tests {
         }
     }
 
+    /// One HTTP/1.1 request from `r`: its head (request line and header fields) and its body.
+    fn read_request(r: &mut BufReader<std::net::TcpStream>) -> (String, Vec<u8>) {
+        let (mut head, mut len) = (String::new(), 0);
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+            head.push_str(&line);
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        (head, body)
+    }
+
     /// A one-shot HTTP server answering `status` (a real socket, no mock client).
     fn answer_once(status: &'static str, extra: &'static str) -> (String, std::thread::JoinHandle<(String, Vec<u8>)>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -386,21 +404,7 @@ mod tests {
         let h = std::thread::spawn(move || {
             let (s, _) = l.accept().unwrap();
             let mut r = BufReader::new(s);
-            let mut head = String::new();
-            let mut len = 0;
-            loop {
-                let mut line = String::new();
-                r.read_line(&mut line).unwrap();
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
-                }
-                head.push_str(&line);
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let mut body = vec![0; len];
-            r.read_exact(&mut body).unwrap();
+            let (head, body) = read_request(&mut r);
             let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n{extra}connection: close\r\n\r\n");
             r.get_mut().write_all(reply.as_bytes()).unwrap();
             (head, body)
@@ -462,19 +466,7 @@ mod tests {
             let mut served = 0;
             for stream in l.incoming() {
                 let mut r = BufReader::new(stream.unwrap());
-                let (mut head, mut len) = (String::new(), 0);
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
-                        break;
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap();
-                    }
-                    head.push_str(&line);
-                }
-                let mut body = vec![0; len];
-                r.read_exact(&mut body).unwrap();
+                let (head, _) = read_request(&mut r);
                 let hop: usize = head.split_whitespace().nth(1).unwrap().trim_start_matches("/hop/").parse().unwrap();
                 let reply = if hop < hops {
                     format!("HTTP/1.1 307 Temporary Redirect\r\nlocation: /hop/{}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n", hop + 1)
