@@ -857,25 +857,14 @@ unsafe fn client_attributes(bereq: *const varnish::ffi::http, record: &mut crate
     let spans = config::active_spans();
     let line = request_attributes(bereq, &spans, record);
     record.name = semconv::span_name(line.method, None);
-    let host = http::header(bereq, b"host").and_then(crate::span::utf8);
-    if let Some((address, port)) = host.and_then(semconv::split_host) {
+    let host = http::header(bereq, b"host").and_then(crate::span::utf8).and_then(semconv::split_host);
+    if let Some((address, port)) = host {
         record.add("server.address", Value::Str(Text::from(address)));
         // Required on CLIENT spans: the scheme's default when Host names none.
         record.add("server.port", Value::Int(i64::from(port.unwrap_or(80))));
-    }
-    // url.full (absolute, so only with a Host), with the query only when enabled (redacted).
-    if let Some(h) = host {
-        let query = line.query.as_deref();
-        let path = line.path();
-        let mut full = String::with_capacity(7 + h.len() + path.len() + query.map_or(0, |q| q.len() + 1));
-        full.push_str("http://");
-        full.push_str(h);
-        full.push_str(path);
-        if let Some(q) = query {
-            full.push('?');
-            full.push_str(q);
-        }
-        record.add("url.full", Value::Str(full.into()));
+        // Absolute, so only with a host; the query only when enabled (redacted).
+        let url = semconv::full_url("http", address, port, line.path(), line.query.as_deref());
+        record.add("url.full", Value::Str(url.into()));
     }
 }
 

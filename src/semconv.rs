@@ -65,6 +65,34 @@ pub fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
     }
 }
 
+/// `url.full` of a CLIENT span: `scheme://address[:port]path[?query]`, from the parts
+/// `split_host` read (so a `Host` without a host, `:80`, gives no URL at all), with an IPv6
+/// address in brackets as RFC 3986 writes it. The port is kept only when `Host` named one.
+pub fn full_url(scheme: &str, address: &str, port: Option<u16>, path: &str, query: Option<&str>) -> String {
+    let ipv6 = address.contains(':');
+    let mut url =
+        String::with_capacity(scheme.len() + 3 + address.len() + 2 + 6 + path.len() + query.map_or(0, |q| q.len() + 1));
+    url.push_str(scheme);
+    url.push_str("://");
+    if ipv6 {
+        url.push('[');
+    }
+    url.push_str(address);
+    if ipv6 {
+        url.push(']');
+    }
+    if let Some(p) = port {
+        url.push(':');
+        url.push_str(itoa::Buffer::new().format(p));
+    }
+    url.push_str(path);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    url
+}
+
 /// A port: one to five digits (RFC 3986 `port = *DIGIT`; empty is refused), at most 65535.
 fn port(digits: &str) -> Option<u16> {
     if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -344,6 +372,20 @@ mod tests {
         assert_eq!(split_host("[]:80"), None);
         assert_eq!(split_host("[]"), None);
         assert_eq!(split_host("::"), Some(("::", None)), "an unbracketed IPv6 literal");
+    }
+
+    #[test]
+    fn full_urls_are_built_from_the_split_host() {
+        let full = |host: &str, path, query| split_host(host).map(|(a, p)| full_url("http", a, p, path, query));
+        assert_eq!(full("b", "/", None).as_deref(), Some("http://b/"));
+        assert_eq!(full("b:8080", "/x", Some("a=1")).as_deref(), Some("http://b:8080/x?a=1"));
+        assert_eq!(full("b:80", "/", None).as_deref(), Some("http://b:80/"), "the port as Host named it");
+        assert_eq!(full("[::1]:81", "/", None).as_deref(), Some("http://[::1]:81/"));
+        assert_eq!(full("::1", "/", None).as_deref(), Some("http://[::1]/"), "IPv6 in brackets");
+        assert_eq!(full(" b ", "/", None).as_deref(), Some("http://b/"), "surrounding space dropped");
+        assert_eq!(full(":80", "/", None), None, "no host: no URL");
+        assert_eq!(full("[]:80", "/", None), None);
+        assert_eq!(full("b:x", "/", None), None, "a port that is not one");
     }
 
     #[test]

@@ -11,6 +11,9 @@ sub vcl_recv {
     if (req.url ~ "^/dead") { set req.backend_hint = dead; return (pass); }
     if (req.url ~ "^/status/") { return (pass); }
     if (req.url ~ "^/users/") { opentracing.set_route("/users/{id}"); }
+    # Hosts a fetch's url.full must be built from with care: none at all, and IPv6.
+    if (req.url ~ "^/hostless") { set req.http.host = ":80"; return (pass); }
+    if (req.url ~ "^/ipv6host") { set req.http.host = "::1"; return (pass); }
 }
 "#;
 
@@ -62,8 +65,11 @@ fn server_and_client_spans_follow_the_http_semantic_conventions() {
     assert_eq!(v.get("/users/17", &[ua]).status, 404); // miss, backend says 404
     assert_eq!(v.get("/status/503", &[ua]).status, 503);
     assert_eq!(v.get("/dead", &[ua]).status, 503);
+    // (The demo backend answers 404 for paths it does not know: these went through to it.)
+    assert_eq!(v.get("/hostless", &[ua]).status, 404);
+    assert_eq!(v.get("/ipv6host", &[ua]).status, 404);
     let spans = {
-        v.wait_spans(Duration::from_secs(10), "all spans", |s| s.len() >= 9);
+        v.wait_spans(Duration::from_secs(10), "all spans", |s| s.len() >= 13);
         v.stop()
     };
 
@@ -109,6 +115,13 @@ fn server_and_client_spans_follow_the_http_semantic_conventions() {
     assert_eq!(fetch.attr_int("network.peer.port"), Some(i64::from(backend.port)));
     assert_eq!(fetch.attr_str("varnish.backend"), Some("default"));
     assert_eq!(fetch.attr_strs("http.request.header.x-request-id"), Some(vec!["r-42 REDACTED"]));
+    // A Host naming no host gives neither a server nor a URL (not `http://:80/...`); an IPv6
+    // literal goes in brackets.
+    let hostless = one(&spans, KIND_CLIENT, "/hostless");
+    assert_eq!((hostless.attr_str("url.full"), hostless.attr_str("server.address")), (None, None));
+    let ipv6 = one(&spans, KIND_CLIENT, "/ipv6host");
+    assert_eq!(ipv6.attr_str("url.full"), Some("http://[::1]/ipv6host"));
+    assert_eq!((ipv6.attr_str("server.address"), ipv6.attr_int("server.port")), (Some("::1"), Some(80)));
 
     // 404: not an error on the SERVER span, an error on the CLIENT span; the route names it.
     let s404 = one(&spans, KIND_SERVER, "/users/17");
