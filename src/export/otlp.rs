@@ -61,6 +61,16 @@ enum Transport {
     Grpc { client: tonic::client::Grpc<Channel>, metadata: tonic::metadata::MetadataMap },
 }
 
+/// Whether plain-HTTP requests go through a proxy reached over TLS (`HTTP_PROXY` or `ALL_PROXY`
+/// naming an `https://` proxy, as reqwest reads them from the environment): connecting to that
+/// proxy then needs the system's trust store even though the collector's URL is `http://`.
+/// `var` reads one environment variable (a parameter for the tests).
+fn proxy_over_tls(var: impl Fn(&str) -> Option<String>) -> bool {
+    ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"].iter().any(|name| {
+        var(name).is_some_and(|v| v.trim_start().get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://")))
+    })
+}
+
 pub struct OtlpClient {
     runtime: tokio::runtime::Runtime,
     transport: Transport,
@@ -101,12 +111,13 @@ impl OtlpClient {
                     builder = builder.add_root_certificate(cert);
                 }
                 let url = reqwest::Url::parse(&cfg.endpoint).map_err(|e| format!("{}: {e}", cfg.endpoint))?;
-                if url.scheme() != "https" {
+                if url.scheme() != "https" && !proxy_over_tls(|name| std::env::var(name).ok()) {
                     // No TLS to the collector: the system's trust store is not read. Reading and
                     // parsing it cost about 19 million instructions (callgrind) per client, on
                     // the thread applying the configuration, at every start of the exporter. A
                     // redirect to https, which would then fail on an unknown issuer, is refused
-                    // with a message saying what to configure.
+                    // with a message saying what to configure. (An `https://` proxy for plain
+                    // HTTP still needs the trust store: `proxy_over_tls`.)
                     builder = builder.tls_built_in_root_certs(false).redirect(reqwest::redirect::Policy::custom(|a| {
                         if a.url().scheme() == "https" {
                             let to = a.url().to_string();
@@ -496,6 +507,22 @@ mod tests {
         assert!(e.message.contains("more than 10 redirects") && !e.retryable, "{e:?}");
         drop(c);
         assert_eq!(h.join().unwrap(), 11);
+    }
+
+    #[test]
+    fn an_https_proxy_for_plain_http_keeps_the_trust_store() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        };
+        assert!(!proxy_over_tls(env(&[])), "no proxy");
+        assert!(!proxy_over_tls(env(&[("HTTP_PROXY", "http://proxy:3128")])));
+        assert!(!proxy_over_tls(env(&[("HTTP_PROXY", "proxy:3128")])), "no scheme: plain HTTP");
+        assert!(!proxy_over_tls(env(&[("HTTPS_PROXY", "https://proxy")])), "not used for http:// URLs");
+        assert!(proxy_over_tls(env(&[("HTTP_PROXY", "https://proxy:443")])));
+        assert!(proxy_over_tls(env(&[("http_proxy", " HTTPS://proxy")])));
+        assert!(proxy_over_tls(env(&[("ALL_PROXY", "https://proxy")])));
+        assert!(proxy_over_tls(env(&[("all_proxy", "https://proxy")])));
+        assert!(!proxy_over_tls(env(&[("ALL_PROXY", "https:")])), "too short to be a URL");
     }
 
     #[test]
