@@ -2,6 +2,7 @@
 //! (`otlp_proto`, `otlp_json`), how they are sent (`otlp`), and the exporter job that batches
 //! them on its own thread, retries what a collector could not take, and counts what is dropped.
 
+pub mod batch;
 pub mod config;
 pub mod otlp;
 pub mod otlp_json;
@@ -15,6 +16,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use batch::{Batch, Encoding, Request, Spare};
 pub use config::{ExportConfig, OtlpConfig, Protocol, Sink, DEFAULT_FILE, DEFAULT_QUEUE_SIZE};
 use otlp::{ExportError, OtlpClient, StopSignal};
 
@@ -29,10 +31,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// At most one log line per this period about failing exports (a dead collector must not
 /// flood the log).
 const FAILURE_LOG_PERIOD: Duration = Duration::from_secs(60);
-/// The protobuf buffer is kept for the next batch up to this size: a 512-span batch of sampled
-/// hits takes about 400 KB; one of spans with many long attributes can take megabytes.
-const MAX_KEPT_BUFFER: usize = 4 << 20;
-
 enum Output {
     File(File),
     Stdout,
@@ -48,23 +46,25 @@ struct Retry {
     give_up: Instant,
 }
 
-/// The exporter job. Memory is bounded: at most `queue_size` spans wait here (more are dropped
-/// and counted), besides those in the worker's channel (also `queue_size`).
+/// The exporter job. Memory is bounded: at most `queue_size` spans wait here, encoded (more are
+/// dropped and counted), besides those in the worker's channel (also `queue_size`) and the batch
+/// being sent.
 pub struct ExportJob {
     cfg: ExportConfig,
     counters: Option<Arc<SharedCounters>>,
     out: Output,
-    waiting: VecDeque<Box<SpanRecord>>,
-    oldest: Option<Instant>,
+    encoding: Encoding,
+    /// The batch the spans are encoded into as they arrive (`batch`).
+    filling: Batch,
+    /// Full batches waiting for their turn (behind a batch being retried).
+    full: VecDeque<Batch>,
+    /// Spans in `filling` and `full`.
+    queued: usize,
     /// The batch being sent (kept while it is retried).
-    /// Boxed as they arrive: a record is a few hundred bytes, and each move out of its box and
-    /// into the next collection was a copy (about 200 instructions per span).
-    #[allow(clippy::vec_box)]
-    batch: Vec<Box<SpanRecord>>,
+    sending: Option<Batch>,
     retry: Option<Retry>,
-    /// Encoding buffers, reused from batch to batch.
-    bytes: Vec<u8>,
-    text: String,
+    /// Buffers of sent batches, for the next ones.
+    spare: Spare,
     failures: FailureLog,
     /// The pipeline's stop deadline, once it is stopping (shared with the OTLP client).
     stop: StopSignal,
@@ -121,60 +121,80 @@ impl ExportJob {
             Sink::Otlp(o) => Output::Otlp(Box::new(OtlpClient::new(o, stop.clone())?)),
             Sink::None => Output::Discard,
         };
+        let encoding = match &out {
+            // One line per batch: with O_APPEND, lines from two library copies never interleave.
+            Output::File(_) | Output::Stdout => Encoding::Json { line: true },
+            Output::Otlp(client) if client.protocol() == Protocol::HttpJson => Encoding::Json { line: false },
+            Output::Otlp(_) => Encoding::Protobuf,
+            Output::Discard => Encoding::Nothing,
+        };
+        let mut spare = Spare::default();
+        let filling = Batch::new(encoding, &cfg.resource, &mut spare);
         Ok(ExportJob {
-            batch: Vec::with_capacity(cfg.batch_size),
-            waiting: VecDeque::new(),
             cfg,
             counters,
             out,
-            oldest: None,
+            encoding,
+            filling,
+            full: VecDeque::new(),
+            queued: 0,
+            sending: None,
             retry: None,
-            bytes: Vec::new(),
-            text: String::new(),
+            spare,
             failures: FailureLog::default(),
             stop,
             activity: Activity::default(),
         })
     }
 
-    /// Sends batches while there is a full one (or any, when `all`), unless a retry is pending
-    /// and not yet due. Stops at the first failure.
+    /// Closes the filling batch (when it holds any span): it waits in `full` for its turn.
+    fn close_filling(&mut self) {
+        if !self.filling.is_empty() {
+            let next = Batch::new(self.encoding, &self.cfg.resource, &mut self.spare);
+            self.full.push_back(std::mem::replace(&mut self.filling, next));
+        }
+    }
+
+    /// Sends the full batches (and the filling one, when `all`), unless a retry is pending and
+    /// not yet due. Stops at the first failure.
     fn export(&mut self, all: bool) {
         loop {
             if let Some(r) = &self.retry {
                 if Instant::now() < r.next {
                     return;
                 }
-            } else {
-                let full = self.waiting.len() >= self.cfg.batch_size;
-                if self.waiting.is_empty() || !(all || full) {
-                    return;
-                }
-                let n = self.waiting.len().min(self.cfg.batch_size);
-                self.batch.extend(self.waiting.drain(..n));
-                if self.waiting.is_empty() {
-                    self.oldest = None;
-                }
             }
-            if !self.send_batch() {
+            if self.sending.is_none() {
+                if self.full.is_empty() && all {
+                    self.close_filling();
+                }
+                let Some(batch) = self.full.pop_front() else { return };
+                self.queued -= batch.len();
+                self.sending = Some(batch);
+            }
+            if !self.send() {
                 return;
             }
         }
     }
 
-    /// One attempt at `self.batch`. Returns whether the exporter may go on with the next one.
-    fn send_batch(&mut self) -> bool {
-        let n = self.batch.len() as u64;
+    /// One attempt at the batch in `sending`. Returns whether the exporter may go on with the
+    /// next one.
+    fn send(&mut self) -> bool {
+        let Some(mut batch) = self.sending.take() else { return true };
+        let n = batch.len() as u64;
         // A bug in encoding or sending must cost this batch, not the exporter thread (the
         // worker would end, and every later span would be dropped).
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_batch()))
-            .unwrap_or_else(|_| Err(ExportError::fatal("internal error in the exporter".to_owned())));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            write_request(&mut self.out, batch.request(&self.cfg.resource))
+        }))
+        .unwrap_or_else(|_| Err(ExportError::fatal("internal error in the exporter".to_owned())));
         STATS.batches.fetch_add(1, Relaxed);
         match result {
             Ok(()) => {
                 STATS.spans_exported.fetch_add(n, Relaxed);
                 self.failures.succeeded(&self.cfg.sink);
-                self.batch.drain(..).for_each(span_pool::give);
+                batch.recycle(&mut self.spare);
                 self.retry = None;
                 true
             }
@@ -190,11 +210,12 @@ impl ExportJob {
                 if e.retryable && next < give_up {
                     self.failures.failed(&self.cfg.sink, &e, "retrying");
                     self.retry = Some(Retry { attempts, next, give_up });
+                    self.sending = Some(batch);
                 } else {
                     let why = if e.retryable { "retries exhausted" } else { "not retryable" };
                     self.failures.failed(&self.cfg.sink, &e, &format!("{n} spans dropped ({why})"));
                     STATS.spans_dropped_export.fetch_add(n, Relaxed);
-                    self.batch.drain(..).for_each(span_pool::give);
+                    batch.recycle(&mut self.spare);
                     self.retry = None;
                 }
                 false
@@ -202,52 +223,40 @@ impl ExportJob {
         }
     }
 
-    fn write_batch(&mut self) -> Result<(), ExportError> {
-        let io_error = |e: io::Error| ExportError::fatal(e.to_string());
-        match &mut self.out {
-            Output::Discard => Ok(()),
-            Output::File(_) | Output::Stdout => {
-                let line = &mut self.text;
-                line.clear();
-                otlp_json::write_export_request(line, &self.cfg.resource, &self.batch);
-                line.push('\n');
-                // One write per batch: with O_APPEND, lines from two library copies never interleave.
-                match &mut self.out {
-                    Output::File(f) => f.write_all(line.as_bytes()).map_err(io_error),
-                    _ => {
-                        let mut o = io::stdout().lock();
-                        o.write_all(line.as_bytes()).and_then(|_| o.flush()).map_err(io_error)
-                    }
-                }
-            }
-            Output::Otlp(client) => {
-                if client.protocol() == Protocol::HttpJson {
-                    let mut text = std::mem::take(&mut self.text);
-                    text.clear();
-                    otlp_json::write_export_request(&mut text, &self.cfg.resource, &self.batch);
-                    let mut body = text.into_bytes();
-                    let whole = 0..body.len();
-                    let sent = client.send(&mut body, whole);
-                    // Empty (or the client kept it and this one is new): valid UTF-8 either way.
-                    body.clear();
-                    self.text = String::from_utf8(body).unwrap_or_default();
-                    sent
-                } else {
-                    let request = otlp_proto::write_export_request(&mut self.bytes, &self.cfg.resource, &self.batch);
-                    let sent = client.send(&mut self.bytes, request);
-                    if self.bytes.capacity() > MAX_KEPT_BUFFER {
-                        // One batch of unusually large spans: its room is not kept for ever.
-                        self.bytes = Vec::new();
-                    }
-                    sent
-                }
-            }
-        }
+    /// Spans waiting here, encoded or being sent.
+    fn held(&self) -> usize {
+        self.queued + self.sending.as_ref().map_or(0, Batch::len)
     }
 
     fn publish(&self, queue_depth: usize) {
         if let Some(c) = &self.counters {
-            c.publish(queue_depth + self.waiting.len() + self.batch.len());
+            c.publish(queue_depth + self.held());
+        }
+    }
+}
+
+/// One attempt at sending `request` to `out`.
+fn write_request(out: &mut Output, request: Request<'_>) -> Result<(), ExportError> {
+    let io_error = |e: io::Error| ExportError::fatal(e.to_string());
+    match (out, request) {
+        (Output::Discard, _) | (_, Request::Nothing) => Ok(()),
+        (Output::File(f), Request::Json(line)) => f.write_all(line.as_bytes()).map_err(io_error),
+        (Output::Stdout, Request::Json(line)) => {
+            let mut o = io::stdout().lock();
+            o.write_all(line.as_bytes()).and_then(|_| o.flush()).map_err(io_error)
+        }
+        (Output::Otlp(client), Request::Protobuf { bytes, range }) => client.send(bytes, range),
+        (Output::Otlp(client), Request::Json(text)) => {
+            // The HTTP client borrows the bytes and gives them back as they were (a copy, if it
+            // still holds them), for a retry.
+            let mut body = std::mem::take(text).into_bytes();
+            let whole = 0..body.len();
+            let sent = client.send(&mut body, whole);
+            *text = String::from_utf8(body).unwrap_or_default();
+            sent
+        }
+        (Output::File(_) | Output::Stdout, Request::Protobuf { .. }) => {
+            Err(ExportError::fatal("internal error: protobuf for a JSON output".to_owned()))
         }
     }
 }
@@ -255,17 +264,27 @@ impl ExportJob {
 impl Job<Box<SpanRecord>> for ExportJob {
     fn handle(&mut self, mut span: Box<SpanRecord>) {
         self.activity.message();
-        if self.waiting.len() >= self.cfg.queue_size {
+        if self.queued >= self.cfg.queue_size {
             STATS.spans_dropped.fetch_add(1, Relaxed);
+            span_pool::give(span);
             return;
         }
-        self.oldest.get_or_insert_with(Instant::now);
-        // Here rather than where the span was completed: the encoder reads the attributes soon
+        // Here rather than where the span was completed: the encoder reads the attributes right
         // after, whereas the tailer would find them out of the CPU's caches.
         span.seal();
-        self.waiting.push_back(span);
-        if self.waiting.len() >= self.cfg.batch_size && self.retry.is_none() {
-            self.export(false);
+        if self.filling.push(&span) {
+            self.queued += 1;
+        } else {
+            crate::worker::PANICS.fetch_add(1, Relaxed);
+            STATS.spans_dropped.fetch_add(1, Relaxed);
+        }
+        // Encoded: the record is no longer needed (a retry sends the bytes).
+        span_pool::give(span);
+        if self.filling.len() >= self.cfg.batch_size {
+            self.close_filling();
+            if self.retry.is_none() {
+                self.export(false);
+            }
         }
     }
 
@@ -275,9 +294,9 @@ impl Job<Box<SpanRecord>> for ExportJob {
         for span in crate::varnish::task::sweep_stash() {
             self.handle(span);
         }
-        let due = self.oldest.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval);
+        let due = self.filling.first_at.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval);
         self.export(due);
-        self.activity.tick_ended(self.waiting.is_empty() && self.batch.is_empty());
+        self.activity.tick_ended(self.held() == 0);
     }
 
     fn idle(&self) -> bool {
@@ -298,7 +317,7 @@ impl Job<Box<SpanRecord>> for ExportJob {
         let stop_by = self.stop.deadline().map_or(own, |d| d.min(own));
         // A collector that failed twice in a row at shutdown is not waited for any longer.
         let mut failures_in_a_row = 0;
-        while !(self.waiting.is_empty() && self.batch.is_empty()) && Instant::now() < stop_by && failures_in_a_row < 2 {
+        while self.held() > 0 && Instant::now() < stop_by && failures_in_a_row < 2 {
             if let Some(r) = &mut self.retry {
                 // Waiting for a retry only makes sense if it can happen before the deadline.
                 if r.next >= stop_by {
@@ -311,7 +330,7 @@ impl Job<Box<SpanRecord>> for ExportJob {
             self.export(true);
             failures_in_a_row = if STATS.export_failures.load(Relaxed) > before { failures_in_a_row + 1 } else { 0 };
         }
-        let left = (self.waiting.len() + self.batch.len()) as u64;
+        let left = self.held() as u64;
         if left > 0 {
             STATS.spans_dropped_export.fetch_add(left, Relaxed);
             crate::varnish::log::global(format!(
@@ -319,8 +338,10 @@ impl Job<Box<SpanRecord>> for ExportJob {
                 self.cfg.sink
             ));
         }
-        self.waiting.clear();
-        self.batch.clear();
+        self.full.clear();
+        self.sending = None;
+        self.queued = 0;
+        self.filling = Batch::new(self.encoding, &self.cfg.resource, &mut self.spare);
         self.publish(0);
         if let Output::Otlp(client) = std::mem::replace(&mut self.out, Output::Discard) {
             client.close();

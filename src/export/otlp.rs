@@ -182,8 +182,8 @@ impl OtlpClient {
     /// The body's buffer is lent to the HTTP client rather than copied, and comes back as it
     /// was, with its room, when the client has let go of it by the time the answer is in (the
     /// usual case; not when a server answers before reading the whole body, an early 413 or
-    /// 401, where hyper may still hold it: `body` is then left empty and the next batch grows a
-    /// new one).
+    /// 401, or a timeout cuts the request short, where hyper may still hold it: `body` is then
+    /// a copy, so that a retry sends the same bytes).
     /// A 512-span body is about 300 KB, copied and freed once per batch before. (callgrind
     /// showed the copy as about 600 instructions per span, but it counts each byte of a
     /// `rep movsb` as one instruction; the CPU copies tens of bytes a cycle, so the gain is
@@ -279,13 +279,16 @@ impl Lent {
         Lent { bytes: Bytes::from(std::mem::take(body)) }
     }
 
-    /// Puts the buffer back, as it was, if nothing else holds it any more (the client dropped
-    /// its copy of the handle); otherwise the next batch grows a new one. Taking it back moves
-    /// no bytes: the `Bytes` covers the whole buffer, from its start.
+    /// Puts the buffer back as it was. Taking it back moves no bytes when nothing else holds it
+    /// any more (the client dropped its copy of the handle): the `Bytes` covers the whole buffer,
+    /// from its start. Otherwise (a response came before the body was all sent, or a timeout
+    /// cut the request short, and the connection still holds it) the bytes are copied: the
+    /// batch keeps its request for a retry (`export::batch`).
     fn give_back(self, body: &mut Vec<u8>) {
-        if let Ok(buffer) = self.bytes.try_into_mut() {
-            *body = buffer.into();
-        }
+        *body = match self.bytes.try_into_mut() {
+            Ok(buffer) => buffer.into(),
+            Err(shared) => shared.to_vec(),
+        };
     }
 }
 
@@ -507,6 +510,21 @@ mod tests {
         assert!(e.message.contains("more than 10 redirects") && !e.retryable, "{e:?}");
         drop(c);
         assert_eq!(h.join().unwrap(), 11);
+    }
+
+    #[test]
+    fn a_lent_body_comes_back_as_it_was_even_while_still_held() {
+        let mut body = b"request bytes".to_vec();
+        let lent = Lent::from(&mut body);
+        assert!(body.is_empty());
+        lent.give_back(&mut body);
+        assert_eq!(body, b"request bytes", "taken back");
+        let lent = Lent::from(&mut body);
+        // The connection still holds the body (an early answer, a timeout).
+        let held = lent.bytes.clone();
+        lent.give_back(&mut body);
+        assert_eq!(body, b"request bytes", "copied, for a retry");
+        assert_eq!(&held[..], b"request bytes");
     }
 
     #[test]

@@ -219,11 +219,21 @@ pub fn write_span(out: &mut String, r: &SpanRecord) {
     out.push_str("}}");
 }
 
-/// Appends one batch as a single line (no trailing newline) to `out`.
+/// Appends one batch as a single line (no trailing newline) to `out`: `begin_export_request`,
+/// `push_span` for each span, `end_export_request`.
 ///
 /// `spans` are records or boxed records (the exporter keeps them boxed as they arrive: a record
 /// is a few hundred bytes, and each move of one was a copy).
 pub fn write_export_request<S: Borrow<SpanRecord>>(out: &mut String, resource: &Resource, spans: &[S]) {
+    begin_export_request(out, resource);
+    for (i, span) in spans.iter().enumerate() {
+        push_span(out, i == 0, span.borrow());
+    }
+    end_export_request(out);
+}
+
+/// The start of a request, up to where its spans go.
+pub fn begin_export_request(out: &mut String, resource: &Resource) {
     out.push_str("{\"resourceSpans\":[{\"resource\":{\"attributes\":[");
     for (i, (k, v)) in resource.attributes.iter().enumerate() {
         if i > 0 {
@@ -240,12 +250,18 @@ pub fn write_export_request<S: Borrow<SpanRecord>>(out: &mut String, resource: &
     out.push_str(",\"version\":");
     string(out, env!("CARGO_PKG_VERSION"));
     out.push_str("},\"spans\":[");
-    for (i, span) in spans.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        write_span(out, span.borrow());
+}
+
+/// One span of a request begun with `begin_export_request` (`first`: its first span).
+pub fn push_span(out: &mut String, first: bool, span: &SpanRecord) {
+    if !first {
+        out.push(',');
     }
+    write_span(out, span);
+}
+
+/// The end of a request.
+pub fn end_export_request(out: &mut String) {
     out.push_str("]}]}]}");
 }
 

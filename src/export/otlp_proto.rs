@@ -469,64 +469,100 @@ fn put_span_body(out: &mut Buf<'_>, r: &SpanRecord) {
     out.extend_from_slice(&flags.to_le_bytes());
 }
 
-/// Writes one serialized `ExportTraceServiceRequest` holding `spans` into `out` and returns
-/// where it is: the request is `out[range]`. The bytes around it are room the headers did not
-/// need, and what an earlier, larger request left: `out` keeps its length from batch to batch,
-/// so that its room is not zeroed again for every batch (a `memset` of 768 bytes per span,
-/// which callgrind counted as that many instructions; a few cycles in fact). One `ResourceSpans`
-/// with `resource`, and one `ScopeSpans` for this module. `spans` are records or boxed records,
-/// as in `otlp_json`.
+/// One serialized `ExportTraceServiceRequest`, written one span at a time into a buffer the
+/// caller owns: `begin`, `push` each span as it comes, `finish` (again after a failed send, if
+/// need be: it writes the same bytes). One `ResourceSpans` with `resource`, one `ScopeSpans` for
+/// this module.
+///
+/// The spans go first, after room for what precedes them (the keys and lengths of
+/// `ResourceSpans` and `ScopeSpans`, the resource and the scope), which `finish` fills in once
+/// their length is known. The buffer keeps its length from request to request and is written
+/// over, so that its room is not zeroed again for every batch (a `memset` of 768 bytes per span,
+/// which callgrind counted as that many instructions; a few cycles in fact).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestWriter {
+    /// Where the spans start.
+    room: usize,
+    /// Where the next span goes.
+    end: usize,
+}
+
+impl RequestWriter {
+    pub fn begin(out: &mut Vec<u8>, resource: &Resource) -> RequestWriter {
+        let room = 2 * (1 + 10) + len_field(resource_len(resource)) + len_field(scope_len());
+        // Enough for the headers and the usual span (a sampled hit's is about 600 bytes); `Buf`
+        // grows it when short.
+        if out.len() < room + 768 {
+            out.resize(room + 768, 0);
+        }
+        RequestWriter { room, end: room }
+    }
+
+    /// Appends `span`. A panic in the middle (a bug) leaves the request as it was: the span's
+    /// bytes count only once it is complete.
+    pub fn push(&mut self, out: &mut Vec<u8>, span: &SpanRecord) {
+        let mut spans_out = Buf { buf: out, at: self.end };
+        put_span(&mut spans_out, span);
+        self.end = spans_out.at;
+    }
+
+    /// Writes what precedes the spans and returns where the request is: `out[range]`. The bytes
+    /// around it are room the headers did not need, and what an earlier, larger request left.
+    #[must_use = "the request is the returned range of `out`"]
+    pub fn finish(&self, out: &mut Vec<u8>, resource: &Resource) -> std::ops::Range<usize> {
+        let (room, end) = (self.room, self.end);
+        let resource_body = resource_len(resource);
+        let scope_body = scope_len();
+        let scope_spans_body = len_field(scope_body) + (end - room);
+        let resource_spans_body = len_field(resource_body) + len_field(scope_spans_body);
+        let headers = 1
+            + varint_len(resource_spans_body as u64)
+            + len_field(resource_body)
+            + 1
+            + varint_len(scope_spans_body as u64)
+            + len_field(scope_body);
+        let start = room - headers;
+        let out = &mut Buf { buf: out, at: start };
+        put_len(out, request::RESOURCE_SPANS, resource_spans_body);
+        // Always present, even with no attributes, as `otlp_json` writes it.
+        put_len(out, resource_spans::RESOURCE, resource_body);
+        for (k, v) in &resource.attributes {
+            put_len(out, resource::ATTRIBUTES, resource_attribute_len(k, v));
+            put_str(out, key_value::KEY, k);
+            put_len(out, key_value::VALUE, len_field(v.len()));
+            put_bytes(out, any_value::STRING, v.as_bytes());
+        }
+        put_len(out, resource_spans::SCOPE_SPANS, scope_spans_body);
+        put_len(out, scope_spans::SCOPE, scope_body);
+        put_str(out, scope::NAME, SCOPE_NAME);
+        put_str(out, scope::VERSION, env!("CARGO_PKG_VERSION"));
+        // Every size above agrees with what was written, or the request would be garbage. Runs
+        // on the exporter thread only; a panic here (a bug) is caught by `ExportJob::send`, which
+        // drops and counts the batch: garbage is never sent, varnishd never sees the panic. (The
+        // resource must be the one given to `begin`.)
+        assert_eq!(out.at, room, "OTLP protobuf size mismatch");
+        start..end
+    }
+}
+
+/// `spans` as one request in `out` (see `RequestWriter`), which is `out[range]`. `spans` are
+/// records or boxed records, as in `otlp_json`.
 #[must_use = "the request is the returned range of `out`"]
 pub fn write_export_request<S: Borrow<SpanRecord>>(
     out: &mut Vec<u8>,
     resource: &Resource,
     spans: &[S],
 ) -> std::ops::Range<usize> {
-    let resource_body = resource_len(resource);
-    let scope_body = scope_len();
-    // The spans first, after room for what precedes them: the keys and lengths of
-    // `ResourceSpans` and `ScopeSpans` (at most eleven bytes each), the resource and the scope.
-    let room = 2 * (1 + 10) + len_field(resource_body) + len_field(scope_body);
-    // Bytes to write over: enough for the usual span (a sampled hit's is about 600 bytes), grown
-    // when short.
-    let expected = room + spans.len() * 768;
+    let mut writer = RequestWriter::begin(out, resource);
+    // Room for the usual spans at once rather than doubling as they come.
+    let expected = writer.room + spans.len() * 768;
     if out.len() < expected {
         out.resize(expected, 0);
     }
-    let mut spans_out = Buf { buf: out, at: room };
     for r in spans {
-        put_span(&mut spans_out, r.borrow());
+        writer.push(out, r.borrow());
     }
-    let end = spans_out.at;
-
-    let scope_spans_body = len_field(scope_body) + (end - room);
-    let resource_spans_body = len_field(resource_body) + len_field(scope_spans_body);
-    let headers = 1
-        + varint_len(resource_spans_body as u64)
-        + len_field(resource_body)
-        + 1
-        + varint_len(scope_spans_body as u64)
-        + len_field(scope_body);
-    let start = room - headers;
-    let out = &mut Buf { buf: out, at: start };
-    put_len(out, request::RESOURCE_SPANS, resource_spans_body);
-    // Always present, even with no attributes, as `otlp_json` writes it.
-    put_len(out, resource_spans::RESOURCE, resource_body);
-    for (k, v) in &resource.attributes {
-        put_len(out, resource::ATTRIBUTES, resource_attribute_len(k, v));
-        put_str(out, key_value::KEY, k);
-        put_len(out, key_value::VALUE, len_field(v.len()));
-        put_bytes(out, any_value::STRING, v.as_bytes());
-    }
-    put_len(out, resource_spans::SCOPE_SPANS, scope_spans_body);
-    put_len(out, scope_spans::SCOPE, scope_body);
-    put_str(out, scope::NAME, SCOPE_NAME);
-    put_str(out, scope::VERSION, env!("CARGO_PKG_VERSION"));
-    // Every size above agrees with what was written, or the request would be garbage. Runs on
-    // the exporter thread only; a panic here (a bug) is caught by `ExportJob::send_batch`, which
-    // drops and counts the batch: garbage is never sent, varnishd never sees the panic.
-    assert_eq!(out.at, room, "OTLP protobuf size mismatch");
-    start..end
+    writer.finish(out, resource)
 }
 
 /// One batch as a new buffer.

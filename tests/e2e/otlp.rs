@@ -274,6 +274,41 @@ fn a_misbehaving_collector_never_fails_requests_and_export_resumes() {
     assert!(vsl.contains("works again"), "no recovery line in the log");
 }
 
+/// A refused batch is retried from the request it was encoded into as its spans came (their
+/// records went back to the pool long before): when the collector takes it, every span is there,
+/// whole and once.
+#[test]
+fn a_refused_batch_arrives_whole_when_the_collector_recovers() {
+    let dir = TempDir::new("otlp_retry_whole");
+    let backend = Backend::start(dir.path(), "origin");
+    let recv = Receiver::start(dir.path(), "collector", "refuse", None);
+    let opts = otlp_env(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{}", recv.http_port)),
+        ("OTEL_BSP_EXPORT_TIMEOUT", "60000".into()),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "10".into()),
+    ]);
+    let v = Varnish::start_with(dir.path(), "edge", backend.port, "", &opts);
+    // A miss (SERVER and CLIENT spans), then hits: 12 spans, a full batch and part of another.
+    for i in 0..11 {
+        assert_eq!(v.get("/cached?retry", &[("x-i", &i.to_string())]).status, 200);
+    }
+    v.wait_counters(Duration::from_secs(20), "the first batch refused", |c| c["export_failures"] >= 1);
+    assert_eq!(v.counter("spans_exported"), 0);
+    recv.set_mode("accept");
+    let spans = recv.wait_spans(Duration::from_secs(30), 12);
+    let mut ids: Vec<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!((spans.len(), ids.len()), (12, 12), "each span once: {spans:#?}");
+    for s in &spans {
+        assert_eq!(s.attr_str("url.path"), Some("/cached"), "{s:#?}");
+        assert!(s.end > s.start, "{s:#?}");
+    }
+    v.wait_counters(Duration::from_secs(10), "all exported", |c| c["spans_exported"] == 12);
+    let c = v.counters();
+    assert_eq!((c["spans_dropped"], c["spans_dropped_export"]), (0, 0), "{c:?}");
+}
+
 /// Stopping with a collector that never answers: the child exits within its bounded deadline,
 /// and `vcl.discard` of the last VCL returns in time on the CLI.
 #[test]
