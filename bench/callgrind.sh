@@ -47,7 +47,7 @@ for s in held:
 print(*(s.getsockname()[1] for s in held))')
 exporter=(OTEL_TRACES_EXPORTER=none)
 if [ "$export_to" != none ]; then
-    "$receiver" --http "127.0.0.1:$receiver_port" --mode discard >/dev/null 2>&1 &
+    "$receiver" --http "127.0.0.1:$receiver_port" --mode discard >"$work/receiver.log" 2>&1 &
     pids+=($!)
     exporter=(OTEL_TRACES_EXPORTER=otlp OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf
               OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$receiver_port")
@@ -86,6 +86,11 @@ for _ in $(seq 1 120); do
     sleep 1
 done
 wrk -t1 -c2 -d"${seconds}s" "http://127.0.0.1:$proxy_port/$workload" | grep -E "requests in"
+# The export's own account, before the stop: a comparable run exports every span and fails none
+# (a failing export keeps batches for retries, and the figures then include that).
+sleep 6 # the exporter's schedule delay (5 s): the last partial batch goes out
+varnishstat -n "$work/proxy" -1 -f 'OPENTRACING.spans_*' -f 'OPENTRACING.export_failures' 2>/dev/null |
+    awk '{printf "%s=%s ", substr($1, 13), $2} END {print ""}' | sed 's/^/callgrind: varnishstat: /'
 kill -TERM "$manager"
 wait "$manager" 2>/dev/null || true
 # One profile per thread (--separate-threads): a background thread's total is then all of its
@@ -97,7 +102,7 @@ python3 - "$work"/cg."$pid".out-* <<'EOF'
 import collections, re, subprocess, sys
 wanted = ["vmod_c_trace_request", "vmod_c_trace_backend", "vmod_c_cache_result",
           "vmod_c_finish", "task_fini_ws", "task_fini_unsampled", "VRT_priv_task ",
-          "Correlator::records", "Correlator::complete", "write_export_request"]
+          "Correlator::records", "Correlator::complete", "RequestWriter::push"]
 # A thread is the tailer or the exporter when its job's methods appear in its profile (the
 # exporter of a configuration replaced at start-up, stopped by another thread, counts too).
 jobs = {"tailer thread (all its work)": "TailerJob as vmod_opentracing::worker::Job",
@@ -122,7 +127,7 @@ for path in sys.argv[1:]:
         n = int(m.group(1))
         if current == "CNT_Request":
             requests += n
-        elif current.endswith("otlp_proto::put_span"):
+        elif current.endswith("RequestWriter::push"):
             spans += n
         elif current.endswith("span_pool::record"):
             records += n

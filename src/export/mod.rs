@@ -54,8 +54,10 @@ pub struct ExportJob {
     counters: Option<Arc<SharedCounters>>,
     out: Output,
     encoding: Encoding,
-    /// The batch the spans are encoded into as they arrive (`batch`).
-    filling: Batch,
+    /// The batch the spans are encoded into as they arrive (`batch`), begun with the first
+    /// span after the last batch was closed: by then the batch sent before gave its buffer back
+    /// (one buffer in turn, two only while a batch is retried).
+    filling: Option<Batch>,
     /// Full batches waiting for their turn (behind a batch being retried).
     full: VecDeque<Batch>,
     /// Spans in `filling` and `full`.
@@ -128,19 +130,17 @@ impl ExportJob {
             Output::Otlp(_) => Encoding::Protobuf,
             Output::Discard => Encoding::Nothing,
         };
-        let mut spare = Spare::default();
-        let filling = Batch::new(encoding, &cfg.resource, &mut spare);
         Ok(ExportJob {
             cfg,
             counters,
             out,
             encoding,
-            filling,
+            filling: None,
             full: VecDeque::new(),
             queued: 0,
             sending: None,
             retry: None,
-            spare,
+            spare: Spare::default(),
             failures: FailureLog::default(),
             stop,
             activity: Activity::default(),
@@ -149,9 +149,8 @@ impl ExportJob {
 
     /// Closes the filling batch (when it holds any span): it waits in `full` for its turn.
     fn close_filling(&mut self) {
-        if !self.filling.is_empty() {
-            let next = Batch::new(self.encoding, &self.cfg.resource, &mut self.spare);
-            self.full.push_back(std::mem::replace(&mut self.filling, next));
+        if let Some(batch) = self.filling.take_if(|b| !b.is_empty()) {
+            self.full.push_back(batch);
         }
     }
 
@@ -272,7 +271,9 @@ impl Job<Box<SpanRecord>> for ExportJob {
         // Here rather than where the span was completed: the encoder reads the attributes right
         // after, whereas the tailer would find them out of the CPU's caches.
         span.seal();
-        if self.filling.push(&span) {
+        let filling =
+            self.filling.get_or_insert_with(|| Batch::new(self.encoding, &self.cfg.resource, &mut self.spare));
+        if filling.push(&span) {
             self.queued += 1;
         } else {
             crate::worker::PANICS.fetch_add(1, Relaxed);
@@ -280,7 +281,7 @@ impl Job<Box<SpanRecord>> for ExportJob {
         }
         // Encoded: the record is no longer needed (a retry sends the bytes).
         span_pool::give(span);
-        if self.filling.len() >= self.cfg.batch_size {
+        if self.filling.as_ref().is_some_and(|b| b.len() >= self.cfg.batch_size) {
             self.close_filling();
             if self.retry.is_none() {
                 self.export(false);
@@ -294,7 +295,8 @@ impl Job<Box<SpanRecord>> for ExportJob {
         for span in crate::varnish::task::sweep_stash() {
             self.handle(span);
         }
-        let due = self.filling.first_at.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval);
+        let due =
+            self.filling.as_ref().and_then(|b| b.first_at).is_some_and(|t| t.elapsed() >= self.cfg.flush_interval);
         self.export(due);
         self.activity.tick_ended(self.held() == 0);
     }
@@ -341,7 +343,7 @@ impl Job<Box<SpanRecord>> for ExportJob {
         self.full.clear();
         self.sending = None;
         self.queued = 0;
-        self.filling = Batch::new(self.encoding, &self.cfg.resource, &mut self.spare);
+        self.filling = None;
         self.publish(0);
         if let Output::Otlp(client) = std::mem::replace(&mut self.out, Output::Discard) {
             client.close();
