@@ -1,5 +1,5 @@
-//! Span records are reused. The exporter thread gives each record back once its batch is done
-//! with, emptied but with the room of its attribute, event and link arrays kept; the next span a
+//! Span records are reused. The exporter thread gives each record back once it is encoded into
+//! its batch (or dropped), emptied but with the room of its attribute, event and link arrays kept; the next span a
 //! Varnish worker starts takes one. The tailer's per-span event array trades places with the
 //! record's (`correlate`), so in the steady state a sampled span allocates nothing.
 //!
@@ -25,8 +25,9 @@ use crossbeam_queue::ArrayQueue;
 use crate::ids::{SpanId, TraceId};
 use crate::span::{SpanKind, SpanRecord};
 
-/// Records kept for reuse: two export batches' worth (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE` is 512
-/// by default), so that a batch given back covers the spans started until the next one.
+/// Records kept for reuse: enough for the spans between two exporter ticks at high rates (the
+/// tailer and the exporter each hold records for a tick or two: the log's delay, then the
+/// encoding), and for a burst.
 pub const POOLED: usize = 1024;
 /// Array sizes above which a record is freed rather than kept (twice the usual reservations).
 const MAX_ATTRIBUTES_KEPT: usize = 64;
@@ -59,14 +60,14 @@ pub fn record(kind: SpanKind, trace_id: TraceId, span_id: SpanId, parent: Option
 }
 
 /// How many records were allocated because the pool was empty, since the process started. In
-/// the steady state it stays still: the exporter gives each exported record back. When it
-/// climbs with the traffic, records are not coming back in time (an exporter lagging or
-/// retrying), and each span start pays an allocation (a few hundred instructions).
+/// the steady state it stays still: the exporter gives each record back once it is encoded.
+/// When it climbs with the traffic, records are not coming back in time (an exporter or a
+/// tailer falling behind), and each span start pays an allocation (a few hundred instructions).
 pub fn allocated() -> u64 {
     ALLOCATED.load(Ordering::Relaxed)
 }
 
-/// Takes back a record whose span was exported or dropped (the exporter thread).
+/// Takes back a record whose span was encoded for export or dropped (the exporter thread).
 pub fn give(r: Box<SpanRecord>) {
     keep(r);
 }
