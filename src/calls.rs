@@ -14,7 +14,7 @@ use crate::pipeline::{self, STATS};
 use crate::span::{text_lossy, vtim_to_unix_nano, SpanKind, Text, Value};
 use crate::trace::{self, outgoing_traceparent, Parent};
 use crate::varnish::other_formats;
-use crate::varnish::task::{self, EsiParent, Slot, TaskState, Unsampled};
+use crate::varnish::task::{self, Claim, EsiParent, Slot, TaskState, Unsampled};
 use crate::varnish::{http, log, method};
 use crate::{sampling, semconv};
 
@@ -31,8 +31,9 @@ pub fn trace_request(ctx: &mut Ctx) {
         log::vcl(ctx, "trace_request() is for client subroutines (vcl_recv); ignored");
         return;
     };
-    match task::slot(ctx) {
-        Slot::Traced(state) => {
+    let mut room = match task::claim(ctx) {
+        Some(Claim::Free(room)) => room,
+        Some(Claim::Held(Slot::Traced(state))) => {
             // Called again in the same task: a restart (new VXID, same span) or a repeated call.
             if req.restarts > state.repeats_seen {
                 state.repeats_seen = req.restarts;
@@ -46,9 +47,12 @@ pub fn trace_request(ctx: &mut Ctx) {
             return;
         }
         // The same, for a request that is not sampled: nothing to record.
-        Slot::Unsampled(_) => return,
-        Slot::Empty => {}
-    }
+        Some(Claim::Held(_)) => return,
+        None => {
+            log::vcl(ctx, "out of workspace: span not recorded");
+            return;
+        }
+    };
     let hot = config::hot();
     // SAFETY: ctx.raw is the running request's context.
     let (mut state, started) = unsafe { start_client_span(ctx.raw, req, &sampling::active(), hot, true) };
@@ -62,7 +66,7 @@ pub fn trace_request(ctx: &mut Ctx) {
     // The common case at low sampling rates: keep only the decision and its IDs; `state()`
     // builds the same (unsampled) context if the task ever needs it.
     if let Some(u) = started.decision_only {
-        if task::install_unsampled(ctx, u) {
+        if room.unsampled(ctx, u) {
             return;
         }
         // No room in the workspace for the marker: the full state (it can go on the heap).
@@ -73,9 +77,7 @@ pub fn trace_request(ctx: &mut Ctx) {
     if state.record.sampled() {
         crate::vsl::tailer::track(state.record.vxid);
     }
-    if task::install(ctx, state).is_err() {
-        log::vcl(ctx, "out of workspace: span not recorded");
-    }
+    room.traced(ctx, state);
 }
 
 /// What `start_client_span` found besides the state: VSL lines to write, and, for an unsampled
@@ -242,8 +244,9 @@ pub fn trace_backend(ctx: &mut Ctx) {
         log::vcl(ctx, "trace_backend() is for backend subroutines (vcl_backend_fetch); ignored");
         return;
     };
-    match task::slot(ctx) {
-        Slot::Traced(state) => {
+    let mut room = match task::claim(ctx) {
+        Some(Claim::Free(room)) => room,
+        Some(Claim::Held(Slot::Traced(state))) => {
             // Called again (a retry, or after VCL changed the bereq): send our context again.
             if bo.retries > state.repeats_seen {
                 state.repeats_seen = bo.retries;
@@ -252,7 +255,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
             unsafe { write_context(bo.bereq, &Outgoing::of(state)) };
             return;
         }
-        Slot::Unsampled(u) => {
+        Some(Claim::Held(Slot::Unsampled(u))) => {
             // The same for an unsampled fetch. Only a fetch whose bereq had no tracestate keeps
             // the marker (see below): there is none of ours to send, and VCL's own stays.
             let out = Outgoing {
@@ -266,8 +269,12 @@ pub fn trace_backend(ctx: &mut Ctx) {
             unsafe { write_context(bo.bereq, &out) };
             return;
         }
-        Slot::Empty => {}
-    }
+        Some(Claim::Held(Slot::Empty)) => return, // not given by `claim`
+        None => {
+            log::vcl(ctx, "out of workspace: span not recorded");
+            return;
+        }
+    };
     let fields = unsafe { http::trace_fields(bo.bereq) };
     // SAFETY: the bereq of the running fetch.
     let parent = unsafe { incoming(bo.bereq, &fields, config::hot().propagators) };
@@ -301,7 +308,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
             tracestate_applies: c.tracestate.is_some(),
             had_tracestate: !fields.tracestate.is_empty(),
         };
-        if task::install_unsampled(ctx, u) {
+        if room.unsampled(ctx, u) {
             return;
         }
         // No room in the workspace for the marker: the full state below (it can go on the heap).
@@ -329,9 +336,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
     } else {
         crate::vsl::tailer::track_fetch(state.record.vxid, state.record.trace_id, state.record.span_id);
     }
-    if task::install(ctx, state).is_err() {
-        log::vcl(ctx, "out of workspace: span not recorded");
-    }
+    room.traced(ctx, state);
 }
 
 /// Records what the end of a VCL phase knows: the response status VCL sees, a failed fetch,

@@ -157,21 +157,32 @@ pub struct Unsampled {
     pub had_tracestate: bool,
 }
 
+/// What the slot `p` holds.
+///
+/// # Safety
+/// `p` must be this library's PRIV_TASK slot of the running task.
+unsafe fn held<'a>(p: &'a mut ffi::vmod_priv) -> Slot<'a> {
+    if is_ours(p) {
+        if let Some(state) = p.priv_.cast::<TaskState>().as_mut() {
+            return Slot::Traced(state);
+        }
+    } else if is_unsampled(p) {
+        if let Some(u) = p.priv_.cast::<Unsampled>().as_ref() {
+            return Slot::Unsampled(*u);
+        }
+    }
+    Slot::Empty
+}
+
 /// The slot of the current task, taking it back from the stash after a rollback.
 pub fn slot<'a>(ctx: &Ctx) -> Slot<'a> {
     // SAFETY: VRT_priv_task_get only looks up the task's priv list; the pointer it returns stays
     // valid for the task, and only this thread uses the task.
     unsafe {
-        let p = ffi::VRT_priv_task_get(ctx.raw, key());
-        if let Some(p) = p.as_mut() {
-            if is_ours(p) {
-                if let Some(state) = p.priv_.cast::<TaskState>().as_mut() {
-                    return Slot::Traced(state);
-                }
-            } else if is_unsampled(p) {
-                if let Some(u) = p.priv_.cast::<Unsampled>().as_ref() {
-                    return Slot::Unsampled(*u);
-                }
+        if let Some(p) = ffi::VRT_priv_task_get(ctx.raw, key()).as_mut() {
+            let s = held(p);
+            if !matches!(s, Slot::Empty) {
+                return s;
             }
         }
     }
@@ -200,6 +211,63 @@ pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
     }
 }
 
+/// The current task's slot, for a call that starts a span: what it already holds, or the room
+/// to put the new span in. One `VRT_priv_task` (which finds or creates the slot), where a lookup
+/// (`slot`) and then an install took two: about 60 instructions less per request and fetch.
+pub enum Claim<'a> {
+    /// The task has a span already (a restart, a retry, a second call); never `Slot::Empty`.
+    Held(Slot<'a>),
+    /// The task's slot, empty.
+    Free(Room<'a>),
+}
+
+/// An empty slot of the running task, to be filled (`Room::unsampled`, `Room::traced`) or left
+/// empty.
+pub struct Room<'a>(&'a mut ffi::vmod_priv);
+
+/// The current task's slot (see `Claim`); `None` if Varnish has no room for one at all.
+pub fn claim<'a>(ctx: &Ctx) -> Option<Claim<'a>> {
+    // SAFETY: VRT_priv_task finds or creates the task's slot (in its workspace, or on the heap);
+    // the pointer stays valid for the task, and only this thread uses the task.
+    let p = unsafe { ffi::VRT_priv_task(ctx.raw, key()).as_mut() }?;
+    let existing = unsafe { held(&mut *std::ptr::from_mut(p)) };
+    if !matches!(existing, Slot::Empty) {
+        return Some(Claim::Held(existing));
+    }
+    if STASHED.load(Relaxed) != 0 {
+        // Rolled back earlier in this task: take the parked span back (as `slot` would).
+        if let Some(address) = task_address(ctx) {
+            match take_stashed(address, current_vxid(ctx)) {
+                // SAFETY: `p` is the task's slot, empty.
+                Some(Parked::Traced(state)) => return Some(Claim::Held(Slot::Traced(unsafe { place(ctx, p, *state) }))),
+                Some(Parked::Unsampled(u)) => {
+                    // SAFETY: as above.
+                    if unsafe { place_unsampled(ctx, p, u) } {
+                        return Some(Claim::Held(Slot::Unsampled(u)));
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    Some(Claim::Free(Room(p)))
+}
+
+impl<'a> Room<'a> {
+    /// Marks the task unsampled (see `install_unsampled`). False if the workspace has no room
+    /// for the marker: the slot is still empty.
+    pub fn unsampled(&mut self, ctx: &Ctx, u: Unsampled) -> bool {
+        // SAFETY: `self.0` is the running task's slot, empty.
+        unsafe { place_unsampled(ctx, self.0, u) }
+    }
+
+    /// Attaches `state` to the task (see `install`).
+    pub fn traced(self, ctx: &Ctx, state: TaskState) -> &'a mut TaskState {
+        // SAFETY: as above.
+        unsafe { place(ctx, self.0, state) }
+    }
+}
+
 /// Marks the current task as an unsampled request or fetch. Most requests are not sampled, and
 /// most of them are cache hits that never send anything downstream: for those, the decision and
 /// its IDs are all we keep (no span record, no copy, a fini that returns at once). A fetch, VCL
@@ -208,48 +276,65 @@ pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
 /// tracestate to send on) build the full state then (`calls::adopt`). Returns false if the
 /// workspace has no room (keep the full state then).
 pub fn install_unsampled(ctx: &Ctx, u: Unsampled) -> bool {
-    // SAFETY: as in `current`; the workspace allocation lives as long as the task (a rollback
-    // releases it, after the fini has parked a copy).
-    unsafe {
-        let Some(p) = ffi::VRT_priv_task(ctx.raw, key()).as_mut() else { return false };
-        let size = std::mem::size_of::<Unsampled>() as std::ffi::c_uint;
-        let mem = ffi::WS_Alloc(ctx.raw.ws, size).cast::<Unsampled>();
-        if mem.is_null() || mem.align_offset(std::mem::align_of::<Unsampled>()) != 0 {
-            return false;
-        }
-        if is_ours(p) {
-            close_orphan(take(p), ClosedBy::TaskEnd);
-        }
-        mem.write(u);
-        p.priv_ = mem.cast();
-        p.methods = &METHODS_UNSAMPLED;
-        true
+    // SAFETY: as in `claim`.
+    match unsafe { ffi::VRT_priv_task(ctx.raw, key()).as_mut() } {
+        Some(p) => unsafe { place_unsampled(ctx, p, u) },
+        None => false,
     }
+}
+
+/// `install_unsampled` into the slot `p`.
+///
+/// # Safety
+/// `p` must be this library's PRIV_TASK slot of the running task.
+unsafe fn place_unsampled(ctx: &Ctx, p: &mut ffi::vmod_priv, u: Unsampled) -> bool {
+    // The workspace allocation lives as long as the task (a rollback releases it, after the fini
+    // has parked a copy).
+    let size = std::mem::size_of::<Unsampled>() as std::ffi::c_uint;
+    let mem = ffi::WS_Alloc(ctx.raw.ws, size).cast::<Unsampled>();
+    if mem.is_null() || mem.align_offset(std::mem::align_of::<Unsampled>()) != 0 {
+        return false;
+    }
+    if is_ours(p) {
+        close_orphan(take(p), ClosedBy::TaskEnd);
+    }
+    mem.write(u);
+    p.priv_ = mem.cast();
+    p.methods = &METHODS_UNSAMPLED;
+    true
 }
 
 /// Attaches `state` to the current task. Gives it back if Varnish has no room for the slot.
 // The Err variant is the state itself, handed back by value on a path that practically never runs.
 #[allow(clippy::result_large_err)]
 pub fn install<'a>(ctx: &Ctx, state: TaskState) -> Result<&'a mut TaskState, TaskState> {
-    // SAFETY: as in `current`; we own `state` until Varnish calls our fini with it.
-    unsafe {
-        let Some(p) = ffi::VRT_priv_task(ctx.raw, key()).as_mut() else { return Err(state) };
-        if is_ours(p) {
-            // Replace (should not happen: callers check `current` first); close the old one.
-            close_orphan(take(p), ClosedBy::TaskEnd);
-        }
-        let size = std::mem::size_of::<TaskState>() as std::ffi::c_uint;
-        let mem = ffi::WS_Alloc(ctx.raw.ws, size).cast::<TaskState>();
-        if !mem.is_null() && mem.align_offset(std::mem::align_of::<TaskState>()) == 0 {
-            mem.write(state);
-            p.priv_ = mem.cast();
-            p.methods = &METHODS_WS;
-        } else {
-            p.priv_ = Box::into_raw(Box::new(state)).cast();
-            p.methods = &METHODS_HEAP;
-        }
-        Ok(&mut *p.priv_.cast::<TaskState>())
+    // SAFETY: as in `claim`; we own `state` until Varnish calls our fini with it.
+    match unsafe { ffi::VRT_priv_task(ctx.raw, key()).as_mut() } {
+        Some(p) => Ok(unsafe { place(ctx, p, state) }),
+        None => Err(state),
     }
+}
+
+/// `install` into the slot `p`: in the workspace, or on the heap when it is short.
+///
+/// # Safety
+/// `p` must be this library's PRIV_TASK slot of the running task.
+unsafe fn place<'a>(ctx: &Ctx, p: &'a mut ffi::vmod_priv, state: TaskState) -> &'a mut TaskState {
+    if is_ours(p) {
+        // Replace (should not happen: callers check the slot first); close the old one.
+        close_orphan(take(p), ClosedBy::TaskEnd);
+    }
+    let size = std::mem::size_of::<TaskState>() as std::ffi::c_uint;
+    let mem = ffi::WS_Alloc(ctx.raw.ws, size).cast::<TaskState>();
+    if !mem.is_null() && mem.align_offset(std::mem::align_of::<TaskState>()) == 0 {
+        mem.write(state);
+        p.priv_ = mem.cast();
+        p.methods = &METHODS_WS;
+    } else {
+        p.priv_ = Box::into_raw(Box::new(state)).cast();
+        p.methods = &METHODS_HEAP;
+    }
+    &mut *p.priv_.cast::<TaskState>()
 }
 
 fn task_address(ctx: &Ctx) -> Option<usize> {
