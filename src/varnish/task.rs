@@ -239,14 +239,15 @@ pub fn claim<'a>(ctx: &Ctx) -> Option<Claim<'a>> {
         if let Some(address) = task_address(ctx) {
             match take_stashed(address, current_vxid(ctx)) {
                 // SAFETY: `p` is the task's slot, empty.
-                Some(Parked::Traced(state)) => return Some(Claim::Held(Slot::Traced(unsafe { place(ctx, p, *state) }))),
-                Some(Parked::Unsampled(u)) => {
-                    // SAFETY: as above.
-                    if unsafe { place_unsampled(ctx, p, u) } {
-                        return Some(Claim::Held(Slot::Unsampled(u)));
-                    }
+                Some(Parked::Traced(state)) => {
+                    return Some(Claim::Held(Slot::Traced(unsafe { place(ctx, p, *state) })))
                 }
-                None => {}
+                // SAFETY: as above.
+                Some(Parked::Unsampled(u)) if unsafe { place_unsampled(ctx, p, u) } => {
+                    return Some(Claim::Held(Slot::Unsampled(u)));
+                }
+                // No room for the marker: the slot stays free (the decision is made again).
+                Some(Parked::Unsampled(_)) | None => {}
             }
         }
     }
