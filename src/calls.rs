@@ -1098,7 +1098,7 @@ unsafe fn write_unsampled_context(hp: *mut varnish::ffi::http, req: &varnish::ff
 ///
 /// # Safety
 /// `hp` must be the header table `own` was read from, valid for the call.
-unsafe fn incoming<'a>(hp: *const varnish::ffi::http, own: &'a http::TraceFields<'a>, bits: u8) -> Parent<'a> {
+unsafe fn incoming<'a, 'b: 'a>(hp: *const varnish::ffi::http, own: &'a http::TraceFields<'b>, bits: u8) -> Parent<'a> {
     let tracecontext = bits & propagators::TRACECONTEXT != 0;
     if (tracecontext && (!own.traceparent.is_empty() || own.too_many))
         || bits & (propagators::B3 | propagators::B3MULTI | propagators::JAEGER) == 0
@@ -1139,7 +1139,7 @@ mod tests {
 
     /// What `trace_backend` decides for a bereq carrying `traceparent` (one field per element).
     fn continues(fields: &[&[u8]], sampler: &str, propagators: u8) -> bool {
-        let fields = http::TraceFields { traceparent: fields.to_vec(), tracestate: vec![], too_many: false };
+        let fields = http::TraceFields { traceparent: fields.iter().copied().collect(), ..Default::default() };
         let sampler = Sampler::from_env_values(Some(sampler), None).unwrap();
         let parent = Parent::Headers { traceparent: &fields.traceparent, tracestate: &[], too_many_fields: false };
         let started = trace::start(SpanKind::Client, parent, false, &sampler);

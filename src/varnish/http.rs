@@ -18,11 +18,15 @@ pub const H_SERVER_TIMING: &CStr = c"\x0eServer-Timing:";
 /// More fields than this of one header are treated as hostile; the caller restarts the trace.
 pub const MAX_FIELDS: usize = 32;
 
+/// The values of every `traceparent` and `tracestate` field of one request, in order. Held
+/// inline up to two of each: a `Vec` allocated for every request or fetch that carries one.
+pub type Fields<'a> = smallvec::SmallVec<[&'a [u8]; 2]>;
+
 /// The values of every `traceparent` and `tracestate` field of one request, in order.
 #[derive(Default)]
 pub struct TraceFields<'a> {
-    pub traceparent: Vec<&'a [u8]>,
-    pub tracestate: Vec<&'a [u8]>,
+    pub traceparent: Fields<'a>,
+    pub tracestate: Fields<'a>,
     /// Set when a header had more than `MAX_FIELDS` fields.
     pub too_many: bool,
 }
@@ -37,7 +41,7 @@ fn value_of<'a>(field: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     Some(&field[name.len() + 1..])
 }
 
-fn push<'a>(list: &mut Vec<&'a [u8]>, v: &'a [u8], too_many: &mut bool) {
+fn push<'a>(list: &mut Fields<'a>, v: &'a [u8], too_many: &mut bool) {
     if list.len() < MAX_FIELDS {
         list.push(v);
     } else {
@@ -285,8 +289,8 @@ mod tests {
         ];
         with_headers(lines, |hp| {
             let f = unsafe { trace_fields(hp) };
-            assert_eq!(f.traceparent, vec![&b" 00-a"[..], &b"00-b"[..]]);
-            assert_eq!(f.tracestate, vec![&b" a=1"[..], &b"b=2"[..]]);
+            assert_eq!(f.traceparent.as_slice(), [&b" 00-a"[..], &b"00-b"[..]]);
+            assert_eq!(f.tracestate.as_slice(), [&b" a=1"[..], &b"b=2"[..]]);
             assert!(!f.too_many);
         });
     }
