@@ -37,18 +37,27 @@ cleanup() {
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
-# Three distinct free ports, chosen while all three are held (one at a time, two could be the
-# same: it happened, and varnishd then failed to listen).
-read -r origin_port receiver_port proxy_port < <(python3 -c '
+# Two distinct free ports for the varnishds, chosen while both are held (one at a time, the two
+# could be the same: it happened, and varnishd then failed to listen).
+read -r origin_port proxy_port < <(python3 -c '
 import socket
-held = [socket.socket() for _ in range(3)]
+held = [socket.socket() for _ in range(2)]
 for s in held:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in held))')
 exporter=(OTEL_TRACES_EXPORTER=none)
 if [ "$export_to" != none ]; then
-    "$receiver" --http "127.0.0.1:$receiver_port" --mode discard >"$work/receiver.log" 2>&1 &
+    # The receiver binds a port of its own choosing and says which: a port chosen here and bound
+    # later was sometimes taken meanwhile ("Address already in use"), and every export of that
+    # run failed (measuring retries instead).
+    "$receiver" --http 127.0.0.1:0 --mode discard --ready "$work/receiver.json" >"$work/receiver.log" 2>&1 &
     pids+=($!)
+    receiver_port=
+    for _ in $(seq 1 100); do
+        receiver_port=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["http"])' "$work/receiver.json" 2>/dev/null) && break
+        sleep 0.1
+    done
+    [ -n "$receiver_port" ] || { echo "callgrind.sh: the OTLP receiver did not start: $(cat "$work/receiver.log")" >&2; exit 1; }
     exporter=(OTEL_TRACES_EXPORTER=otlp OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf
               OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$receiver_port")
 fi
