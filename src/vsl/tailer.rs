@@ -10,7 +10,8 @@
 //! the tailer thread, never on the CLI thread. Everything else is non-blocking.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
@@ -53,7 +54,31 @@ const ATTACH_RETRY: Duration = Duration::from_secs(1);
 /// Steps read per tick at most, so that messages and deadlines are looked at in between.
 const STEPS_PER_TICK: usize = 200_000;
 
-static TAILER: RwLock<Option<Worker<Msg>>> = RwLock::new(None);
+static TAILER: RwLock<Option<Tailer>> = RwLock::new(None);
+
+/// The running tailer, as the Varnish workers reach it.
+struct Tailer {
+    worker: Worker<Msg>,
+    /// `Track` and `TrackFetch` messages sent to this tailer and not handled yet (shared with
+    /// its job). The tailer skips the log of a transaction it does not follow only when none is
+    /// pending: the track of a span is sent before its transaction's log is written, so by the
+    /// time the tailer reads that log it is either handled or counted here. One load per
+    /// transaction, where asking the queue (`is_empty`) cost about 30 instructions, twice per
+    /// unsampled request. Per tailer: one stopped with messages unread leaves its count behind.
+    /// (SeqCst: no dearer than Relaxed on x86 for an RMW or a load, and ordered with the log's
+    /// own barriers on any CPU.)
+    tracks_pending: Arc<AtomicU64>,
+}
+
+impl Tailer {
+    /// Sends a `Track` or `TrackFetch`, counted while it waits.
+    fn track(&self, msg: Msg) {
+        self.tracks_pending.fetch_add(1, SeqCst);
+        if self.worker.try_send(msg).is_err() {
+            self.tracks_pending.fetch_sub(1, SeqCst);
+        }
+    }
+}
 
 /// `OPENTRACING_VSL_READ_DELAY_MS`: a pause after every read of the log. For tests only: it makes
 /// the tailer fall behind on purpose, to check that overruns lose no span.
@@ -68,17 +93,18 @@ pub static ATTACHED: AtomicBool = AtomicBool::new(false);
 
 /// Starts the tailer (CLI thread, with the pipeline). `workdir` is varnishd's `-n` folder.
 pub fn start(workdir: PathBuf) -> Result<(), String> {
-    let job = TailerJob::new(workdir);
+    let tracks_pending = Arc::new(AtomicU64::new(0));
+    let job = TailerJob::new(workdir, tracks_pending.clone());
     let worker = Worker::spawn_with_idle_tick("otel-vsl", QUEUE, TICK, IDLE_TICK, job)
         .map_err(|e| format!("cannot start the VSL tailer: {e}"))?;
-    *TAILER.write() = Some(worker);
+    *TAILER.write() = Some(Tailer { worker, tracks_pending });
     Ok(())
 }
 
 /// Stops the tailer within `deadline`; its last tick hands every finished span to the exporter.
 pub fn stop(deadline: Duration) -> bool {
-    let worker = TAILER.write().take();
-    worker.is_none_or(|w| w.stop(deadline))
+    let tailer = TAILER.write().take();
+    tailer.is_none_or(|t| t.worker.stop(deadline))
 }
 
 pub fn is_running() -> bool {
@@ -87,23 +113,23 @@ pub fn is_running() -> bool {
 
 /// A sampled span started (any worker thread; never blocks).
 pub fn track(vxid: u64) {
-    if let Some(w) = TAILER.read().as_ref() {
-        let _ = w.try_send(Msg::Track { vxid });
+    if let Some(t) = TAILER.read().as_ref() {
+        t.track(Msg::Track { vxid });
     }
 }
 
 /// A sampled fetch started (any worker thread; never blocks): `track`, plus its IDs.
 pub fn track_fetch(vxid: u64, trace_id: TraceId, span_id: SpanId) {
-    if let Some(w) = TAILER.read().as_ref() {
-        let _ = w.try_send(Msg::TrackFetch { vxid, trace_id, span_id });
+    if let Some(t) = TAILER.read().as_ref() {
+        t.track(Msg::TrackFetch { vxid, trace_id, span_id });
     }
 }
 
 /// A tracked span was unsampled by VCL (any worker thread; never blocks; if the queue is full the
 /// entry simply ages out).
 pub fn forget(vxid: u64) {
-    if let Some(w) = TAILER.read().as_ref() {
-        let _ = w.try_send(Msg::Forget { vxid });
+    if let Some(t) = TAILER.read().as_ref() {
+        let _ = t.worker.try_send(Msg::Forget { vxid });
     }
 }
 
@@ -112,7 +138,7 @@ pub fn forget(vxid: u64) {
 pub fn finished(record: Box<SpanRecord>, final_vxid: u64) {
     let msg = Msg::Finished { record, final_vxid };
     let rejected = match TAILER.read().as_ref() {
-        Some(w) => match w.try_send(msg) {
+        Some(t) => match t.worker.try_send(msg) {
             Ok(()) => return,
             Err(m) => Some(m),
         },
@@ -148,10 +174,12 @@ struct TailerJob {
     overruns: u64,
     read_delay: Duration,
     activity: Activity,
+    /// Shared with the senders (`Tailer::tracks_pending`).
+    tracks_pending: Arc<AtomicU64>,
 }
 
 impl TailerJob {
-    fn new(workdir: PathBuf) -> Self {
+    fn new(workdir: PathBuf, tracks_pending: Arc<AtomicU64>) -> Self {
         TailerJob {
             workdir,
             reader: None,
@@ -166,6 +194,7 @@ impl TailerJob {
             overruns: 0,
             read_delay: read_delay(),
             activity: Activity::default(),
+            tracks_pending,
         }
     }
 
@@ -194,11 +223,15 @@ impl TailerJob {
     fn handle_msg(&mut self, msg: Msg, now: Instant) {
         self.activity.message();
         match msg {
-            Msg::Track { vxid } => self.correlator.track(vxid, now),
+            Msg::Track { vxid } => {
+                self.correlator.track(vxid, now);
+                self.tracks_pending.fetch_sub(1, SeqCst);
+            }
             Msg::Forget { vxid } => self.correlator.untrack(vxid),
             Msg::TrackFetch { vxid, trace_id, span_id } => {
                 self.correlator.track(vxid, now);
                 self.correlator.fetch_started(vxid, trace_id, span_id);
+                self.tracks_pending.fetch_sub(1, SeqCst);
             }
             Msg::Finished { record, final_vxid } => {
                 if let Some(done) = self.correlator.finished(record, final_vxid, now) {
@@ -219,8 +252,9 @@ impl TailerJob {
                     self.steps += 1;
                     if !self.correlator.wants(vxid) {
                         // Its `track` may still be in the queue (sent before the transaction
-                        // ended, so before this batch was written): look once more.
-                        if inbox.is_empty() {
+                        // ended, so before this batch was written): look once more, unless no
+                        // track is pending at all.
+                        if self.tracks_pending.load(SeqCst) == 0 {
                             continue;
                         }
                         while let Some(m) = inbox.try_next() {
