@@ -265,8 +265,13 @@ pub fn trace_backend(ctx: &mut Ctx) {
                 tracestate: OutgoingTracestate::Keep,
                 debug: false,
             };
-            // SAFETY: the bereq of the running fetch.
-            unsafe { write_context(bo.bereq, &out) };
+            // SAFETY: the bereq of the running fetch (a retry starts from the bereq as it was
+            // before vcl_backend_fetch: usually what it sent already, left as it is).
+            unsafe {
+                if !already_sent(bo.bereq, &out) {
+                    write_context(bo.bereq, &out);
+                }
+            }
             return;
         }
         Some(Claim::Held(Slot::Empty)) => return, // not given by `claim`
@@ -276,8 +281,10 @@ pub fn trace_backend(ctx: &mut Ctx) {
         }
     };
     let fields = unsafe { http::trace_fields(bo.bereq) };
+    // Read once: the context read and the one sent on follow the same formats.
+    let propagators = config::hot().propagators;
     // SAFETY: the bereq of the running fetch.
-    let parent = unsafe { incoming(bo.bereq, &fields, config::hot().propagators) };
+    let parent = unsafe { incoming(bo.bereq, &fields, propagators) };
     let from_traceparent = matches!(parent, Parent::Headers { .. });
     let started = trace::start(SpanKind::Client, parent, false, &sampling::active());
     if let Some(why) = started.restarted_because {
@@ -289,12 +296,13 @@ pub fn trace_backend(ctx: &mut Ctx) {
         // as an unsampled request does: no span record, no state to build and close. (A debug
         // flag only goes on with a sampled span.)
         let c = &started.context;
-        let span_id = if continues_unchanged(&fields, &started, config::hot().propagators) {
-            // The bereq already says what to send: the request's own unsampled context, as
-            // `cache_result` wrote it. The fetch goes on under the request's span ID (neither
-            // span is recorded) instead of rewriting the header with an ID of its own: that cost
-            // about 1,500 instructions (Varnish's `http_Unset` and `http_SetHeader`, each logged).
-            c.parent_span_id.unwrap_or(c.span_id)
+        let (span_id, parent_span_id) = if continues_unchanged(&fields, &started, propagators) {
+            // The bereq already says what to send: an unsampled context (its request's, as
+            // `cache_result` wrote it, or the caller's). The fetch goes on under that span ID
+            // (the fetch's span is not recorded) instead of rewriting the header with an ID of
+            // its own: that cost about 1,500 instructions (Varnish's `http_Unset` and
+            // `http_SetHeader`, each logged). It is then that span, whose parent we do not know.
+            (c.parent_span_id.unwrap_or(c.span_id), None)
         } else {
             let out = Outgoing {
                 trace_id: &c.trace_id,
@@ -305,12 +313,12 @@ pub fn trace_backend(ctx: &mut Ctx) {
             };
             // SAFETY: the bereq of the running fetch.
             unsafe { write_context(bo.bereq, &out) };
-            c.span_id
+            (c.span_id, c.parent_span_id)
         };
         let u = Unsampled {
             trace_id: c.trace_id,
             span_id,
-            parent_span_id: c.parent_span_id,
+            parent_span_id,
             parent_is_remote: c.parent_is_remote,
             flags: c.flags,
             caller_sampled: started.caller_sampled,
@@ -1046,6 +1054,23 @@ fn continues_unchanged(fields: &http::TraceFields<'_>, started: &trace::Started,
             let tp = tp.trim_ascii();
             tp.len() == 55 && tp.starts_with(b"00-") && tp.ends_with(b"-00")
         })
+}
+
+/// Whether `hp` already carries what `write_context` would write for `out`: Trace Context the
+/// only format, the `tracestate` kept, and the one `traceparent` already `out`'s.
+///
+/// # Safety
+/// `hp` must be NULL or a valid `struct http` of the running task.
+unsafe fn already_sent(hp: *const varnish::ffi::http, out: &Outgoing<'_>) -> bool {
+    let bits = config::hot().propagators;
+    if bits & (propagators::B3 | propagators::B3MULTI | propagators::JAEGER) != 0
+        || bits & propagators::TRACECONTEXT == 0
+        || !matches!(out.tracestate, OutgoingTracestate::Keep)
+    {
+        return false;
+    }
+    let tp = trace::nul_terminated_traceparent(out.trace_id, out.span_id, out.flags);
+    matches!(http::trace_fields(hp).traceparent.as_slice(), [sent] if sent.trim_ascii() == &tp[..55])
 }
 
 /// Sets `traceparent` (and `tracestate`, or removes it) on an outgoing request, and the other

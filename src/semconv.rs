@@ -67,7 +67,8 @@ pub fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
 
 /// `url.full` of a CLIENT span: `scheme://address[:port]path[?query]`, from the parts
 /// `split_host` read (so a `Host` without a host, `:80`, gives no URL at all), with an IPv6
-/// address in brackets as RFC 3986 writes it. The port is kept only when `Host` named one.
+/// address in brackets as RFC 3986 writes it (and a zone ID's `%` as `%25`, RFC 6874). The port
+/// is kept only when `Host` named one.
 pub fn full_url(scheme: &str, address: &str, port: Option<u16>, path: &str, query: Option<&str>) -> String {
     let ipv6 = address.contains(':');
     let mut url =
@@ -76,10 +77,17 @@ pub fn full_url(scheme: &str, address: &str, port: Option<u16>, path: &str, quer
     url.push_str("://");
     if ipv6 {
         url.push('[');
-    }
-    url.push_str(address);
-    if ipv6 {
+        match address.split_once('%') {
+            Some((ip, zone)) if !zone.starts_with("25") => {
+                url.push_str(ip);
+                url.push_str("%25");
+                url.push_str(zone);
+            }
+            _ => url.push_str(address),
+        }
         url.push(']');
+    } else {
+        url.push_str(address);
     }
     if let Some(p) = port {
         url.push(':');
@@ -386,6 +394,8 @@ mod tests {
         assert_eq!(full(":80", "/", None), None, "no host: no URL");
         assert_eq!(full("[]:80", "/", None), None);
         assert_eq!(full("b:x", "/", None), None, "a port that is not one");
+        assert_eq!(full("[fe80::1%eth0]:8080", "/", None).as_deref(), Some("http://[fe80::1%25eth0]:8080/"));
+        assert_eq!(full("[fe80::1%25eth0]", "/", None).as_deref(), Some("http://[fe80::1%25eth0]/"), "already encoded");
     }
 
     #[test]

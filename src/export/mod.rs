@@ -55,8 +55,9 @@ pub struct ExportJob {
     out: Output,
     encoding: Encoding,
     /// The batch the spans are encoded into as they arrive (`batch`), begun with the first
-    /// span after the last batch was closed: by then the batch sent before gave its buffer back
-    /// (one buffer in turn, two only while a batch is retried).
+    /// span after the last batch was closed: by then the batch sent before gave its buffer back,
+    /// so one buffer goes round. While a batch is retried, it and every full batch waiting
+    /// behind it hold a buffer of their own (bounded by `queue_size` spans in all).
     filling: Option<Batch>,
     /// Full batches waiting for their turn (behind a batch being retried).
     full: VecDeque<Batch>,
@@ -276,8 +277,9 @@ impl Job<Box<SpanRecord>> for ExportJob {
         if filling.push(&span) {
             self.queued += 1;
         } else {
+            // A bug in the encoder (caught): the span could not be exported.
             crate::worker::PANICS.fetch_add(1, Relaxed);
-            STATS.spans_dropped.fetch_add(1, Relaxed);
+            STATS.spans_dropped_export.fetch_add(1, Relaxed);
         }
         // Encoded: the record is no longer needed (a retry sends the bytes).
         span_pool::give(span);

@@ -194,7 +194,11 @@ impl OtlpClient {
         let lent = Lent::from(body);
         let end = request.end.min(lent.bytes.len());
         let result = self.send_bytes(lent.bytes.slice(request.start.min(end)..end));
-        lent.give_back(body);
+        // A retry sends these bytes again: if the client still holds them, they are copied (up
+        // to the request's end, offsets kept). After a success or a final failure the buffer is
+        // only room for the next batch: no copy then.
+        let keep = if result.as_ref().is_err_and(|e| e.retryable) { end } else { 0 };
+        lent.give_back(body, keep);
         result
     }
 
@@ -282,12 +286,14 @@ impl Lent {
     /// Puts the buffer back as it was. Taking it back moves no bytes when nothing else holds it
     /// any more (the client dropped its copy of the handle): the `Bytes` covers the whole buffer,
     /// from its start. Otherwise (a response came before the body was all sent, or a timeout
-    /// cut the request short, and the connection still holds it) the bytes are copied: the
-    /// batch keeps its request for a retry (`export::batch`).
-    fn give_back(self, body: &mut Vec<u8>) {
+    /// cut the request short, and the connection still holds it) its first `keep` bytes are
+    /// copied, for a retry of the batch (`export::batch`); with `keep` 0, `body` is left empty
+    /// and the next batch grows a new one.
+    fn give_back(self, body: &mut Vec<u8>, keep: usize) {
         *body = match self.bytes.try_into_mut() {
             Ok(buffer) => buffer.into(),
-            Err(shared) => shared.to_vec(),
+            Err(shared) if keep > 0 => shared[..keep.min(shared.len())].to_vec(),
+            Err(_) => Vec::new(),
         };
     }
 }
@@ -514,17 +520,22 @@ mod tests {
 
     #[test]
     fn a_lent_body_comes_back_as_it_was_even_while_still_held() {
-        let mut body = b"request bytes".to_vec();
+        let mut body = b"request bytes and room".to_vec();
         let lent = Lent::from(&mut body);
         assert!(body.is_empty());
-        lent.give_back(&mut body);
-        assert_eq!(body, b"request bytes", "taken back");
+        lent.give_back(&mut body, 0);
+        assert_eq!(body, b"request bytes and room", "taken back whole, without a copy");
         let lent = Lent::from(&mut body);
-        // The connection still holds the body (an early answer, a timeout).
+        // The connection still holds the body (an early answer, a timeout) and a retry follows.
         let held = lent.bytes.clone();
-        lent.give_back(&mut body);
-        assert_eq!(body, b"request bytes", "copied, for a retry");
-        assert_eq!(&held[..], b"request bytes");
+        lent.give_back(&mut body, 13);
+        assert_eq!(body, b"request bytes", "the request copied, for the retry");
+        assert_eq!(&held[..], b"request bytes and room");
+        // Still held, no retry: nothing copied.
+        let lent = Lent::from(&mut body);
+        let _held = lent.bytes.clone();
+        lent.give_back(&mut body, 0);
+        assert!(body.is_empty());
     }
 
     #[test]

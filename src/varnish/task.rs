@@ -191,7 +191,14 @@ pub fn slot<'a>(ctx: &Ctx) -> Slot<'a> {
     }
     let Some(address) = task_address(ctx) else { return Slot::Empty };
     match take_stashed(address, current_vxid(ctx)) {
-        Some(Parked::Traced(state)) => install(ctx, *state).map_or(Slot::Empty, Slot::Traced),
+        Some(Parked::Traced(state)) => match install(ctx, *state) {
+            Ok(state) => Slot::Traced(state),
+            Err(state) => {
+                // No slot for it (Varnish out of memory): closed now rather than lost.
+                close_orphan(state, ClosedBy::TaskEnd);
+                Slot::Empty
+            }
+        },
         Some(Parked::Unsampled(u)) => {
             if install_unsampled(ctx, u) {
                 Slot::Unsampled(u)

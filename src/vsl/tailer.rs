@@ -62,7 +62,9 @@ struct Tailer {
     /// `Track` and `TrackFetch` messages sent to this tailer and not handled yet (shared with
     /// its job). The tailer skips the log of a transaction it does not follow only when none is
     /// pending: the track of a span is sent before its transaction's log is written, so by the
-    /// time the tailer reads that log it is either handled or counted here. One load per
+    /// time the tailer reads that log it is either handled or counted here. (Not for a part of
+    /// the log Varnish flushed before the track, when a transaction's records outgrow its VSL
+    /// buffer before vcl_recv: that part was missed with the queue's own check too.) One load per
     /// transaction, where asking the queue (`is_empty`) cost about 30 instructions, twice per
     /// unsampled request. Per tailer: one stopped with messages unread leaves its count behind.
     /// (SeqCst: no dearer than Relaxed on x86 for an RMW or a load, and ordered with the log's
@@ -224,14 +226,15 @@ impl TailerJob {
         self.activity.message();
         match msg {
             Msg::Track { vxid } => {
-                self.correlator.track(vxid, now);
+                // First: a panic below (a bug) must not leave the count up for good.
                 self.tracks_pending.fetch_sub(1, SeqCst);
+                self.correlator.track(vxid, now);
             }
             Msg::Forget { vxid } => self.correlator.untrack(vxid),
             Msg::TrackFetch { vxid, trace_id, span_id } => {
+                self.tracks_pending.fetch_sub(1, SeqCst);
                 self.correlator.track(vxid, now);
                 self.correlator.fetch_started(vxid, trace_id, span_id);
-                self.tracks_pending.fetch_sub(1, SeqCst);
             }
             Msg::Finished { record, final_vxid } => {
                 if let Some(done) = self.correlator.finished(record, final_vxid, now) {
