@@ -13,7 +13,7 @@ use varnish::{Vsc, VscMetric};
 
 use crate::config::{Config, Settings};
 use crate::export::otlp::StopSignal;
-use crate::export::ExportJob;
+use crate::export::{ExportJob, PublishCounters};
 use crate::sampling;
 use crate::span::SpanRecord;
 use crate::worker::Worker;
@@ -175,6 +175,12 @@ pub struct SharedCounters(Vsc<Counters>);
 unsafe impl Send for SharedCounters {}
 unsafe impl Sync for SharedCounters {}
 
+impl PublishCounters for SharedCounters {
+    fn publish(&self, queue_depth: usize) {
+        self.0.publish(queue_depth);
+    }
+}
+
 impl std::ops::Deref for SharedCounters {
     type Target = Counters;
     fn deref(&self) -> &Counters {
@@ -237,7 +243,7 @@ fn start_exporter(life: &mut Lifecycle, cfg: &Config) -> Result<(Worker<Box<Span
     // One segment per loaded copy of the library, created on the CLI thread as VRT requires.
     let counters = life.counters.get_or_insert_with(|| Arc::new(SharedCounters(Vsc::new("OPENTRACING", "")))).clone();
     let stop = StopSignal::new();
-    let job = ExportJob::new(cfg.export.clone(), Some(counters), stop.clone())?;
+    let job = ExportJob::new(cfg.export.clone(), Some(counters as Arc<dyn PublishCounters>), stop.clone())?;
     crate::span_pool::open();
     let worker = Worker::spawn_with_idle_tick("otel-export", cfg.export.queue_size, EXPORT_TICK, IDLE_TICK, job)
         .map_err(|e| format!("cannot start the exporter thread: {e}"))?;

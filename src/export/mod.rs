@@ -20,7 +20,7 @@ use batch::{Batch, Encoding, Request, Spare};
 pub use config::{ExportConfig, OtlpConfig, Protocol, Sink, DEFAULT_FILE, DEFAULT_QUEUE_SIZE};
 use otlp::{ExportError, OtlpClient, StopSignal};
 
-use crate::pipeline::{SharedCounters, STATS};
+use crate::pipeline::STATS;
 use crate::span::SpanRecord;
 use crate::span_pool;
 use crate::worker::{Activity, Inbox, Job};
@@ -38,6 +38,13 @@ enum Output {
     Discard,
 }
 
+/// Where the exporter publishes the counters, on each tick (varnishstat's segment:
+/// `pipeline::SharedCounters`). A trait, so that the exporter does not depend on Varnish's shared
+/// memory: its unit tests run without varnishd.
+pub trait PublishCounters: Send + Sync {
+    fn publish(&self, queue_depth: usize);
+}
+
 /// A batch that failed with a retryable error, waiting for its next attempt.
 struct Retry {
     attempts: u32,
@@ -51,7 +58,7 @@ struct Retry {
 /// being sent.
 pub struct ExportJob {
     cfg: ExportConfig,
-    counters: Option<Arc<SharedCounters>>,
+    counters: Option<Arc<dyn PublishCounters>>,
     out: Output,
     encoding: Encoding,
     /// The batch the spans are encoded into as they arrive (`batch`), begun with the first
@@ -111,7 +118,11 @@ impl FailureLog {
 impl ExportJob {
     /// Opens the output now, on the CLI thread, so that a bad path or TLS file fails the VCL
     /// load with a message instead of losing spans later.
-    pub fn new(cfg: ExportConfig, counters: Option<Arc<SharedCounters>>, stop: StopSignal) -> Result<Self, String> {
+    pub fn new(
+        cfg: ExportConfig,
+        counters: Option<Arc<dyn PublishCounters>>,
+        stop: StopSignal,
+    ) -> Result<Self, String> {
         let out = match &cfg.sink {
             Sink::File(p) => Output::File(
                 OpenOptions::new()
@@ -350,5 +361,100 @@ impl Job<Box<SpanRecord>> for ExportJob {
         if let Output::Otlp(client) = std::mem::replace(&mut self.out, Output::Discard) {
             client.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{SpanId, TraceId};
+    use crate::span::{SpanKind, Value};
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    use std::io::BufReader;
+    use std::net::TcpListener;
+    use std::sync::atomic::AtomicUsize;
+
+    fn span(n: u8) -> Box<SpanRecord> {
+        let mut r = SpanRecord::new(SpanKind::Server, TraceId([n; 16]), SpanId([n; 8]), None);
+        r.add("url.path", Value::Str(format!("/{n}").into()));
+        r.start_unix_nano = 1;
+        r.end_unix_nano = 2;
+        Box::new(r)
+    }
+
+    /// The queue depth each tick published.
+    #[derive(Default)]
+    struct Published(AtomicUsize);
+
+    impl PublishCounters for Published {
+        fn publish(&self, queue_depth: usize) {
+            self.0.store(queue_depth, Relaxed);
+        }
+    }
+
+    /// A collector that refuses the first request (503) and takes the second, on a real socket.
+    /// The batch was encoded as its spans came, and their records went back to the pool: the
+    /// retry sends the very same request, with every span, while spans that came meanwhile wait
+    /// in the next batch; stopping sends those too.
+    #[test]
+    fn a_batch_is_retried_from_its_encoded_request() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}/v1/traces", l.local_addr().unwrap());
+        let collector = std::thread::spawn(move || {
+            let mut bodies = Vec::new();
+            for status in ["503 Service Unavailable", "200 OK", "200 OK"] {
+                let (s, _) = l.accept().unwrap();
+                let mut r = BufReader::new(s);
+                let (_, body) = otlp::tests::read_request(&mut r);
+                let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                r.get_mut().write_all(reply.as_bytes()).unwrap();
+                bodies.push(body);
+            }
+            bodies
+        });
+        let otlp = OtlpConfig {
+            protocol: Protocol::HttpProtobuf,
+            endpoint,
+            headers: vec![],
+            timeout: Duration::from_secs(5),
+            gzip: false,
+            certificate: None,
+        };
+        let cfg = ExportConfig {
+            sink: Sink::Otlp(otlp),
+            queue_size: 100,
+            batch_size: 3,
+            flush_interval: Duration::from_secs(60),
+            export_timeout: Duration::from_secs(30),
+            resource: otlp_json::Resource { attributes: vec![("service.name".into(), "varnish".into())] },
+        };
+        let published = Arc::new(Published::default());
+        let counters: Arc<dyn PublishCounters> = published.clone();
+        let mut job = ExportJob::new(cfg, Some(counters), StopSignal::new()).unwrap();
+        for n in 1..=3 {
+            job.handle(span(n)); // the third fills the batch: sent, refused
+        }
+        let next = job.retry.as_ref().expect("a retry is pending").next;
+        job.handle(span(4));
+        assert_eq!((job.held(), job.queued), (4, 1), "three being retried, one in the next batch");
+        job.publish(0);
+        assert_eq!(published.0.load(Relaxed), 4, "the queue depth counts the batch being retried");
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        job.export(false);
+        assert!(job.retry.is_none() && job.sending.is_none(), "the retry went through");
+        assert_eq!(job.held(), 1);
+        job.finish(); // stopping sends the partial batch
+        assert_eq!(job.held(), 0);
+        let bodies = collector.join().unwrap();
+        assert_eq!(bodies[0], bodies[1], "the retry sends the same request");
+        let ids = |body: &[u8]| -> Vec<Vec<u8>> {
+            let request = ExportTraceServiceRequest::decode(body).unwrap();
+            request.resource_spans[0].scope_spans[0].spans.iter().map(|s| s.span_id.clone()).collect()
+        };
+        assert_eq!(ids(&bodies[1]), [vec![1; 8], vec![2; 8], vec![3; 8]]);
+        assert_eq!(ids(&bodies[2]), [vec![4; 8]]);
+        let lines = crate::varnish::log::GLOBAL_LINES.lock();
+        assert!(lines.iter().any(|l| l.contains("failed") && l.contains("retrying")), "{lines:?}");
     }
 }

@@ -383,7 +383,7 @@ impl Decoder for IgnoreDecoder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::io::{BufRead, BufReader, Read};
     use std::net::TcpListener;
@@ -400,7 +400,7 @@ mod tests {
     }
 
     /// One HTTP/1.1 request from `r`: its head (request line and header fields) and its body.
-    fn read_request(r: &mut BufReader<std::net::TcpStream>) -> (String, Vec<u8>) {
+    pub(in crate::export) fn read_request(r: &mut BufReader<std::net::TcpStream>) -> (String, Vec<u8>) {
         let (mut head, mut len) = (String::new(), 0);
         loop {
             let mut line = String::new();
