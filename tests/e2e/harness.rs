@@ -171,8 +171,7 @@ impl Backend {
     /// Every request the backend received so far, in order.
     pub fn requests(&self) -> Vec<BackendRequest> {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
+        complete_lines(&text)
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).expect("backend log line is JSON");
                 let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
@@ -775,9 +774,16 @@ fn hex(b: &[u8]) -> String {
 
 /// Reads a spans file: each line is decoded as an OTLP `ExportTraceServiceRequest` (the
 /// protocol's generated types with their serde mapping) and checked field by field.
+/// The lines of `text` that are complete (ended by a newline). A file read while its writer
+/// appends can end in part of a line: a write's first pages are visible before the rest (a
+/// 4,096-byte piece of an OTLP/JSON line made a test fail); the next read has all of it.
+pub fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.split_inclusive('\n').filter_map(|l| l.strip_suffix('\n')).filter(|l| !l.trim().is_empty())
+}
+
 pub fn read_spans(path: &Path) -> Vec<Span> {
     let text = fs::read_to_string(path).unwrap_or_default();
-    let requests = text.lines().filter(|l| !l.trim().is_empty()).map(|line| {
+    let requests = complete_lines(&text).map(|line| {
         check_raw(line);
         let req: ExportTraceServiceRequest = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("span line is not an OTLP ExportTraceServiceRequest ({e}): {line}"));
@@ -881,4 +887,11 @@ pub fn random_trace_id() -> String {
 
 pub fn random_span_id() -> String {
     random_trace_id()[..16].to_owned()
+}
+
+#[test]
+fn a_line_still_being_written_is_left_for_the_next_read() {
+    let lines: Vec<&str> = complete_lines("{\"a\":1}\n\n{\"b\":2}\n{\"c\":").collect();
+    assert_eq!(lines, ["{\"a\":1}", "{\"b\":2}"]);
+    assert_eq!(complete_lines("").count(), 0);
 }

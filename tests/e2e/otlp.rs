@@ -78,8 +78,7 @@ impl Receiver {
     /// Every request line received so far. A decode error means we sent invalid OTLP: fail.
     pub fn lines(&self) -> Vec<serde_json::Value> {
         let text = fs::read_to_string(&self.out).unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
+        complete_lines(&text)
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
                 assert!(v.get("error").is_none(), "the receiver could not decode what we sent: {l}");
