@@ -1043,17 +1043,26 @@ impl<'a> Outgoing<'a> {
 /// unsampled. What would differ is only the span ID, the fetch's own instead of its parent's;
 /// neither span is recorded.
 fn continues_unchanged(fields: &http::TraceFields<'_>, started: &trace::Started, propagators: u8) -> bool {
-    let others = propagators::B3 | propagators::B3MULTI | propagators::JAEGER;
-    propagators & propagators::TRACECONTEXT != 0
-        && propagators & others == 0
+    only_trace_context(propagators)
         && started.restarted_because.is_none()
         && started.caller_sampled == Some(false)
         && started.context.flags == 0
         && started.context.parent_span_id.is_some()
-        && matches!(fields.traceparent.as_slice(), [tp] if {
-            let tp = tp.trim_ascii();
-            tp.len() == 55 && tp.starts_with(b"00-") && tp.ends_with(b"-00")
-        })
+        && single_traceparent(fields).is_some_and(|tp| tp.len() == 55 && tp.starts_with(b"00-") && tp.ends_with(b"-00"))
+}
+
+/// Trace Context is the only format the context is sent in (`write_context` writes nothing else).
+fn only_trace_context(propagators: u8) -> bool {
+    let others = propagators::B3 | propagators::B3MULTI | propagators::JAEGER;
+    propagators & propagators::TRACECONTEXT != 0 && propagators & others == 0
+}
+
+/// The value of the request's `traceparent` when it has exactly one, without surrounding space.
+fn single_traceparent<'a>(fields: &http::TraceFields<'a>) -> Option<&'a [u8]> {
+    match fields.traceparent.as_slice() {
+        [tp] => Some(tp.trim_ascii()),
+        _ => None,
+    }
 }
 
 /// Whether `hp` already carries what `write_context` would write for `out`: Trace Context the
@@ -1062,15 +1071,11 @@ fn continues_unchanged(fields: &http::TraceFields<'_>, started: &trace::Started,
 /// # Safety
 /// `hp` must be NULL or a valid `struct http` of the running task.
 unsafe fn already_sent(hp: *const varnish::ffi::http, out: &Outgoing<'_>) -> bool {
-    let bits = config::hot().propagators;
-    if bits & (propagators::B3 | propagators::B3MULTI | propagators::JAEGER) != 0
-        || bits & propagators::TRACECONTEXT == 0
-        || !matches!(out.tracestate, OutgoingTracestate::Keep)
-    {
+    if !only_trace_context(config::hot().propagators) || !matches!(out.tracestate, OutgoingTracestate::Keep) {
         return false;
     }
     let tp = trace::nul_terminated_traceparent(out.trace_id, out.span_id, out.flags);
-    matches!(http::trace_fields(hp).traceparent.as_slice(), [sent] if sent.trim_ascii() == &tp[..55])
+    single_traceparent(&http::trace_fields(hp)) == Some(&tp[..55])
 }
 
 /// Sets `traceparent` (and `tracestate`, or removes it) on an outgoing request, and the other

@@ -544,13 +544,13 @@ pub(super) mod tests {
             move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
         };
         assert!(!proxy_over_tls(env(&[])), "no proxy");
-        assert!(!proxy_over_tls(env(&[("HTTP_PROXY", "http://proxy:3128")])));
-        assert!(!proxy_over_tls(env(&[("HTTP_PROXY", "proxy:3128")])), "no scheme: plain HTTP");
-        assert!(!proxy_over_tls(env(&[("HTTPS_PROXY", "https://proxy")])), "not used for http:// URLs");
-        assert!(proxy_over_tls(env(&[("HTTP_PROXY", "https://proxy:443")])));
-        assert!(proxy_over_tls(env(&[("http_proxy", " HTTPS://proxy")])));
-        assert!(proxy_over_tls(env(&[("ALL_PROXY", "https://proxy")])));
-        assert!(proxy_over_tls(env(&[("all_proxy", "https://proxy")])));
+        assert!(!proxy_over_tls(env(&[("HTTP_PROXY", "http://proxy.example:3128")])));
+        assert!(!proxy_over_tls(env(&[("HTTP_PROXY", "proxy.example:3128")])), "no scheme: plain HTTP");
+        assert!(!proxy_over_tls(env(&[("HTTPS_PROXY", "https://proxy.example")])), "not used for http:// URLs");
+        assert!(proxy_over_tls(env(&[("HTTP_PROXY", "https://proxy.example:443")])));
+        assert!(proxy_over_tls(env(&[("http_proxy", " HTTPS://proxy.example")])));
+        assert!(proxy_over_tls(env(&[("ALL_PROXY", "https://proxy.example")])));
+        assert!(proxy_over_tls(env(&[("all_proxy", "https://proxy.example")])));
         assert!(!proxy_over_tls(env(&[("ALL_PROXY", "https:")])), "too short to be a URL");
     }
 
