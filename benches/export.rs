@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use vmod_opentracing::export::{otlp_json, otlp_proto};
 use vmod_opentracing::ids::{SpanId, TraceId};
-use vmod_opentracing::span::{Event, SpanKind, SpanRecord, StatusCode, Value};
+use vmod_opentracing::span::{Event, SpanKind, SpanRecord, StatusCode, ValueRef};
 
 /// The exporter's default batch size (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`).
 const BATCH: usize = 512;
@@ -22,18 +22,18 @@ fn server_span() -> SpanRecord {
     r.name = "GET".into();
     r.start_unix_nano = 1_700_000_000_000_001_000;
     r.end_unix_nano = 1_700_000_000_000_091_000;
-    r.add("http.request.method", Value::Str("GET".into()));
-    r.add("url.path", Value::Str("/static/app.js".into()));
-    r.add("varnish.cache_result", Value::Str("miss".into()));
-    r.add("varnish.vxid", Value::Int(32770));
-    r.add("http.request.body.size", Value::Int(0));
-    r.add("http.response.body.size", Value::Int(1024));
-    r.add("http.response.status_code", Value::Int(200));
-    r.add("varnish.backend", Value::Str("boot.default".into()));
-    r.add("network.peer.address", Value::Str("10.0.0.12".into()));
-    r.add("network.peer.port", Value::Int(8080));
-    r.add("varnish.restarts", Value::Int(0));
-    r.add("varnish.span.closed_by", Value::Str("log".into()));
+    r.add("http.request.method", ValueRef::Str("GET"));
+    r.add("url.path", ValueRef::Str("/static/app.js"));
+    r.add("varnish.cache_result", ValueRef::Str("miss"));
+    r.add("varnish.vxid", ValueRef::Int(32770));
+    r.add("http.request.body.size", ValueRef::Int(0));
+    r.add("http.response.body.size", ValueRef::Int(1024));
+    r.add("http.response.status_code", ValueRef::Int(200));
+    r.add("varnish.backend", ValueRef::Str("boot.default"));
+    r.add("network.peer.address", ValueRef::Str("10.0.0.12"));
+    r.add("network.peer.port", ValueRef::Int(8080));
+    r.add("varnish.restarts", ValueRef::Int(0));
+    r.add("varnish.span.closed_by", ValueRef::Str("log"));
     for (i, label) in ["Req", "Fetch", "Process", "Resp", "Bereq", "Beresp", "BerespBody", "Retry"].iter().enumerate() {
         r.events
             .push(Event { time_unix_nano: 1_700_000_000_000_002_000 + i as u64 * 9_000, name: Cow::Borrowed(label) });
@@ -47,16 +47,16 @@ fn client_span() -> SpanRecord {
     r.name = "GET".into();
     r.start_unix_nano = 1_700_000_000_000_011_000;
     r.end_unix_nano = 1_700_000_000_000_081_000;
-    r.add("http.request.method", Value::Str("GET".into()));
-    r.add("url.path", Value::Str("/static/app.js".into()));
-    r.add("varnish.vxid", Value::Int(32771));
-    r.add("http.request.body.size", Value::Int(0));
-    r.add("http.response.body.size", Value::Int(1024));
-    r.add("http.response.status_code", Value::Int(200));
-    r.add("varnish.backend", Value::Str("boot.default".into()));
-    r.add("network.peer.address", Value::Str("10.0.0.12".into()));
-    r.add("network.peer.port", Value::Int(8080));
-    r.add("varnish.span.closed_by", Value::Str("log".into()));
+    r.add("http.request.method", ValueRef::Str("GET"));
+    r.add("url.path", ValueRef::Str("/static/app.js"));
+    r.add("varnish.vxid", ValueRef::Int(32771));
+    r.add("http.request.body.size", ValueRef::Int(0));
+    r.add("http.response.body.size", ValueRef::Int(1024));
+    r.add("http.response.status_code", ValueRef::Int(200));
+    r.add("varnish.backend", ValueRef::Str("boot.default"));
+    r.add("network.peer.address", ValueRef::Str("10.0.0.12"));
+    r.add("network.peer.port", ValueRef::Int(8080));
+    r.add("varnish.span.closed_by", ValueRef::Str("log"));
     r.status = StatusCode::Unset;
     r
 }

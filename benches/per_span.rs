@@ -8,7 +8,7 @@ use vmod_opentracing::export::otlp_json::{write_export_request, Resource};
 use vmod_opentracing::ids::{SpanId, TraceId};
 use vmod_opentracing::propagation::{traceparent, tracestate};
 use vmod_opentracing::sampling::Sampler;
-use vmod_opentracing::span::{SpanKind, SpanRecord, Value};
+use vmod_opentracing::span::{SpanKind, SpanRecord, ValueRef};
 use vmod_opentracing::trace::{self, Parent};
 
 const TP: &[u8] = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -20,13 +20,14 @@ fn finished_span() -> SpanRecord {
     r.name = "GET".into();
     r.start_unix_nano = 1_700_000_000_000_001_000;
     r.end_unix_nano = 1_700_000_000_000_091_000;
-    r.add("http.request.method", Value::Str("GET".into()));
-    r.add("url.path", Value::Str("/static/app.js".into()));
-    r.add("varnish.cache_result", Value::Str("hit".into()));
-    r.add("varnish.vxid", Value::Int(32770));
-    r.add("http.request.body.size", Value::Int(0));
-    r.add("http.response.body.size", Value::Int(1024));
-    r.add("http.response.status_code", Value::Int(200));
+    // The module's own attributes are encoded as they are added; the outcome is typed.
+    r.add("http.request.method", ValueRef::Str("GET"));
+    r.add("url.path", ValueRef::Str("/static/app.js"));
+    r.outcome.cache_result = Some("hit".into());
+    r.outcome.vxid = Some(32770);
+    r.outcome.request_body_size = Some(0);
+    r.outcome.response_body_size = Some(1024);
+    r.outcome.status_code = Some(200);
     r
 }
 

@@ -11,7 +11,7 @@ use varnish::vcl::Ctx;
 use crate::config::{self, propagators, Trust};
 use crate::ids::{SpanId, TraceId};
 use crate::pipeline::{self, STATS};
-use crate::span::{text_lossy, vtim_to_unix_nano, SpanKind, Text, Value};
+use crate::span::{text_lossy, utf8_lossy, vtim_to_unix_nano, SpanKind, Text, Value, ValueRef};
 use crate::trace::{self, outgoing_traceparent, Parent};
 use crate::varnish::other_formats;
 use crate::varnish::task::{self, Claim, EsiParent, Slot, TaskState, Unsampled};
@@ -640,7 +640,7 @@ pub fn set_route(ctx: &mut Ctx, route: &CStr) {
     let Some(state) = sampled_span(ctx, "set_route()") else { return };
     if !state.name_fixed && state.record.kind != SpanKind::Internal {
         let method = match state.record.get("http.request.method") {
-            Some(Value::Str(m)) => semconv::method(m).0,
+            Some(Value::Str(m)) => semconv::method(&m).0,
             _ => "_OTHER",
         };
         state.record.name = semconv::span_name(method, Some(&route));
@@ -815,7 +815,7 @@ unsafe fn server_attributes(
         semconv::span_name(line.method, None)
     };
     if let Some(q) = line.query {
-        record.add("url.query", Value::Str(q.into()));
+        record.add("url.query", ValueRef::Str(&q));
     }
     // One pass over the headers for the five this needs (each lookup is a pass of its own).
     let (mut host, mut user_agent, mut forwarded) = (None, None, None);
@@ -837,7 +837,7 @@ unsafe fn server_attributes(
     // The original request's scheme and host when a proxy in front says them (a TLS terminator,
     // a load balancer), as the conventions ask; what Varnish received otherwise.
     let scheme = semconv::original_scheme(forwarded, x_forwarded_proto).unwrap_or("http");
-    record.add("url.scheme", Value::Str(scheme.into()));
+    record.add("url.scheme", ValueRef::Str(scheme));
     // The first of the original hosts (Forwarded, X-Forwarded-Host) and Host that can be read.
     let server = semconv::original_hosts(forwarded, x_forwarded_host)
         .into_iter()
@@ -846,22 +846,22 @@ unsafe fn server_attributes(
         .find_map(host_and_port);
     if let Some((host, port)) = server {
         let default_port = if scheme == "https" { 443 } else { 80 };
-        record.add("server.address", Value::Str(Text::from(host)));
-        record.add("server.port", Value::Int(i64::from(port.unwrap_or(default_port))));
+        record.add("server.address", ValueRef::Str(host));
+        record.add("server.port", ValueRef::Int(i64::from(port.unwrap_or(default_port))));
     }
     if let Some(ua) = user_agent {
-        record.add("user_agent.original", Value::Str(text_lossy(ua)));
+        record.add("user_agent.original", ValueRef::Str(&utf8_lossy(ua)));
     }
     let (client, peer) = crate::varnish::peer::client_and_peer(ctx);
     if let Some(c) = client {
-        record.add("client.address", Value::Str(c));
+        record.add("client.address", ValueRef::Str(&c));
     }
     if let Some((addr, port)) = peer {
-        record.add("network.peer.address", Value::Str(addr));
-        record.add("network.peer.port", Value::Int(i64::from(port)));
+        record.add("network.peer.address", ValueRef::Str(&addr));
+        record.add("network.peer.port", ValueRef::Int(i64::from(port)));
     }
     if req.esi_level > 0 {
-        record.add("varnish.esi_level", Value::Int(i64::from(req.esi_level)));
+        record.add("varnish.esi_level", ValueRef::Int(i64::from(req.esi_level)));
     }
     capture_headers(req.http, &spans.server_request_headers, "http.request.header.", &spans, record);
 }
@@ -881,12 +881,12 @@ unsafe fn client_attributes(bereq: *const varnish::ffi::http, record: &mut crate
     record.name = semconv::span_name(line.method, None);
     let host = http::header(bereq, b"host").and_then(crate::span::utf8).and_then(semconv::split_host);
     if let Some((address, port)) = host {
-        record.add("server.address", Value::Str(Text::from(address)));
+        record.add("server.address", ValueRef::Str(address));
         // Required on CLIENT spans: the scheme's default when Host names none.
-        record.add("server.port", Value::Int(i64::from(port.unwrap_or(80))));
+        record.add("server.port", ValueRef::Int(i64::from(port.unwrap_or(80))));
         // Absolute, so only with a host; the query only when enabled (redacted).
         let url = semconv::full_url("http", address, port, line.path(), line.query.as_deref());
-        record.add("url.full", Value::Str(url.into()));
+        record.add("url.full", ValueRef::Str(&url));
     }
 }
 
@@ -919,17 +919,17 @@ unsafe fn request_attributes<'a>(
 ) -> RequestLine<'a> {
     let (method_original, url) = http::request_line(hp);
     let (method, other) = semconv::method(&method_original);
-    record.add("http.request.method", Value::Str(method.into()));
+    record.add("http.request.method", ValueRef::Str(method));
     if other {
-        record.add("http.request.method_original", Value::Str(Text::from(&*method_original)));
+        record.add("http.request.method_original", ValueRef::Str(&method_original));
     }
     let (path, query) = semconv::path_and_query(&url);
-    record.add("url.path", Value::Str(Text::from(path)));
+    record.add("url.path", ValueRef::Str(path));
     if let Some(v) = crate::span::utf8(http::proto(hp)).and_then(semconv::protocol_version) {
-        record.add("network.protocol.version", Value::Str(v.into()));
+        record.add("network.protocol.version", ValueRef::Str(v));
     }
     if let Some(role) = spans.role {
-        record.add("varnish.server.role", Value::Str(role.into()));
+        record.add("varnish.server.role", ValueRef::Str(role));
     }
     let query = query
         .filter(|_| spans.capture_query)

@@ -48,21 +48,19 @@ pub fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
         };
         return (!addr.is_empty()).then_some((addr, port));
     }
-    // One pass for the last colon and how many there are (the `str` searches it replaces cost
-    // about 330 instructions per request, callgrind).
-    let (mut last, mut colons) = (0, 0u32);
-    for (i, &b) in host.as_bytes().iter().enumerate() {
-        if b == b':' {
-            last = i;
-            colons += 1;
-        }
+    // The last colon, searched from the end: a port is a few bytes. Then whether there is
+    // another (a byte loop over the whole value, as this was, cost about 20 instructions a byte:
+    // 300 per request, callgrind).
+    let bytes = host.as_bytes();
+    let Some(last) = bytes.iter().rposition(|&b| b == b':') else { return Some((host, None)) };
+    let name = &bytes[..last];
+    if name.contains(&b':') {
+        return Some((host, None)); // an unbracketed IPv6 literal: no port
     }
-    match colons {
-        // One colon: host:port. More: an unbracketed IPv6 literal (no port).
-        1 if last > 0 => Some((&host[..last], Some(port(&host[last + 1..])?))),
-        1 => None, // `:80`: a port without a host
-        _ => Some((host, None)),
+    if last == 0 {
+        return None; // `:80`: a port without a host
     }
+    Some((&host[..last], Some(port(&host[last + 1..])?)))
 }
 
 /// `url.full` of a CLIENT span: `scheme://address[:port]path[?query]`, from the parts
@@ -374,6 +372,10 @@ mod tests {
         assert_eq!(split_host("[::1]:"), None);
         assert_eq!(split_host("[::1]:x"), None);
         assert_eq!(split_host("a:1:2"), Some(("a:1:2", None)));
+        assert_eq!(split_host(":80"), None, "a port without a host");
+        assert_eq!(split_host(":"), None);
+        assert_eq!(split_host("::"), Some(("::", None)));
+        assert_eq!(split_host("2001:db8::1:80"), Some(("2001:db8::1:80", None)), "unbracketed: no port");
         assert_eq!(split_host("é.example:81"), Some(("é.example", Some(81))));
         assert_eq!(split_host("[::1]x"), None);
         assert_eq!(split_host(":80"), None, "a port without a host");

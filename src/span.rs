@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::sync::atomic::AtomicUsize;
 
+pub use crate::export::otlp_proto::EncodedAttributes;
 use crate::ids::{SpanId, TraceId};
 
 /// Limits on what one span may carry (`OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT` and friends). The
@@ -142,9 +143,8 @@ pub enum ValueRef<'a> {
     Bool(bool),
 }
 
-#[cfg(test)]
 impl ValueRef<'_> {
-    /// An owned copy (the tests compare what the encoders read with `Value`s).
+    /// An owned copy (`SpanRecord::get`, and the rare unpacking of encoded attributes).
     pub fn to_value(self) -> Value {
         match self {
             ValueRef::Str(s) => Value::Str(s.into()),
@@ -334,6 +334,10 @@ pub struct SpanRecord {
     pub name: Cow<'static, str>,
     pub start_unix_nano: u64,
     pub end_unix_nano: u64,
+    /// The module's own attributes, encoded as they were added (`add`); exported before
+    /// `attributes`.
+    pub encoded: EncodedAttributes,
+    /// The attributes VCL set (`set`).
     pub attributes: Vec<Attribute>,
     /// Attributes refused because of the count or length limits (OTLP `droppedAttributesCount`).
     pub dropped_attributes: u32,
@@ -368,6 +372,7 @@ impl SpanRecord {
             name: Cow::Borrowed("HTTP"),
             start_unix_nano: 0,
             end_unix_nano: 0,
+            encoded: EncodedAttributes::default(),
             attributes: Vec::new(),
             dropped_attributes: 0,
             events: Vec::new(),
@@ -405,6 +410,7 @@ impl SpanRecord {
             name,
             start_unix_nano,
             end_unix_nano,
+            encoded,
             attributes,
             dropped_attributes,
             events,
@@ -429,6 +435,7 @@ impl SpanRecord {
         *name = Cow::Borrowed("HTTP");
         *start_unix_nano = 0;
         *end_unix_nano = 0;
+        encoded.clear();
         attributes.clear();
         *dropped_attributes = 0;
         events.clear();
@@ -454,12 +461,7 @@ impl SpanRecord {
     /// which the outcome's value, when it has one, replaces in `seal`.
     pub fn set(&mut self, key: impl Into<Cow<'static, str>>, value: Value) {
         let key = key.into();
-        let value = match value {
-            Value::Str(s) => Value::Str(truncate_text(s, max_value_len())),
-            // The length limit applies to each string of an array (the SDK specification).
-            Value::StrArray(v) => Value::StrArray(v.into_iter().map(|s| truncate(s, max_value_len())).collect()),
-            other => other,
-        };
+        let value = within_value_len(value);
         if !OUTCOME_KEYS.contains(&&*key) {
             self.set_attribute(key, value);
             return;
@@ -475,11 +477,16 @@ impl SpanRecord {
     }
 
     fn set_attribute(&mut self, key: Cow<'static, str>, value: Value) {
+        // VCL replacing one of the module's own attributes (rare): they become generic ones, in
+        // their place, so that the last write wins where the first was.
+        if !self.encoded.is_empty() && self.encoded.contains(&key) {
+            self.unpack_encoded();
+        }
         // From the end: the keys set again are usually the ones set last, so the search
         // usually stops after a few comparisons.
         if let Some(existing) = self.attributes.iter_mut().rev().find(|a| a.key == key) {
             existing.value = value;
-        } else if self.attributes.len() < max_attributes() {
+        } else if self.attribute_count() < max_attributes() {
             if self.attributes.capacity() == 0 {
                 // Allocated on first use: unsampled spans never pay for it.
                 self.attributes.reserve_exact(ATTRIBUTES_RESERVED);
@@ -511,9 +518,15 @@ impl SpanRecord {
         }
         let known = self.outcome.count();
         let room = max.saturating_sub(known);
-        if self.attributes.len() > room {
-            self.dropped_attributes += (self.attributes.len() - room) as u32;
-            self.attributes.truncate(room);
+        if self.attribute_count() > room {
+            // Only a limit below the usual count of the module's own attributes cuts into them
+            // (rare): the ones kept are then re-encoded as generic ones.
+            if self.encoded.count() > room {
+                self.unpack_encoded();
+            }
+            let generic_room = room - self.encoded.count();
+            self.dropped_attributes += (self.attributes.len() - generic_room) as u32;
+            self.attributes.truncate(generic_room);
         }
         // Only a limit below the outcome's own count refuses some of it (the last ones in
         // `for_each_outcome_attribute`'s order).
@@ -581,16 +594,54 @@ impl SpanRecord {
         }
     }
 
-    /// Appends an attribute the caller knows is not set yet (our own keys, set once): no search.
-    pub fn add(&mut self, key: &'static str, value: Value) {
-        if self.attributes.len() < max_attributes() {
-            if self.attributes.capacity() == 0 {
-                self.attributes.reserve_exact(ATTRIBUTES_RESERVED);
-            }
-            self.attributes.push(Attribute { key: Cow::Borrowed(key), value });
-        } else {
+    /// Appends an attribute the caller knows is not set yet (the module's own keys, set once
+    /// when the span starts): no search, and encoded at once (`EncodedAttributes`). Within the
+    /// limits, as `set` applies them: a longer string is cut at a character boundary.
+    #[inline(always)]
+    pub fn add(&mut self, key: &'static str, value: ValueRef<'_>) {
+        if self.attribute_count() >= max_attributes() {
             self.dropped_attributes += 1;
+            return;
         }
+        match value {
+            ValueRef::Str(s) => {
+                let max = max_value_len();
+                let s = if s.len() > max { &s[..char_boundary_at_most(s, max)] } else { s };
+                self.encoded.push(key, ValueRef::Str(s));
+            }
+            // Arrays stay generic (the encoded attributes are decoded again by the JSON encoder,
+            // which reads scalars only); none of the module's own attributes is one.
+            ValueRef::StrArray(_) => self.set_attribute(Cow::Borrowed(key), within_value_len(value.to_value())),
+            _ => self.encoded.push(key, value),
+        }
+    }
+
+    /// How many attributes the span holds besides the outcome's.
+    pub fn attribute_count(&self) -> usize {
+        self.encoded.count() + self.attributes.len()
+    }
+
+    /// Calls `f` with each attribute before the outcome's, in the order they are exported: the
+    /// encoded ones, then VCL's.
+    pub fn for_each_attribute(&self, mut f: impl FnMut(&str, ValueRef<'_>)) {
+        for (key, value) in self.encoded.iter() {
+            f(key, value);
+        }
+        for a in &self.attributes {
+            f(&a.key, a.value.borrowed());
+        }
+    }
+
+    /// Moves the encoded attributes to the front of the generic ones, decoded.
+    #[cold]
+    fn unpack_encoded(&mut self) {
+        let decoded: Vec<Attribute> = self
+            .encoded
+            .iter()
+            .map(|(key, value)| Attribute { key: Cow::Owned(key.to_owned()), value: value.to_value() })
+            .collect();
+        self.encoded.clear();
+        self.attributes.splice(0..0, decoded);
     }
 
     pub fn set_str(&mut self, key: &'static str, value: impl Into<Text>) {
@@ -618,8 +669,12 @@ impl SpanRecord {
         }
     }
 
-    pub fn get(&self, key: &str) -> Option<&Value> {
-        self.attributes.iter().rev().find(|a| a.key == key).map(|a| &a.value)
+    /// The value of attribute `key` (not the outcome's), as the encoders will write it.
+    pub fn get(&self, key: &str) -> Option<Value> {
+        match self.attributes.iter().rev().find(|a| a.key == key) {
+            Some(a) => Some(a.value.clone()),
+            None => self.encoded.iter().filter(|(k, _)| *k == key).last().map(|(_, v)| v.to_value()),
+        }
     }
 
     /// Adds a span link, within `OTEL_SPAN_LINK_COUNT_LIMIT`.
@@ -634,6 +689,16 @@ impl SpanRecord {
         if self.events.len() < max_events() {
             self.events.push(Event { time_unix_nano, name: name.into() });
         }
+    }
+}
+
+/// `value` within the value length limit.
+fn within_value_len(value: Value) -> Value {
+    match value {
+        Value::Str(s) => Value::Str(truncate_text(s, max_value_len())),
+        // The length limit applies to each string of an array (the SDK specification).
+        Value::StrArray(v) => Value::StrArray(v.into_iter().map(|s| truncate(s, max_value_len())).collect()),
+        other => other,
     }
 }
 
@@ -720,13 +785,14 @@ mod tests {
         r.set_str("http.route", "/a");
         r.set_str("http.route", "/b");
         assert_eq!(r.attributes.len(), 1);
-        assert_eq!(r.get("http.route"), Some(&Value::Str("/b".into())));
+        assert_eq!(r.get("http.route"), Some(Value::Str("/b".into())));
     }
 
     /// The attributes as the encoders write them, after `seal_within`, as (key, value) pairs.
     fn sealed_within(mut r: SpanRecord, max: usize, max_len: usize) -> (Vec<(String, Value)>, u32) {
         r.seal_within(max, max_len);
-        let mut all: Vec<_> = r.attributes.iter().map(|a| (a.key.clone().into_owned(), a.value.clone())).collect();
+        let mut all = Vec::new();
+        r.for_each_attribute(|key, value| all.push((key.to_owned(), value.to_value())));
         r.for_each_outcome_attribute(|key, value| all.push((key.to_owned(), value.to_value())));
         (all, r.dropped_attributes)
     }
@@ -908,6 +974,101 @@ mod tests {
         }
         assert_eq!(r.attributes.len(), MAX_ATTRIBUTES);
         assert_eq!(r.dropped_attributes, 5);
+    }
+
+    #[test]
+    fn added_attributes_are_encoded_and_read_back_in_order() {
+        let mut r = record();
+        r.add("http.request.method", ValueRef::Str("GET"));
+        r.add("server.port", ValueRef::Int(8080));
+        r.add("negative", ValueRef::Int(-1));
+        r.add("ratio", ValueRef::Float(0.5));
+        r.add("flag", ValueRef::Bool(true));
+        let long = "/p".repeat(100); // a field over 127 bytes: lengths of two bytes
+        r.add("url.path", ValueRef::Str(&long));
+        r.add("", ValueRef::Str("an empty key"));
+        r.set_str("http.route", "/r");
+        assert_eq!((r.encoded.count(), r.attributes.len(), r.attribute_count()), (7, 1, 8));
+        assert_eq!(r.get("server.port"), Some(Value::Int(8080)));
+        assert_eq!(r.get("http.route"), Some(Value::Str("/r".into())));
+        assert_eq!(r.get("absent"), None);
+        assert_eq!(
+            sealed(r),
+            (
+                vec![
+                    kv("http.request.method", Value::Str("GET".into())),
+                    kv("server.port", Value::Int(8080)),
+                    kv("negative", Value::Int(-1)),
+                    kv("ratio", Value::Float(0.5)),
+                    kv("flag", Value::Bool(true)),
+                    kv("url.path", Value::Str(long.as_str().into())),
+                    kv("", Value::Str("an empty key".into())),
+                    kv("http.route", Value::Str("/r".into())),
+                ],
+                0
+            )
+        );
+    }
+
+    #[test]
+    fn an_added_string_is_cut_to_the_length_limit_on_a_char_boundary() {
+        let mut r = record();
+        // Two-byte characters after one byte: the limit falls inside a character.
+        let long = format!("/{}", "é".repeat(MAX_VALUE_LEN));
+        r.add("url.path", ValueRef::Str(&long));
+        let Some(Value::Str(path)) = r.get("url.path") else { panic!("no url.path") };
+        assert_eq!(path.len(), MAX_VALUE_LEN - 1);
+        assert!(long.starts_with(path.as_str()));
+    }
+
+    #[test]
+    fn vcl_replacing_an_added_attribute_keeps_its_place() {
+        let mut r = record();
+        r.add("http.request.method", ValueRef::Str("GET"));
+        r.add("url.path", ValueRef::Str("/raw"));
+        r.set_str("http.route", "/r");
+        r.set_str("url.path", "/normalised");
+        assert!(r.encoded.is_empty(), "decoded into the generic attributes");
+        assert_eq!(
+            sealed(r),
+            (
+                vec![
+                    kv("http.request.method", Value::Str("GET".into())),
+                    kv("url.path", Value::Str("/normalised".into())),
+                    kv("http.route", Value::Str("/r".into())),
+                ],
+                0
+            )
+        );
+    }
+
+    #[test]
+    fn the_count_limit_counts_added_attributes_and_can_cut_into_them() {
+        let mut r = record();
+        for (i, key) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            r.add(key, ValueRef::Int(i as i64));
+        }
+        r.set_str("vcl", "x");
+        r.set_http_status(200);
+        let status = kv("http.response.status_code", Value::Int(200));
+        let (a, b, c, d) =
+            (kv("a", Value::Int(0)), kv("b", Value::Int(1)), kv("c", Value::Int(2)), kv("d", Value::Int(3)));
+        let vcl = kv("vcl", Value::Str("x".into()));
+        let all = vec![a.clone(), b.clone(), c.clone(), d.clone(), vcl.clone(), status.clone()];
+        assert_eq!(sealed_within(r.clone(), 6, MAX_VALUE_LEN), (all, 0));
+        assert_eq!(
+            sealed_within(r.clone(), 5, MAX_VALUE_LEN),
+            (vec![a.clone(), b.clone(), c.clone(), d.clone(), status.clone()], 1),
+            "VCL's goes first"
+        );
+        assert_eq!(sealed_within(r, 3, MAX_VALUE_LEN), (vec![a, b, status], 3), "then the last added");
+        // `add` itself refuses, and counts, what is over the limit.
+        let mut full = record();
+        for i in 0..MAX_ATTRIBUTES {
+            full.set(format!("k{i}"), Value::Int(0));
+        }
+        full.add("url.path", ValueRef::Str("/"));
+        assert_eq!((full.attribute_count(), full.dropped_attributes, full.get("url.path")), (MAX_ATTRIBUTES, 1, None));
     }
 
     #[test]

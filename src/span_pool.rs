@@ -33,6 +33,8 @@ pub const POOLED: usize = 1024;
 const MAX_ATTRIBUTES_KEPT: usize = 64;
 const MAX_EVENTS_KEPT: usize = 32;
 const MAX_LINKS_KEPT: usize = 8;
+/// Bytes of encoded attributes above which a record is freed (four times the usual room).
+const MAX_ENCODED_KEPT: usize = 2048;
 
 static POOL: LazyLock<ArrayQueue<Box<SpanRecord>>> = LazyLock::new(|| ArrayQueue::new(POOLED));
 /// Set while no pipeline runs (`close`): records given back are freed.
@@ -91,6 +93,7 @@ fn keep(mut r: Box<SpanRecord>) -> bool {
 /// Whether the record's arrays are of the usual sizes (the pool's memory stays bounded).
 fn worth_keeping(r: &SpanRecord) -> bool {
     r.attributes.capacity() <= MAX_ATTRIBUTES_KEPT
+        && r.encoded.capacity() <= MAX_ENCODED_KEPT
         && r.events.capacity() <= MAX_EVENTS_KEPT
         && r.links.capacity() <= MAX_LINKS_KEPT
 }
@@ -114,7 +117,7 @@ fn drain() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::span::{Text, Value};
+    use crate::span::{Value, ValueRef};
 
     fn used_record() -> Box<SpanRecord> {
         let mut r = Box::new(SpanRecord::new(SpanKind::Client, TraceId([1; 16]), SpanId([2; 8]), Some(SpanId([3; 8]))));
@@ -122,7 +125,7 @@ mod tests {
         r.name = "GET".into();
         r.start_unix_nano = 5;
         r.end_unix_nano = 9;
-        r.add("url.path", Value::Str(Text::from("/a/path/longer/than/twenty-four/bytes")));
+        r.add("url.path", ValueRef::Str("/a/path/longer/than/twenty-four/bytes"));
         r.add_event(7, "e".to_owned());
         r.add_link(TraceId([4; 16]), SpanId([5; 8]));
         r.set_http_status(503);

@@ -368,7 +368,7 @@ impl Job<Box<SpanRecord>> for ExportJob {
 mod tests {
     use super::*;
     use crate::ids::{SpanId, TraceId};
-    use crate::span::{SpanKind, Value};
+    use crate::span::{SpanKind, ValueRef};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message;
     use std::io::BufReader;
@@ -377,7 +377,7 @@ mod tests {
 
     fn span(n: u8) -> Box<SpanRecord> {
         let mut r = SpanRecord::new(SpanKind::Server, TraceId([n; 16]), SpanId([n; 8]), None);
-        r.add("url.path", Value::Str(format!("/{n}").into()));
+        r.add("url.path", ValueRef::Str(&format!("/{n}")));
         r.start_unix_nano = 1;
         r.end_unix_nano = 2;
         Box::new(r)

@@ -165,9 +165,7 @@ pub fn write_span(out: &mut String, r: &SpanRecord) {
         first = false;
         key_value(out, key, value);
     };
-    for a in &r.attributes {
-        write(&a.key, a.value.borrowed());
-    }
+    r.for_each_attribute(&mut write);
     r.for_each_outcome_attribute(write);
     out.push(']');
     if r.dropped_attributes > 0 {

@@ -443,6 +443,7 @@ fn put_span_body(out: &mut Buf<'_>, r: &SpanRecord) {
     put_varint(out, r.kind.otlp().into());
     put_fixed64(out, span::START_TIME, r.start_unix_nano);
     put_fixed64(out, span::END_TIME, r.end_unix_nano);
+    out.extend_from_slice(r.encoded.as_bytes());
     for a in &r.attributes {
         put_attribute(out, span::ATTRIBUTES, &a.key, a.value.borrowed());
     }
@@ -467,6 +468,136 @@ fn put_span_body(out: &mut Buf<'_>, r: &SpanRecord) {
     }
     out.extend_from_slice(&span::FLAGS);
     out.extend_from_slice(&flags.to_le_bytes());
+}
+
+/// Attributes encoded when they are known, on the Varnish worker that starts the span: each a
+/// complete `Span.attributes` field (`KeyValue`), in the bytes `put_span_body` copies as they
+/// are. For the semantic-convention attributes the module itself reads from every request
+/// (method, path, addresses...): held as generic `Attribute`s they cost about 45 instructions
+/// each to add, 100 each to encode and 20 each to drop (callgrind), where these cost a write
+/// here and one copy per span on the exporter thread. The worker's copy of each value into the
+/// record is the one it made anyway (the request's workspace does not outlive the task).
+///
+/// `bytes` is room written over from the start, as `Buf` writes (only `len` of it counts), so
+/// that a record taken from the pool writes without zeroing or growing.
+#[derive(Clone, Debug, Default)]
+pub struct EncodedAttributes {
+    bytes: Vec<u8>,
+    len: usize,
+    count: usize,
+}
+
+/// The room a record's first encoded attribute reserves: a sampled request span's are 300 to 500
+/// bytes (a browser's `User-Agent` is the largest); `Buf` doubles it when short.
+const ENCODED_RESERVED: usize = 512;
+
+impl EncodedAttributes {
+    /// Appends one attribute; the caller applies the limits (`SpanRecord::add`). Inlined into
+    /// each call site, where the key is a literal: its length folds into the header's
+    /// constants and its copy into a few stores.
+    #[inline(always)]
+    pub fn push(&mut self, key: &str, value: ValueRef<'_>) {
+        if self.bytes.is_empty() {
+            self.bytes.resize(ENCODED_RESERVED, 0);
+        }
+        let mut out = Buf { buf: &mut self.bytes, at: self.len };
+        put_attribute(&mut out, span::ATTRIBUTES, key, value);
+        self.len = out.at;
+        self.count += 1;
+    }
+
+    /// The encoded fields, ready to be copied into a `Span`.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Forgets the attributes, keeping the room (`SpanRecord::clear_for_reuse`).
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.count = 0;
+    }
+
+    /// The room held (`span_pool` frees a record whose room grew beyond the usual).
+    pub fn capacity(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The attributes, decoded again: for the JSON encoder, and for the rare VCL call that
+    /// replaces one of them (`SpanRecord::set`). Stops at anything `push` did not write.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, ValueRef<'_>)> {
+        let mut rest = self.as_bytes();
+        std::iter::from_fn(move || {
+            let (key, body, next) = read_len_field(rest)?;
+            rest = next;
+            (key == span::ATTRIBUTES).then(|| read_key_value(body)).flatten()
+        })
+    }
+
+    /// Whether `key` is one of the attributes (a walk over the fields, without decoding values).
+    pub fn contains(&self, key: &str) -> bool {
+        self.iter().any(|(k, _)| k == key)
+    }
+}
+
+impl PartialEq for EncodedAttributes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+/// A varint at the start of `bytes`, and what follows it.
+fn read_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            return Some((v, &bytes[i + 1..]));
+        }
+    }
+    None
+}
+
+/// A length-delimited field at the start of `bytes`: its key, its body and what follows it.
+fn read_len_field(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&key, rest) = bytes.split_first()?;
+    let (len, rest) = read_varint(rest)?;
+    let len = usize::try_from(len).ok()?;
+    (rest.len() >= len).then(|| (key, &rest[..len], &rest[len..]))
+}
+
+/// A `KeyValue` body as `put_attribute` writes it (an empty key is absent, as proto3 omits it).
+fn read_key_value(mut body: &[u8]) -> Option<(&str, ValueRef<'_>)> {
+    let mut key = "";
+    if body.first() == Some(&key_value::KEY) {
+        let (_, k, rest) = read_len_field(body)?;
+        key = std::str::from_utf8(k).ok()?;
+        body = rest;
+    }
+    let (field, value, rest) = read_len_field(body)?;
+    if field != key_value::VALUE || !rest.is_empty() {
+        return None;
+    }
+    let (&kind, after) = value.split_first()?;
+    let value = match kind {
+        any_value::STRING => {
+            let (_, s, rest) = read_len_field(value)?;
+            rest.is_empty().then_some(())?;
+            ValueRef::Str(std::str::from_utf8(s).ok()?)
+        }
+        any_value::INT => ValueRef::Int(read_varint(after)?.0 as i64),
+        any_value::DOUBLE => ValueRef::Float(f64::from_le_bytes(*after.first_chunk::<8>()?)),
+        any_value::BOOL => ValueRef::Bool(*after.first()? != 0),
+        _ => return None,
+    };
+    Some((key, value))
 }
 
 /// One serialized `ExportTraceServiceRequest`, written one span at a time into a buffer the
@@ -918,6 +1049,69 @@ mod tests {
         let msg = decode(&export_request::<SpanRecord>(&resource(), &[]));
         assert!(spans_of(&msg).is_empty());
         assert!(msg.resource_spans[0].scope_spans[0].scope.is_some());
+    }
+
+    /// Attributes `add`ed (encoded on the worker) and the same attributes held generically give
+    /// the same bytes, in both encodings.
+    #[test]
+    fn added_attributes_encode_as_generic_ones_do() {
+        let long = "/".repeat(200);
+        let values: [(&'static str, Value); 8] = [
+            ("http.request.method", Value::Str("GET".into())),
+            ("url.path", Value::Str(long.as_str().into())),
+            ("server.port", Value::Int(443)),
+            ("negative", Value::Int(-5)),
+            ("ratio", Value::Float(0.25)),
+            ("flag", Value::Bool(true)),
+            ("empty", Value::Str("".into())),
+            ("", Value::Int(1)),
+        ];
+        let mut added = full();
+        added.attributes.clear();
+        let mut generic = added.clone();
+        for (key, value) in &values {
+            added.add(key, value.borrowed());
+            generic.attributes.push(attr(key, value.clone()));
+        }
+        generic.attributes.push(attr("vcl", Value::Str("after".into())));
+        added.attributes.push(attr("vcl", Value::Str("after".into())));
+        assert_eq!(added.encoded.count(), values.len());
+        assert_eq!(export_request(&resource(), &[&added]), export_request(&resource(), &[&generic]));
+        assert_eq!(
+            otlp_json::export_request(&resource(), &[&added]),
+            otlp_json::export_request(&resource(), &[&generic])
+        );
+        assert_eq!(encode_one(&added).attributes.len(), values.len() + 1);
+    }
+
+    /// The decoder reads only what `push` writes: a cut or a changed byte ends the walk, never a
+    /// panic.
+    #[test]
+    fn encoded_attributes_read_back_stop_at_anything_else() {
+        let mut e = EncodedAttributes::default();
+        e.push("k", ValueRef::Str("v"));
+        e.push("n", ValueRef::Int(-1));
+        e.push("long", ValueRef::Str(&"x".repeat(300)));
+        e.push("f", ValueRef::Float(1.5));
+        let all: Vec<_> = e.iter().map(|(k, v)| (k.to_owned(), v.to_value())).collect();
+        assert_eq!(all.len(), 4);
+        assert_eq!(all[1], ("n".to_owned(), Value::Int(-1)));
+        assert!(e.contains("long") && !e.contains("lon"));
+        let bytes = e.as_bytes().to_vec();
+        for cut in 0..bytes.len() {
+            let mut cut_short = e.clone();
+            cut_short.len = cut;
+            assert!(cut_short.iter().count() < 4, "cut at {cut}");
+        }
+        for at in 0..bytes.len() {
+            for b in [0x00, 0x7f, 0x80, 0xff] {
+                let mut changed = e.clone();
+                changed.bytes[at] = b;
+                assert!(changed.iter().count() <= 4);
+            }
+        }
+        e.clear();
+        assert!(e.is_empty() && e.iter().next().is_none() && e.capacity() > 0, "room kept");
     }
 
     #[test]

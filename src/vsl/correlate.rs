@@ -1299,7 +1299,7 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].end_unix_nano, T0 + 7);
         assert_eq!(out[0].closed_by, ClosedBy::TaskEnd);
-        assert_eq!(out[0].get("varnish.span.closed_by"), Some(&Value::Str("backstop".into())));
+        assert_eq!(out[0].get("varnish.span.closed_by"), Some(Value::Str("backstop".into())));
         assert_eq!(c.pending(), 0);
         assert_eq!(c.stats.closed_by_backstop, 1);
         assert!(!c.wants(1001));
