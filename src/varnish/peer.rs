@@ -1,18 +1,64 @@
 //! Who is at the other end of a client request: `client.address` (the client as Varnish sees
 //! it, after the PROXY protocol) and `network.peer.address`/`port` (the TCP peer).
 
+use std::cell::RefCell;
 use std::ffi::CStr;
 
 use varnish::ffi;
 
 use crate::span::{text_lossy, Text};
 
+/// `client.address`, and `network.peer.address` with `network.peer.port`.
+pub type Addresses = (Option<Text>, Option<(Text, u16)>);
+
+/// The addresses of the session a worker thread served last. A session's addresses never change
+/// (the PROXY protocol names the client once, before the first request), and a worker usually
+/// serves a keep-alive session's next request too: it lingers on the connection
+/// (`timeout_linger`) rather than hand it back to the waiter. Varnish's two accessors and the
+/// text cost about 600 instructions per request (callgrind); a repeat costs a comparison and two
+/// copies of inline text. Varnish has no per-session PRIV to keep them in.
+///
+/// Keyed by the session's address and its VXID: a session allocated where a finished one was
+/// has a VXID of its own. Threading: one per worker thread, never shared.
+#[derive(Default)]
+struct LastSession {
+    session: Option<(usize, u64)>,
+    addresses: Addresses,
+}
+
+impl LastSession {
+    /// The addresses of `session`, from `read` when they are not the ones kept.
+    fn get(&mut self, session: (usize, u64), read: impl FnOnce() -> Addresses) -> Addresses {
+        if self.session != Some(session) {
+            self.addresses = read();
+            self.session = Some(session);
+        }
+        self.addresses.clone()
+    }
+}
+
+thread_local! {
+    static LAST_SESSION: RefCell<LastSession> = RefCell::default();
+}
+
 /// `(client.address, (network.peer.address, network.peer.port))` of the request's session.
 ///
 /// # Safety
 /// `ctx` must be the context of a client task (`ctx.req` valid), during a VCL call.
-pub unsafe fn client_and_peer(ctx: &ffi::vrt_ctx) -> (Option<Text>, Option<(Text, u16)>) {
+pub unsafe fn client_and_peer(ctx: &ffi::vrt_ctx) -> Addresses {
     let Some(sp) = ctx.req.as_ref().and_then(|r| r.sp.as_ref()) else { return (None, None) };
+    let session = (std::ptr::from_ref(sp) as usize, sp.vxid.vxid);
+    // `try_with`: a thread being torn down reads the addresses again rather than panic.
+    LAST_SESSION
+        .try_with(|last| last.borrow_mut().get(session, || read_addresses(ctx, sp)))
+        .unwrap_or_else(|_| read_addresses(ctx, sp))
+}
+
+/// What `client_and_peer` gives, read from Varnish.
+///
+/// # Safety
+/// As `client_and_peer`; `sp` is the request's session.
+unsafe fn read_addresses(ctx: &ffi::vrt_ctx, sp: &ffi::sess) -> Addresses {
     // A string attribute: SES_Get_client_ip() asserts on those, SES_Get_String_Attr() is the
     // accessor for them (what VCL's client.ip is printed from).
     let ip = ffi::SES_Get_String_Attr(sp, ffi::SessionAttr::ClientIp);
@@ -85,8 +131,26 @@ const AF_INET: i32 = -1;
 
 #[cfg(test)]
 mod tests {
-    use super::ipv4_text;
+    use super::{ipv4_text, Addresses, LastSession};
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn a_sessions_addresses_are_read_once_per_thread_and_session() {
+        let mut last = LastSession::default();
+        let mut reads = 0;
+        let mut read = |client: &str| {
+            reads += 1;
+            let a: Addresses = (Some(client.into()), Some(("10.0.0.1".into(), 80)));
+            a
+        };
+        assert_eq!(last.get((1, 100), || read("192.0.2.7")).0.as_deref(), Some("192.0.2.7"));
+        assert_eq!(last.get((1, 100), || read("not read")).0.as_deref(), Some("192.0.2.7"));
+        // Another session at the same address (the first one freed), or elsewhere: read again.
+        assert_eq!(last.get((1, 200), || read("198.51.100.9")).0.as_deref(), Some("198.51.100.9"));
+        assert_eq!(last.get((2, 100), || read("203.0.113.5")).0.as_deref(), Some("203.0.113.5"));
+        assert_eq!(last.get((2, 100), || read("not read")).1, Some(("10.0.0.1".into(), 80)));
+        assert_eq!(reads, 3);
+    }
 
     #[test]
     fn ipv4_text_is_what_display_writes() {
