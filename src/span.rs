@@ -132,6 +132,19 @@ impl Value {
     }
 }
 
+/// Where `SpanRecord::for_each_outcome_attribute` puts the attributes: an encoder's writer, or
+/// any closure taking `(key, value)`.
+pub trait AttributeSink {
+    fn attribute(&mut self, key: &'static str, value: ValueRef<'_>);
+}
+
+impl<F: FnMut(&'static str, ValueRef<'_>)> AttributeSink for F {
+    #[inline(always)]
+    fn attribute(&mut self, key: &'static str, value: ValueRef<'_>) {
+        self(key, value);
+    }
+}
+
 /// An attribute's value as the encoders read it: borrowed from an `Attribute`, or made from a
 /// typed field of the `Outcome` (no `Value` is built for those).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -542,55 +555,64 @@ impl SpanRecord {
         }
     }
 
-    /// Calls `f` with each attribute of the outcome, in the order they are exported (after the
-    /// record's `attributes`), as many as `seal` kept.
-    #[inline]
-    pub fn for_each_outcome_attribute(&self, mut f: impl FnMut(&'static str, ValueRef<'_>)) {
+    /// Gives `sink` each attribute of the outcome, in the order they are exported (after the
+    /// record's `attributes`), as many as `seal` kept. Inlined, with the sink's method, at each
+    /// of the dozen places below: the protobuf encoder's writer then sees each key as a literal
+    /// (its length and copy folded in), where a closure called a dozen times was kept out of
+    /// line (about 80 instructions per attribute, callgrind).
+    #[inline(always)]
+    #[allow(unused_assignments)] // the last `emit!`'s count is not read again
+    pub fn for_each_outcome_attribute(&self, sink: &mut impl AttributeSink) {
         let o = &self.outcome;
         let mut left = self.outcome_kept;
-        let mut emit = |key: &'static str, value: ValueRef<'_>| {
-            if left > 0 {
-                left -= 1;
-                f(key, value);
-            }
-        };
+        macro_rules! emit {
+            ($key:expr, $value:expr) => {
+                if left > 0 {
+                    left -= 1;
+                    sink.attribute($key, $value);
+                }
+            };
+        }
         let size = |n: u64| ValueRef::Int(n.min(i64::MAX as u64) as i64);
         if let Some(s) = o.status_code {
-            emit("http.response.status_code", ValueRef::Int(i64::from(s)));
+            emit!("http.response.status_code", ValueRef::Int(i64::from(s)));
         }
         if let Some(t) = &o.error_type {
-            emit("error.type", ValueRef::Str(t));
+            emit!("error.type", ValueRef::Str(t));
         }
         if let Some(n) = o.request_body_size {
-            emit("http.request.body.size", size(n));
+            emit!("http.request.body.size", size(n));
         }
         if let Some(n) = o.response_body_size {
-            emit("http.response.body.size", size(n));
+            emit!("http.response.body.size", size(n));
         }
         if let Some(r) = &o.cache_result {
-            emit("varnish.cache_result", ValueRef::Str(r));
+            emit!("varnish.cache_result", ValueRef::Str(r));
         }
         if let Some(age) = o.object_age {
-            emit("varnish.object.age", ValueRef::Float(age));
+            emit!("varnish.object.age", ValueRef::Float(age));
         }
         if let Some(ttl) = o.object_ttl {
-            emit("varnish.object.ttl", ValueRef::Float(ttl));
+            emit!("varnish.object.ttl", ValueRef::Float(ttl));
         }
         if let Some(v) = o.vxid {
-            emit("varnish.vxid", size(v));
+            emit!("varnish.vxid", size(v));
         }
         if let Some(n) = o.repeats {
-            let key = if self.kind == SpanKind::Client { "varnish.retries" } else { "varnish.restarts" };
-            emit(key, ValueRef::Int(i64::from(n)));
+            if self.kind == SpanKind::Client {
+                emit!("varnish.retries", ValueRef::Int(i64::from(n)));
+            } else {
+                emit!("varnish.restarts", ValueRef::Int(i64::from(n)));
+            }
         }
         if let Some(b) = &o.backend {
-            emit("varnish.backend", ValueRef::Str(b));
+            emit!("varnish.backend", ValueRef::Str(b));
         }
         if let Some(a) = &o.peer_address {
-            emit("network.peer.address", ValueRef::Str(a));
+            emit!("network.peer.address", ValueRef::Str(a));
         }
         if let Some(p) = o.peer_port {
-            emit("network.peer.port", ValueRef::Int(i64::from(p)));
+            emit!("network.peer.port", ValueRef::Int(i64::from(p)));
         }
     }
 
@@ -793,7 +815,9 @@ mod tests {
         r.seal_within(max, max_len);
         let mut all = Vec::new();
         r.for_each_attribute(|key, value| all.push((key.to_owned(), value.to_value())));
-        r.for_each_outcome_attribute(|key, value| all.push((key.to_owned(), value.to_value())));
+        r.for_each_outcome_attribute(&mut |key: &'static str, value: ValueRef<'_>| {
+            all.push((key.to_owned(), value.to_value()))
+        });
         (all, r.dropped_attributes)
     }
 

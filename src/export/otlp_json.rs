@@ -166,7 +166,7 @@ pub fn write_span(out: &mut String, r: &SpanRecord) {
         key_value(out, key, value);
     };
     r.for_each_attribute(&mut write);
-    r.for_each_outcome_attribute(write);
+    r.for_each_outcome_attribute(&mut write);
     out.push(']');
     if r.dropped_attributes > 0 {
         out.push_str(",\"droppedAttributesCount\":");

@@ -21,7 +21,7 @@
 use std::borrow::Borrow;
 
 use super::otlp_json::{Resource, SCOPE_NAME};
-use crate::span::{Event, SpanRecord, ValueRef};
+use crate::span::{AttributeSink, Event, SpanRecord, ValueRef};
 
 /// W3C trace flags occupy bits 0-7 of `Span.flags`; bits 8 and 9 say whether the parent is known
 /// to be remote. The same values as `otlp_json` (the equivalence test holds them together).
@@ -375,6 +375,16 @@ fn put_attribute(out: &mut Buf<'_>, field: u8, key: &str, value: ValueRef<'_>) {
     put_any_value(out, value);
 }
 
+/// Writes `Span.attributes` fields (`for_each_outcome_attribute` inlines it at each key).
+struct SpanAttributes<'a, 'b>(&'a mut Buf<'b>);
+
+impl AttributeSink for SpanAttributes<'_, '_> {
+    #[inline(always)]
+    fn attribute(&mut self, key: &'static str, value: ValueRef<'_>) {
+        put_attribute(self.0, span::ATTRIBUTES, key, value);
+    }
+}
+
 fn put_event(out: &mut Buf<'_>, e: &Event) {
     let len = event_len(e);
     if len < 0x80 && e.time_unix_nano != 0 && !e.name.is_empty() {
@@ -447,7 +457,7 @@ fn put_span_body(out: &mut Buf<'_>, r: &SpanRecord) {
     for a in &r.attributes {
         put_attribute(out, span::ATTRIBUTES, &a.key, a.value.borrowed());
     }
-    r.for_each_outcome_attribute(|key, value| put_attribute(out, span::ATTRIBUTES, key, value));
+    r.for_each_outcome_attribute(&mut SpanAttributes(out));
     if r.dropped_attributes > 0 {
         out.push(span::DROPPED_ATTRIBUTES_COUNT);
         put_varint(out, r.dropped_attributes.into());
