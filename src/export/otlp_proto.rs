@@ -564,7 +564,14 @@ impl PartialEq for EncodedAttributes {
 }
 
 /// A varint at the start of `bytes`, and what follows it.
+#[inline]
 fn read_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    // Nearly every length here is below 128: one byte.
+    if let Some((&b, rest)) = bytes.split_first() {
+        if b < 0x80 {
+            return Some((u64::from(b), rest));
+        }
+    }
     let mut v = 0u64;
     for (i, &b) in bytes.iter().enumerate().take(10) {
         v |= u64::from(b & 0x7f) << (7 * i);
@@ -576,6 +583,7 @@ fn read_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
 }
 
 /// A length-delimited field at the start of `bytes`: its key, its body and what follows it.
+#[inline]
 fn read_len_field(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&key, rest) = bytes.split_first()?;
     let (len, rest) = read_varint(rest)?;
@@ -588,7 +596,7 @@ fn read_key_value(mut body: &[u8]) -> Option<(&str, ValueRef<'_>)> {
     let mut key = "";
     if body.first() == Some(&key_value::KEY) {
         let (_, k, rest) = read_len_field(body)?;
-        key = std::str::from_utf8(k).ok()?;
+        key = crate::span::utf8(k)?;
         body = rest;
     }
     let (field, value, rest) = read_len_field(body)?;
@@ -600,7 +608,7 @@ fn read_key_value(mut body: &[u8]) -> Option<(&str, ValueRef<'_>)> {
         any_value::STRING => {
             let (_, s, rest) = read_len_field(value)?;
             rest.is_empty().then_some(())?;
-            ValueRef::Str(std::str::from_utf8(s).ok()?)
+            ValueRef::Str(crate::span::utf8(s)?)
         }
         any_value::INT => ValueRef::Int(read_varint(after)?.0 as i64),
         any_value::DOUBLE => ValueRef::Float(f64::from_le_bytes(*after.first_chunk::<8>()?)),
