@@ -92,7 +92,20 @@ pub struct Worker<M: Send + 'static> {
     queue: Arc<ArrayQueue<M>>,
     stopping: Arc<AtomicBool>,
     done: Receiver<()>,
-    handle: JoinHandle<()>,
+    /// Taken by `stop`.
+    handle: Option<JoinHandle<()>>,
+}
+
+/// A worker dropped without `stop` (an error path) is told to stop all the same: nothing else
+/// ends its thread (no channel closes with its owner), which would otherwise run on, holding
+/// its queue and its connection. Does not wait.
+impl<M: Send + 'static> Drop for Worker<M> {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        if let Some(handle) = &self.handle {
+            handle.thread().unpark();
+        }
+    }
 }
 
 impl<M: Send + 'static> Worker<M> {
@@ -157,7 +170,7 @@ impl<M: Send + 'static> Worker<M> {
             }));
             let _ = done_tx.send(());
         })?;
-        Ok(Worker { name, queue, stopping, done, handle })
+        Ok(Worker { name, queue, stopping, done, handle: Some(handle) })
     }
 
     /// Never blocks: a full queue hands the message back to the caller, who counts it.
@@ -176,11 +189,11 @@ impl<M: Send + 'static> Worker<M> {
     /// Tells the worker to stop and waits at most `deadline` for it to drain its queue and exit.
     /// Returns false if it did not finish in time: the thread is then left to finish on its own
     /// (it holds no Varnish resources), which beats blocking the CLI thread past `cli_timeout`.
-    pub fn stop(self, deadline: Duration) -> bool {
-        let Worker { stopping, done, handle, .. } = self;
-        stopping.store(true, Ordering::Release);
+    pub fn stop(mut self, deadline: Duration) -> bool {
+        self.stopping.store(true, Ordering::Release);
+        let Some(handle) = self.handle.take() else { return true };
         handle.thread().unpark();
-        match done.recv_timeout(deadline) {
+        match self.done.recv_timeout(deadline) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {
                 let _ = handle.join();
                 true
@@ -288,6 +301,21 @@ mod tests {
         assert!(w.stop(Duration::from_secs(30)));
         assert_eq!(seen.load(Ordering::SeqCst), 1);
         assert_eq!(finished.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_worker_dropped_without_stop_still_drains_finishes_and_exits() {
+        // A ten-minute tick: only being told to stop ends the thread in time.
+        let (job, seen, finished) = counting(Duration::ZERO);
+        let w = Worker::spawn("test-dropped", 10, Duration::from_secs(600), job).unwrap();
+        w.try_send(1).unwrap();
+        drop(w);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while finished.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(finished.load(Ordering::SeqCst), 1, "the thread ran on");
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
     }
 
     struct Fragile {

@@ -551,9 +551,22 @@ impl EncodedAttributes {
         })
     }
 
-    /// Whether `key` is one of the attributes (a walk over the fields, without decoding values).
+    /// Whether `key` is one of the attributes: a walk over the fields comparing key bytes,
+    /// values skipped by their length (`SpanRecord::set` asks this for every VCL attribute and
+    /// captured header while the span's own attributes are encoded).
     pub fn contains(&self, key: &str) -> bool {
-        self.iter().any(|(k, _)| k == key)
+        let mut rest = self.as_bytes();
+        while let Some((_, body, next)) = read_len_field(rest) {
+            rest = next;
+            let k = match body.first() {
+                Some(&key_value::KEY) => read_len_field(body).map_or(&[][..], |(_, k, _)| k),
+                _ => &[],
+            };
+            if k == key.as_bytes() {
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -1115,6 +1128,8 @@ mod tests {
         assert_eq!(all.len(), 4);
         assert_eq!(all[1], ("n".to_owned(), Value::Int(-1)));
         assert!(e.contains("long") && !e.contains("lon"));
+        assert!(!e.contains("v"), "values are not keys");
+        assert!(!e.contains(""));
         let bytes = e.as_bytes().to_vec();
         for cut in 0..bytes.len() {
             let mut cut_short = e.clone();
@@ -1126,8 +1141,11 @@ mod tests {
                 let mut changed = e.clone();
                 changed.bytes[at] = b;
                 assert!(changed.iter().count() <= 4);
+                let _ = changed.contains("long");
             }
         }
+        e.push("", ValueRef::Int(0));
+        assert!(e.contains(""), "an empty key is written as proto3 omits it, and found");
         e.clear();
         assert!(e.is_empty() && e.iter().next().is_none() && e.capacity() > 0, "room kept");
     }

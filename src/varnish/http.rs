@@ -91,11 +91,12 @@ unsafe fn lines<'a>(hp: *const ffi::http) -> impl Iterator<Item = &'a [u8]> {
 /// Replaces every field of `hdr` with one field holding `value`. The header line is assembled
 /// here and copied once into the task's workspace (`http_ForceHeader` would format it with
 /// printf, a measurable cost per request). A field there once is replaced in its place
-/// (`http_SetH`, which logs the new line as setting a header does); only a repeated one is
-/// removed first (`http_Unset`: a pass over the table comparing every name, a log record per
-/// field removed and the table compacted, about 540 instructions, where finding the field costs
-/// about 100). Returns false when the workspace is full (the header is then left as it was), or
-/// when the field was absent or repeated and the table is full (the header is then absent).
+/// (`http_SetH`), logged as `http_Unset` and `http_SetHeader` log it (an `xUnset` record with
+/// the old line, then an `xHeader` record with the new), so that the log reads as it did; only
+/// a repeated field goes through `http_Unset` (a pass over the table comparing every name and
+/// the table compacted: about 300 instructions more than finding the field). Returns false
+/// when the workspace is full (the header is then left as it was), or when the field was
+/// absent or repeated and the table is full (the header is then absent).
 ///
 /// # Safety
 /// `hp` must be a valid, writable `struct http` of the current task; `value` must hold only
@@ -103,16 +104,34 @@ unsafe fn lines<'a>(hp: *const ffi::http) -> impl Iterator<Item = &'a [u8]> {
 pub unsafe fn force(hp: *mut ffi::http, hdr: &CStr, value: &[u8]) -> bool {
     let Some(h) = hp.as_mut() else { return false };
     let Some(copy) = header_line(h.ws, hdr, value) else { return false };
-    match place(h, hdr) {
-        Place::Absent => set_line(h, copy),
-        Place::Once(n) => {
+    match (place(h, hdr), unset_tag(h.logtag)) {
+        (Place::Absent, _) => set_line(h, copy),
+        (Place::Once(n), Some(unset)) => {
+            if !h.vsl.is_null() {
+                ffi::VSLbt(h.vsl, unset, *h.hd.add(n as usize));
+            }
             ffi::http_SetH(h, n, copy);
             true
         }
-        Place::Repeated => {
+        // Repeated, or a header table of a kind we do not know the log tags of.
+        (Place::Once(_) | Place::Repeated, _) => {
             ffi::http_Unset(hp, hdr.as_ptr());
             set_line(h, copy)
         }
+    }
+}
+
+/// The tag `http_Unset` logs a removed field of a table with `logtag` under (`ReqUnset` for the
+/// request, ...): `http_VSLH_del`'s `logtag + HTTP_HDR_UNSET`, spelled out.
+fn unset_tag(logtag: ffi::VslTag) -> Option<ffi::VslTag> {
+    use ffi::VslTag as T;
+    match logtag {
+        T::ReqMethod => Some(T::ReqUnset),
+        T::RespMethod => Some(T::RespUnset),
+        T::BereqMethod => Some(T::BereqUnset),
+        T::BerespMethod => Some(T::BerespUnset),
+        T::ObjMethod => Some(T::ObjUnset),
+        _ => None,
     }
 }
 
@@ -321,6 +340,23 @@ mod tests {
         hp.hd = hd.as_mut_ptr();
         hp.nhd = hd.len() as u16;
         test(&hp);
+    }
+
+    #[test]
+    fn a_replaced_field_is_logged_under_the_unset_tag_of_its_table() {
+        use ffi::VslTag as T;
+        // `http_VSLH_del`: the table's log tag (its method's) plus HTTP_HDR_UNSET.
+        for (logtag, unset) in [
+            (T::ReqMethod, T::ReqUnset),
+            (T::RespMethod, T::RespUnset),
+            (T::BereqMethod, T::BereqUnset),
+            (T::BerespMethod, T::BerespUnset),
+            (T::ObjMethod, T::ObjUnset),
+        ] {
+            assert_eq!(unset_tag(logtag), Some(unset));
+            assert_eq!(unset as u32, logtag as u32 + ffi::HTTP_HDR_UNSET - ffi::HTTP_HDR_METHOD);
+        }
+        assert_eq!(unset_tag(T::Debug), None);
     }
 
     #[test]
