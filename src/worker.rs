@@ -49,7 +49,7 @@ pub trait Job<M>: Send + 'static {
     /// Called every `tick` while the worker runs (timed work: flushes, deadline sweeps,
     /// reading the log), after the waiting messages were handled.
     fn tick(&mut self, inbox: &Inbox<'_, M>);
-    /// Called once after the channel is closed and drained, before the thread exits.
+    /// Called once after the worker was told to stop and its queue drained, before the thread exits.
     fn finish(&mut self);
     /// Whether the job has nothing in hand: the worker then sleeps its longer idle tick, so that
     /// an untraced varnishd is not woken a thousand times a second for nothing.
@@ -130,7 +130,7 @@ impl<M: Send + 'static> Worker<M> {
         let (done_tx, done) = bounded::<()>(1);
         let handle = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
             // A panic in one message or tick (a bug) costs that message or tick, counted in
-            // `PANICS`, not the worker: a dead worker would leave its channel to fill up.
+            // `PANICS`, not the worker: a dead worker would leave its queue to fill up.
             // The outer guard is for what remains (finish, the loop itself): the worker then
             // ends as if stopped.
             let guarded = |f: &mut dyn FnMut()| {

@@ -54,7 +54,7 @@ struct Retry {
 }
 
 /// The exporter job. Memory is bounded: at most `queue_size` spans wait here, encoded (more are
-/// dropped and counted), besides those in the worker's channel (also `queue_size`) and the batch
+/// dropped and counted), besides those in the worker's queue (also `queue_size`) and the batch
 /// being sent.
 pub struct ExportJob {
     cfg: ExportConfig,
