@@ -323,9 +323,10 @@ impl Outcome {
     }
 }
 
-/// Room for the attributes of most spans in one allocation: a sampled request span carries 20 to
-/// 28 (semantic conventions, `varnish.*`, sizes from the log), a fetch span about 15. Growing
-/// the vector instead copied it twice per span.
+/// Room for the generic attributes of most spans in one allocation, made when VCL sets its first
+/// (`set`; the module's own are encoded, `EncodedAttributes`, and the outcome is typed): a few
+/// `tag()`s, captured headers, `http.route`. Growing the vector instead copied it as it grew;
+/// the record keeps the room when it is reused.
 const ATTRIBUTES_RESERVED: usize = 32;
 
 /// `SpanRecord::outcome_kept` before `seal`: no limit applied yet.
