@@ -558,11 +558,7 @@ impl EncodedAttributes {
         let mut rest = self.as_bytes();
         while let Some((_, body, next)) = read_len_field(rest) {
             rest = next;
-            let k = match body.first() {
-                Some(&key_value::KEY) => read_len_field(body).map_or(&[][..], |(_, k, _)| k),
-                _ => &[],
-            };
-            if k == key.as_bytes() {
+            if split_key(body).is_some_and(|(k, _)| k == key.as_bytes()) {
                 return true;
             }
         }
@@ -604,14 +600,20 @@ fn read_len_field(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     (rest.len() >= len).then(|| (key, &rest[..len], &rest[len..]))
 }
 
-/// A `KeyValue` body as `put_attribute` writes it (an empty key is absent, as proto3 omits it).
-fn read_key_value(mut body: &[u8]) -> Option<(&str, ValueRef<'_>)> {
-    let mut key = "";
-    if body.first() == Some(&key_value::KEY) {
-        let (_, k, rest) = read_len_field(body)?;
-        key = crate::span::utf8(k)?;
-        body = rest;
+/// The key of a `KeyValue` body, and what follows it (an empty key is absent, as proto3 omits
+/// it).
+fn split_key(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    if body.first() != Some(&key_value::KEY) {
+        return Some((&[], body));
     }
+    let (_, key, rest) = read_len_field(body)?;
+    Some((key, rest))
+}
+
+/// A `KeyValue` body as `put_attribute` writes it.
+fn read_key_value(body: &[u8]) -> Option<(&str, ValueRef<'_>)> {
+    let (key, body) = split_key(body)?;
+    let key = crate::span::utf8(key)?;
     let (field, value, rest) = read_len_field(body)?;
     if field != key_value::VALUE || !rest.is_empty() {
         return None;
