@@ -428,7 +428,7 @@ pub fn finish(ctx: &mut Ctx) -> bool {
                 // SAFETY: the response of the running request.
                 unsafe { tell_the_client(resp, &state.record, hot) };
             }
-            if state.record.sampled() {
+            if state.record.sampled() && hot.captures_server_response {
                 let spans = config::active_spans();
                 // SAFETY: as above.
                 unsafe {
@@ -444,7 +444,7 @@ pub fn finish(ctx: &mut Ctx) -> bool {
         }
         method::BACKEND_RESPONSE => {
             state.status_vcl = Some(unsafe { http::status(ctx.raw.http_beresp.0) });
-            if state.record.sampled() {
+            if state.record.sampled() && config::hot().captures_client {
                 let spans = config::active_spans();
                 // SAFETY: bereq and beresp of the running fetch, in vcl_backend_response.
                 unsafe {
