@@ -519,21 +519,27 @@ fn ten_dot_six(s: &[u8], last: &mut LastSeconds) -> Option<u64> {
 /// digits), in one pass; `None` for anything else, which the general path then reads.
 fn six_numbers(data: &[u8]) -> Option<[u64; 6]> {
     // One pass over the bytes; a number of more than 19 digits (which might not fit) wraps,
-    // and is refused when it ends.
-    let (mut n, mut i, mut digits) = ([0u64; 6], 0, 0u32);
+    // and is refused when it ends. The number being read stays in a register (`n[i]` with a
+    // moving `i` was a load and a store per digit).
+    let (mut n, mut i, mut value, mut digits) = ([0u64; 6], 0, 0u64, 0u32);
     for &b in data {
         let d = b.wrapping_sub(b'0');
         if d <= 9 {
-            n[i] = n[i].wrapping_mul(10).wrapping_add(u64::from(d));
+            value = value.wrapping_mul(10).wrapping_add(u64::from(d));
             digits += 1;
         } else if b == b' ' && (1..=19).contains(&digits) && i < 5 {
+            n[i] = value;
             i += 1;
-            digits = 0;
+            (value, digits) = (0, 0);
         } else {
             return None;
         }
     }
-    (i == 5 && (1..=19).contains(&digits)).then_some(n)
+    if i != 5 || !(1..=19).contains(&digits) {
+        return None;
+    }
+    n[5] = value;
+    Some(n)
 }
 
 /// A record's whole text, as error messages are kept (rare: allocating is fine).
