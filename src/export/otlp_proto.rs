@@ -220,14 +220,16 @@ struct Buf<'a> {
     at: usize,
 }
 
+// The writes are forced inline: each is a few instructions, and as calls (which the compiler
+// chose in some builds) they cost about 100 more per span start and more per span encoded.
 impl Buf<'_> {
-    #[inline]
+    #[inline(always)]
     fn push(&mut self, b: u8) {
         self.put_array([b]);
     }
 
     /// A few bytes with one bounds check (the fixed parts of a field: keys and short lengths).
-    #[inline]
+    #[inline(always)]
     fn put_array<const N: usize>(&mut self, bytes: [u8; N]) {
         let at = self.at;
         match self.buf.get_mut(at..at + N) {
@@ -237,7 +239,7 @@ impl Buf<'_> {
         self.at = at + N;
     }
 
-    #[inline]
+    #[inline(always)]
     fn extend_from_slice(&mut self, bytes: &[u8]) {
         let at = self.at;
         match self.buf.get_mut(at..at + bytes.len()) {
