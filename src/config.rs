@@ -349,18 +349,40 @@ pub struct Hot {
 }
 
 pub fn hot() -> Hot {
-    let v = HOT.load(std::sync::atomic::Ordering::Relaxed);
-    Hot {
-        propagators: (v & 0xff) as u8,
-        trust: match (v >> HOT_TRUST_SHIFT) & 3 {
-            1 => Trust::Ignore,
-            2 => Trust::Link,
-            _ => Trust::Extract,
-        },
-        traceresponse: v & HOT_TRACERESPONSE != 0,
-        server_timing: v & HOT_SERVER_TIMING != 0,
-        captures_server_response: v & HOT_CAPTURES_SERVER_RESPONSE != 0,
-        captures_client: v & HOT_CAPTURES_CLIENT != 0,
+    Hot::from_word(HOT.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+impl Hot {
+    /// The flags of `settings`, as `HOT` holds them.
+    fn word(settings: &SpanSettings) -> u32 {
+        let trust = match settings.trust {
+            Trust::Extract => 0,
+            Trust::Ignore => 1,
+            Trust::Link => 2,
+        };
+        let captures_client =
+            !settings.client_request_headers.is_empty() || !settings.client_response_headers.is_empty();
+        u32::from(settings.propagators)
+            | if settings.traceresponse { HOT_TRACERESPONSE } else { 0 }
+            | if settings.server_timing { HOT_SERVER_TIMING } else { 0 }
+            | (trust << HOT_TRUST_SHIFT)
+            | if settings.server_response_headers.is_empty() { 0 } else { HOT_CAPTURES_SERVER_RESPONSE }
+            | if captures_client { HOT_CAPTURES_CLIENT } else { 0 }
+    }
+
+    fn from_word(v: u32) -> Hot {
+        Hot {
+            propagators: (v & 0xff) as u8,
+            trust: match (v >> HOT_TRUST_SHIFT) & 3 {
+                1 => Trust::Ignore,
+                2 => Trust::Link,
+                _ => Trust::Extract,
+            },
+            traceresponse: v & HOT_TRACERESPONSE != 0,
+            server_timing: v & HOT_SERVER_TIMING != 0,
+            captures_server_response: v & HOT_CAPTURES_SERVER_RESPONSE != 0,
+            captures_client: v & HOT_CAPTURES_CLIENT != 0,
+        }
     }
 }
 
@@ -371,25 +393,10 @@ pub fn active_spans() -> arc_swap::Guard<std::sync::Arc<SpanSettings>> {
 
 /// Puts `s` in force (CLI thread, when a VCL warms up).
 pub fn activate(s: &SpanSettings) {
-    let trust = match s.trust {
-        Trust::Extract => 0,
-        Trust::Ignore => 1,
-        Trust::Link => 2,
-    };
-    let v = u32::from(s.propagators)
-        | if s.traceresponse { HOT_TRACERESPONSE } else { 0 }
-        | if s.server_timing { HOT_SERVER_TIMING } else { 0 }
-        | (trust << HOT_TRUST_SHIFT)
-        | if s.server_response_headers.is_empty() { 0 } else { HOT_CAPTURES_SERVER_RESPONSE }
-        | if s.client_request_headers.is_empty() && s.client_response_headers.is_empty() {
-            0
-        } else {
-            HOT_CAPTURES_CLIENT
-        };
     // Two stores, not one: a request running while a VCL warms up may see the new flags with
     // the old settings, or the reverse (one request captures by either).
     ACTIVE_SPANS.store(std::sync::Arc::new(s.clone()));
-    HOT.store(v, std::sync::atomic::Ordering::Relaxed);
+    HOT.store(Hot::word(s), std::sync::atomic::Ordering::Relaxed);
 }
 
 /// `key1=value1,key2=value2` as in `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_EXPORTER_OTLP_HEADERS`
@@ -431,6 +438,46 @@ fn percent_decode(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The flags word says what the settings say: every combination of the captures (`*` alone
+    /// too, which has no names), trust, the client headers and the propagators.
+    #[test]
+    fn the_hot_word_carries_the_settings_flags() {
+        let lists = ["", "x-request-id", "*"];
+        let combinations = lists.iter().flat_map(|&a| lists.iter().flat_map(move |&b| lists.map(move |c| (a, b, c))));
+        for (server_response, client_request, client_response) in combinations {
+            for trust in [Trust::Extract, Trust::Ignore, Trust::Link] {
+                for (traceresponse, server_timing) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let mut pairs = vec![
+                        ("OPENTRACING_TRACERESPONSE", if traceresponse { "true" } else { "false" }),
+                        ("OPENTRACING_SERVER_TIMING", if server_timing { "true" } else { "false" }),
+                        ("OTEL_PROPAGATORS", "tracecontext,b3multi"),
+                    ];
+                    for (name, list) in [
+                        ("OTEL_INSTRUMENTATION_HTTP_SERVER_CAPTURE_RESPONSE_HEADERS", server_response),
+                        ("OTEL_INSTRUMENTATION_HTTP_CLIENT_CAPTURE_REQUEST_HEADERS", client_request),
+                        ("OTEL_INSTRUMENTATION_HTTP_CLIENT_CAPTURE_RESPONSE_HEADERS", client_response),
+                    ] {
+                        if !list.is_empty() {
+                            pairs.push((name, list));
+                        }
+                    }
+                    let mut spans = SpanSettings::from_settings(&Settings::only(&pairs).unwrap()).unwrap();
+                    spans.trust = trust;
+                    let hot = Hot::from_word(Hot::word(&spans));
+                    let want = Hot {
+                        propagators: spans.propagators,
+                        trust,
+                        traceresponse,
+                        server_timing,
+                        captures_server_response: !server_response.is_empty(),
+                        captures_client: !client_request.is_empty() || !client_response.is_empty(),
+                    };
+                    assert_eq!(hot, want, "{pairs:?}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn vcl_overrides_win_and_names_are_checked() {

@@ -786,7 +786,8 @@ pub fn vtim_to_unix_nano(t: f64) -> u64 {
     // rounding instruction, so `f64::floor` is a library call (about 36 instructions each).
     let seconds = t as u64;
     let micros = ((t * 1e6) as u64) % 1_000_000;
-    seconds * 1_000_000_000 + micros * 1000
+    // Saturating: a time past the year 2554 must not overflow (a panic in a debug build).
+    seconds.saturating_mul(1_000_000_000).saturating_add(micros * 1000)
 }
 
 #[cfg(test)]
@@ -1133,13 +1134,16 @@ mod tests {
         assert_eq!(vtim_to_unix_nano(f64::NAN), 0);
         assert_eq!(vtim_to_unix_nano(-1.0), 0);
         assert_eq!(vtim_to_unix_nano(f64::INFINITY), 0);
+        assert_eq!(vtim_to_unix_nano(1e300), u64::MAX);
         // The casts give what `floor` gives (the way `Ta6` prints), over the whole range of
         // times Varnish could hold, including values just below and at whole seconds.
         let floor_way = |t: f64| t.floor() as u64 * 1_000_000_000 + ((t * 1e6).floor() as u64 % 1_000_000) * 1000;
         let mut rng = fastrand::Rng::with_seed(7);
         for _ in 0..100_000 {
             let t = rng.f64() * 1e10 + f64::from(rng.u8(..)) * 1e-6;
-            for t in [t, t.floor(), t.next_down(), t.next_up(), 1e-7 * rng.f64()] {
+            // The neighbours of t (`f64::next_down`/`next_up` need a newer Rust than we require).
+            let (below, above) = (f64::from_bits(t.to_bits() - 1), f64::from_bits(t.to_bits() + 1));
+            for t in [t, t.floor(), below, above, 1e-7 * rng.f64()] {
                 assert_eq!(vtim_to_unix_nano(t), floor_way(t), "{t}");
             }
         }

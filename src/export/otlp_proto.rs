@@ -365,7 +365,7 @@ fn put_attribute(out: &mut Buf<'_>, field: u8, key: &str, value: ValueRef<'_>) {
                 put_varint(out, i as u64);
             }
             ValueRef::Float(f) => {
-                // A hit's object age and TTL: the whole value in one write.
+                // A hit's object age and TTL, a VCL `tag_real`: the whole value in one write.
                 let [b0, b1, b2, b3, b4, b5, b6, b7] = f.to_le_bytes();
                 out.put_array([key_value::VALUE, value_len as u8, any_value::DOUBLE, b0, b1, b2, b3, b4, b5, b6, b7]);
             }

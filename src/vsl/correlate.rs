@@ -485,11 +485,18 @@ fn eight_digits(bytes: [u8; 8]) -> Option<u64> {
 /// timestamps of a transaction, and of the transactions read in the same tick, nearly always
 /// fall in the same second: comparing ten digits with the last ones is two loads, where reading
 /// them is about 30 instructions (of about 90 per timestamp). Owned by the tailer thread.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct LastSeconds {
-    /// Never matches before the first timestamp: zero bytes are not digits.
+    /// Always ten digits and their value (compared before the input is checked, so it must
+    /// never hold what would not pass the check: zero bytes would match ten NULs).
     digits: [u8; 10],
     nanos: u64,
+}
+
+impl Default for LastSeconds {
+    fn default() -> Self {
+        LastSeconds { digits: *b"0000000000", nanos: 0 }
+    }
 }
 
 /// `secs.micros` as Varnish prints every timestamp until the year 2286 (`%ju.%06ju`, ten digits
@@ -1446,6 +1453,12 @@ mod tests {
             let line = acct.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
             assert_eq!(six_numbers(line.as_bytes()).map(|n| n.to_vec()), Some(acct), "{line}");
         }
+        // Ten NULs for the seconds are no number, whatever the memo held before.
+        for mut memo in [LastSeconds::default(), last] {
+            assert_eq!(ten_dot_six(b"\0\0\0\0\0\0\0\0\0\0.000100", &mut memo), None);
+        }
+        assert_eq!(timestamp(b"X: \0\0\0\0\0\0\0\0\0\0.000100"), None);
+        assert_eq!(ten_dot_six(b"0000000000.000100", &mut LastSeconds::default()), Some(100_000));
         // Other shapes go to the general paths, which decide.
         for text in [
             "Start: 1700000000.00010 0 0",
