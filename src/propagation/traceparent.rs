@@ -155,7 +155,7 @@ pub(crate) fn decode_lower_hex(src: &[u8], out: &mut [u8]) -> Result<(), Refused
 /// Forced inline with constant lengths, so that the loop unrolls: about 60 instructions for a
 /// trace ID where the table took about 190.
 #[inline(always)]
-fn hex_id<const D: usize, const B: usize>(src: &[u8], out: &mut [u8; B]) -> bool {
+pub(crate) fn hex_id<const D: usize, const B: usize>(src: &[u8], out: &mut [u8; B]) -> bool {
     const { assert!(D == 2 * B && D % 8 == 0) };
     let Ok(src) = <&[u8; D]>::try_from(src) else { return false };
     let mut valid = true;
