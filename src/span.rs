@@ -139,7 +139,8 @@ pub trait AttributeSink {
 }
 
 impl<F: FnMut(&'static str, ValueRef<'_>)> AttributeSink for F {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn attribute(&mut self, key: &'static str, value: ValueRef<'_>) {
         self(key, value);
     }
@@ -557,7 +558,8 @@ impl SpanRecord {
     /// of the dozen places below: the protobuf encoder's writer then sees each key as a literal
     /// (its length and copy folded in), where a closure called a dozen times was kept out of
     /// line (about 80 instructions per attribute, callgrind).
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     #[allow(unused_assignments)] // the last `emit!`'s count is not read again
     pub fn for_each_outcome_attribute(&self, sink: &mut impl AttributeSink) {
         let o = &self.outcome;
@@ -616,7 +618,8 @@ impl SpanRecord {
     /// Appends an attribute the caller knows is not set yet (the module's own keys, set once
     /// when the span starts): no search, and encoded at once (`EncodedAttributes`). Within the
     /// limits, as `set` applies them: a longer string is cut at a character boundary.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub fn add(&mut self, key: &'static str, value: ValueRef<'_>) {
         if self.attribute_count() >= max_attributes() {
             self.dropped_attributes += 1;

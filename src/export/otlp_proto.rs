@@ -151,7 +151,8 @@ fn str_field(s: &str) -> usize {
     }
 }
 
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn any_value_len(v: ValueRef<'_>) -> usize {
     // The members of a oneof are written even when they hold the default value (an empty string,
     // 0, false): that is what says which member is set.
@@ -222,14 +223,20 @@ struct Buf<'a> {
 
 // The writes are forced inline: each is a few instructions, and as calls (which the compiler
 // chose in some builds) they cost about 100 more per span start and more per span encoded.
+// Forced in optimized builds only, here and wherever the crate forces inlining: unoptimized,
+// every inlined copy keeps stack slots of its own, and the span start's frames grew to about
+// 45 KB, which with the redaction regex's first use overflowed Varnish's 80 KB worker stack
+// (the e2e tests run the debug build).
 impl Buf<'_> {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn push(&mut self, b: u8) {
         self.put_array([b]);
     }
 
     /// A few bytes with one bounds check (the fixed parts of a field: keys and short lengths).
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn put_array<const N: usize>(&mut self, bytes: [u8; N]) {
         let at = self.at;
         match self.buf.get_mut(at..at + N) {
@@ -239,7 +246,8 @@ impl Buf<'_> {
         self.at = at + N;
     }
 
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn extend_from_slice(&mut self, bytes: &[u8]) {
         let at = self.at;
         match self.buf.get_mut(at..at + bytes.len()) {
@@ -345,7 +353,8 @@ fn put_any_value(out: &mut Buf<'_>, v: ValueRef<'_>) {
 
 /// One `KeyValue` field (`field` is its key in the enclosing message). Inlined into both of
 /// `put_span_body`'s loops: as a call, it cost about 15 instructions more per attribute.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn put_attribute(out: &mut Buf<'_>, field: u8, key: &str, value: ValueRef<'_>) {
     let value_len = any_value_len(value);
     let len = key_value_len(key, value_len);
@@ -386,7 +395,8 @@ fn put_attribute(out: &mut Buf<'_>, field: u8, key: &str, value: ValueRef<'_>) {
 struct SpanAttributes<'a, 'b>(&'a mut Buf<'b>);
 
 impl AttributeSink for SpanAttributes<'_, '_> {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn attribute(&mut self, key: &'static str, value: ValueRef<'_>) {
         put_attribute(self.0, span::ATTRIBUTES, key, value);
     }
@@ -512,7 +522,8 @@ impl EncodedAttributes {
     /// Appends one attribute; the caller applies the limits (`SpanRecord::add`). Inlined into
     /// each call site, where the key is a literal: its length folds into the header's
     /// constants and its copy into a few stores.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub fn push(&mut self, key: &str, value: ValueRef<'_>) {
         if self.bytes.is_empty() {
             self.bytes.resize(ENCODED_RESERVED, 0);

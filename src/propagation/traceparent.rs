@@ -154,7 +154,8 @@ pub(crate) fn decode_lower_hex(src: &[u8], out: &mut [u8]) -> Result<(), Refused
 /// at a time; false if `src` is not that (the bytes are then meaningless: `decode` tells why).
 /// Forced inline with constant lengths, so that the loop unrolls: about 60 instructions for a
 /// trace ID where the table took about 190.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn hex_id<const D: usize, const B: usize>(src: &[u8], out: &mut [u8; B]) -> bool {
     const { assert!(D == 2 * B && D % 8 == 0) };
     let Ok(src) = <&[u8; D]>::try_from(src) else { return false };
@@ -174,7 +175,8 @@ pub(crate) fn hex_id<const D: usize, const B: usize>(src: &[u8], out: &mut [u8; 
 /// the bytes are meaningless). A few operations on the whole word: each range test adds or
 /// subtracts a constant per byte and reads the byte's top bit, which no carry or borrow can
 /// cross while every byte is below 0x80 (checked too).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn four_bytes_from_hex(v: u64) -> (u32, bool) {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = ONES * 0x80;

@@ -100,7 +100,8 @@ struct LogData {
 impl LogData {
     /// Forced inline: left to the compiler, it was sometimes kept out of line after changes
     /// elsewhere in the crate (about +50 instructions per event, callgrind).
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn push_event(&mut self, time_unix_nano: u64, name: Cow<'static, str>) {
         if self.events.capacity() == 0 {
             self.events.reserve_exact(EVENTS_RESERVED);
