@@ -48,7 +48,7 @@
 //!
 //! Parsing never allocates and never panics.
 
-use super::traceparent::{decode_lower_hex, hex_id, hex_lower, trim_ows};
+use super::traceparent::{decode_lower_hex, hex_lower, trim_ows};
 
 /// The single header.
 pub const SINGLE: &str = "b3";
@@ -236,19 +236,11 @@ fn decode(src: &[u8], out: &mut [u8], length: Invalid) -> Result<(), Invalid> {
     decode_lower_hex(src, out).map_err(|r| if r.uppercase { Invalid::Uppercase } else { Invalid::Hex })
 }
 
-/// IDs are read eight digits at a time (`hex_id`); `decode` says why one is refused.
 fn decode_trace_id(src: &[u8]) -> Result<[u8; 16], Invalid> {
     let mut id = [0u8; 16];
     match src.len() {
-        32 if hex_id::<32, 16>(src, &mut id) => {}
         32 => decode(src, &mut id, Invalid::TraceIdLength)?,
-        16 => {
-            let mut low = [0u8; 8];
-            if !hex_id::<16, 8>(src, &mut low) {
-                decode(src, &mut low, Invalid::TraceIdLength)?;
-            }
-            id[8..].copy_from_slice(&low);
-        }
+        16 => decode(src, &mut id[8..], Invalid::TraceIdLength)?,
         _ => return Err(Invalid::TraceIdLength),
     }
     Ok(id)
@@ -256,9 +248,7 @@ fn decode_trace_id(src: &[u8]) -> Result<[u8; 16], Invalid> {
 
 fn decode_span_id(src: &[u8], length: Invalid) -> Result<[u8; 8], Invalid> {
     let mut id = [0u8; 8];
-    if !hex_id::<16, 8>(src, &mut id) {
-        decode(src, &mut id, length)?;
-    }
+    decode(src, &mut id, length)?;
     Ok(id)
 }
 

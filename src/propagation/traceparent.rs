@@ -130,13 +130,33 @@ pub(crate) struct Refused {
 /// `out`; shorter input fills only the bytes it covers). Used by every propagator that reads
 /// hex IDs.
 ///
-/// Table lookups, with one test of everything at the end: a `match` per digit (the range
-/// tests) and a test per pair cost about 570 instructions for a `traceparent`'s IDs, a parse
-/// 680 in all (callgrind), on every request and fetch that carries one. (`traceparent` reads
-/// its IDs eight digits at a time: `hex_id`.)
-#[inline]
+/// The IDs' own lengths (8 and 16 bytes) are read eight digits at a time (`hex_id`); other
+/// lengths, and a refused ID (to say why), through a table, with one test of everything at the
+/// end. On every request and fetch that carries a `traceparent`, its IDs cost about 570
+/// instructions with a `match` per digit, 190 with the table, about 60 eight digits at a time.
+///
+/// Forced inline (in optimized builds): where the caller's lengths are constants, only the path
+/// they take remains.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn decode_lower_hex(src: &[u8], out: &mut [u8]) -> Result<(), Refused> {
     debug_assert_eq!(src.len(), out.len() * 2);
+    // (Matches, not `is_ok_and` with a closure: the compiler kept that out of line.)
+    let read_by_words = if let Ok(id) = <&mut [u8; 16]>::try_from(&mut *out) {
+        hex_id::<32, 16>(src, id)
+    } else if let Ok(id) = <&mut [u8; 8]>::try_from(&mut *out) {
+        hex_id::<16, 8>(src, id)
+    } else {
+        false
+    };
+    if read_by_words {
+        return Ok(());
+    }
+    decode_by_table(src, out)
+}
+
+/// `decode_lower_hex` for other lengths, and for a refused ID (which digit, and why).
+fn decode_by_table(src: &[u8], out: &mut [u8]) -> Result<(), Refused> {
     let mut refused = 0u8;
     for (pair, o) in src.chunks_exact(2).zip(out.iter_mut()) {
         let (hi, lo) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
@@ -151,12 +171,12 @@ pub(crate) fn decode_lower_hex(src: &[u8], out: &mut [u8]) -> Result<(), Refused
 }
 
 /// An ID of `B` bytes from its `D` (`2 * B`, a multiple of eight) lowercase hex digits, eight
-/// at a time; false if `src` is not that (the bytes are then meaningless: `decode` tells why).
-/// Forced inline with constant lengths, so that the loop unrolls: about 60 instructions for a
-/// trace ID where the table took about 190.
+/// at a time; false if `src` is not that (the bytes are then meaningless: the table path tells
+/// why). Forced inline with constant lengths, so that the loop unrolls (a loop over any length,
+/// tried first, was slower than the table).
 #[cfg_attr(not(debug_assertions), inline(always))]
 #[cfg_attr(debug_assertions, inline)]
-pub(crate) fn hex_id<const D: usize, const B: usize>(src: &[u8], out: &mut [u8; B]) -> bool {
+fn hex_id<const D: usize, const B: usize>(src: &[u8], out: &mut [u8; B]) -> bool {
     const { assert!(D == 2 * B && D % 8 == 0) };
     let Ok(src) = <&[u8; D]>::try_from(src) else { return false };
     let mut valid = true;
@@ -207,8 +227,10 @@ pub(crate) fn reference_digit(c: u8) -> Result<u8, bool> {
 }
 
 /// Decodes lowercase hex `src` into `out` (`src.len()` must be `2 * out.len()`,
-/// which all callers guarantee through fixed slice bounds).
-#[inline]
+/// which all callers guarantee through fixed slice bounds). Forced inline like
+/// `decode_lower_hex`, so that `parse_value`'s constant lengths reach it.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn decode(src: &[u8], out: &mut [u8], other: Invalid) -> Result<(), Invalid> {
     if src.len() != out.len() * 2 {
         return Err(Invalid::Length);
@@ -280,13 +302,9 @@ pub fn parse_value(value: &[u8]) -> Result<ParentContext, Invalid> {
     }
 
     let mut trace_id = [0u8; 16];
-    if !hex_id::<32, 16>(&s[3..35], &mut trace_id) {
-        decode(&s[3..35], &mut trace_id, Invalid::Hex)?;
-    }
+    decode(&s[3..35], &mut trace_id, Invalid::Hex)?;
     let mut span_id = [0u8; 8];
-    if !hex_id::<16, 8>(&s[36..52], &mut span_id) {
-        decode(&s[36..52], &mut span_id, Invalid::Hex)?;
-    }
+    decode(&s[36..52], &mut span_id, Invalid::Hex)?;
     let mut flags = [0u8; 1];
     decode(&s[53..55], &mut flags, Invalid::Flags)?;
 
@@ -721,9 +739,9 @@ mod tests {
         assert_eq!(decode(b"0aff", &mut out, Invalid::Hex), Err(Invalid::Length));
     }
 
-    /// `hex_id`, eight digits at a time, against the digit-by-digit reading: every byte value
-    /// at every position of the IDs' 8, 16 and 32 digits, two refused digits anywhere, and
-    /// random valid IDs.
+    /// `hex_id`, eight digits at a time, and `decode_lower_hex` with those lengths, against the
+    /// digit-by-digit reading: every byte value at every position of 8, 16 and 32 digits, two
+    /// refused digits anywhere, and random valid IDs.
     #[test]
     fn hex_id_agrees_with_reading_digit_by_digit() {
         fn check(src: &[u8]) {
@@ -743,7 +761,15 @@ mod tests {
                     hex_id::<32, 16>(src, &mut out).then(|| out.to_vec())
                 }
             };
-            assert_eq!(got, want.ok(), "{:?}", String::from_utf8_lossy(src));
+            assert_eq!(got, want.clone().ok(), "{:?}", String::from_utf8_lossy(src));
+            // The shared decoder takes the same path for these lengths, and the table says why.
+            let mut out = vec![0u8; src.len() / 2];
+            let first_refused = src
+                .iter()
+                .enumerate()
+                .find_map(|(at, &c)| reference_digit(c).err().map(|uppercase| Refused { at, uppercase }));
+            let decoded = decode_lower_hex(src, &mut out).map(|()| out);
+            assert_eq!(decoded, want.map_err(|_| first_refused.unwrap()), "{:?}", String::from_utf8_lossy(src));
         }
         let mut rng = fastrand::Rng::with_seed(5);
         let digits = b"0123456789abcdef";
