@@ -32,8 +32,8 @@ pub fn trace_request(ctx: &mut Ctx) {
         return;
     };
     let mut room = match task::claim(ctx) {
-        Some(Claim::Free(room)) => room,
-        Some(Claim::Held(Slot::Traced(state))) => {
+        Claim::Free(room) => room,
+        Claim::Held(Slot::Traced(state)) => {
             // Called again in the same task: a restart (new VXID, same span) or a repeated call.
             if req.restarts > state.repeats_seen {
                 state.repeats_seen = req.restarts;
@@ -47,11 +47,7 @@ pub fn trace_request(ctx: &mut Ctx) {
             return;
         }
         // The same, for a request that is not sampled: nothing to record.
-        Some(Claim::Held(_)) => return,
-        None => {
-            log::vcl(ctx, "out of workspace: span not recorded");
-            return;
-        }
+        Claim::Held(_) => return,
     };
     let hot = config::hot();
     // SAFETY: ctx.raw is the running request's context.
@@ -74,10 +70,11 @@ pub fn trace_request(ctx: &mut Ctx) {
         state = Some(unsafe { unsampled_state(ctx.raw, req, u) });
     }
     let Some(state) = state else { return };
-    if state.record.sampled() {
-        crate::vsl::tailer::track(state.record.vxid);
+    match room.traced(ctx, state) {
+        Ok(state) if state.record.sampled() => crate::vsl::tailer::track(state.record.vxid),
+        Ok(_) => {}
+        Err(_) => log::vcl(ctx, "out of workspace: span not recorded"),
     }
-    room.traced(ctx, state);
 }
 
 /// What `start_client_span` found besides the state: VSL lines to write, and, for an unsampled
@@ -245,8 +242,8 @@ pub fn trace_backend(ctx: &mut Ctx) {
         return;
     };
     let mut room = match task::claim(ctx) {
-        Some(Claim::Free(room)) => room,
-        Some(Claim::Held(Slot::Traced(state))) => {
+        Claim::Free(room) => room,
+        Claim::Held(Slot::Traced(state)) => {
             // Called again (a retry, or after VCL changed the bereq): send our context again.
             if bo.retries > state.repeats_seen {
                 state.repeats_seen = bo.retries;
@@ -255,7 +252,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
             unsafe { write_context(bo.bereq, &Outgoing::of(state)) };
             return;
         }
-        Some(Claim::Held(Slot::Unsampled(u))) => {
+        Claim::Held(Slot::Unsampled(u)) => {
             // The same for an unsampled fetch. Only a fetch whose bereq had no tracestate keeps
             // the marker (see below): there is none of ours to send, and VCL's own stays.
             let out = Outgoing {
@@ -274,11 +271,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
             }
             return;
         }
-        Some(Claim::Held(Slot::Empty)) => return, // not given by `claim`
-        None => {
-            log::vcl(ctx, "out of workspace: span not recorded");
-            return;
-        }
+        Claim::Held(Slot::Empty) => return, // not given by `claim`
     };
     let fields = unsafe { http::trace_fields(bo.bereq) };
     // Read once: the context read and the one sent on follow the same formats.
@@ -346,14 +339,18 @@ pub fn trace_backend(ctx: &mut Ctx) {
     state.debug = debug;
     // SAFETY: the bereq of the running fetch.
     unsafe { write_context(bo.bereq, &Outgoing::of(&state)) };
-    if bo.uncacheable() != 0 {
+    let uncacheable = bo.uncacheable() != 0;
+    let Ok(state) = room.traced(ctx, state) else {
+        log::vcl(ctx, "out of workspace: span not recorded");
+        return;
+    };
+    if uncacheable {
         // A pass: its object is never a hit, so no hit will link to this span; the tailer
         // need not remember its IDs (a map insert and removal, 5% of its cycles at 100%).
         crate::vsl::tailer::track(state.record.vxid);
     } else {
         crate::vsl::tailer::track_fetch(state.record.vxid, state.record.trace_id, state.record.span_id);
     }
-    room.traced(ctx, state);
 }
 
 /// Records what the end of a VCL phase knows: the response status VCL sees, a failed fetch,

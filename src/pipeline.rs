@@ -269,6 +269,7 @@ fn apply_request_path_settings(cfg: &Config) {
     sampling::set_active(cfg.sampler);
     cfg.limits.activate();
     crate::config::activate(&cfg.spans);
+    crate::decisions::read_switch();
 }
 
 fn start_tailer(cfg: &Config) -> Result<(), String> {

@@ -5,6 +5,10 @@
 //! context is what tells us the task's final timestamps, byte counts and VXID. We register our
 //! own `vmod_priv_methods` whose `fini` receives it.
 //!
+//! An unsampled task keeps only its decision, in the decision table (`crate::decisions`), not
+//! here: no slot to create and no fini to run for most requests. Only when the table's slot is
+//! another task's does the decision come here, as a small marker in the workspace.
+//!
 //! Lifecycle (see research/varnish-internals.md §5): the fini runs after the response was sent
 //! (client) or the body fetched (backend). Varnish also runs it early when it rolls a request
 //! back: `std.rollback()`, a VCL failure on its way to `vcl_synth`, `return (vcl(label))`. Such a
@@ -25,6 +29,7 @@ use parking_lot::Mutex;
 use varnish::ffi;
 use varnish::vcl::Ctx;
 
+use crate::decisions::{self, Key, Recalled};
 use crate::ids::{SpanId, TraceId};
 use crate::pipeline::{self, STATS};
 use crate::span::{vtim_to_unix_nano, ClosedBy, SpanRecord, StatusCode};
@@ -138,24 +143,7 @@ pub enum Slot<'a> {
     Traced(&'a mut TaskState),
 }
 
-/// What an unsampled request or fetch keeps, in its workspace: the identity of the context it was
-/// decided on, so that the context built later (`calls::state`) is exactly that one, whatever VCL did to
-/// the request's headers meanwhile. Plain data: nothing to drop, so the workspace can hold it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Unsampled {
-    pub trace_id: TraceId,
-    pub span_id: SpanId,
-    pub parent_span_id: Option<SpanId>,
-    pub parent_is_remote: bool,
-    /// W3C trace-flags as sent downstream (the sampled bit clear).
-    pub flags: u8,
-    /// The caller's own sampling decision, when it sent one (for `trust()`).
-    pub caller_sampled: Option<bool>,
-    /// The parent came from a valid `traceparent`, so the caller's `tracestate` goes on with it.
-    pub tracestate_applies: bool,
-    /// The request had `tracestate` fields (to be replaced or removed downstream).
-    pub had_tracestate: bool,
-}
+pub use crate::decisions::Unsampled;
 
 /// What the slot `p` holds.
 ///
@@ -176,6 +164,33 @@ unsafe fn held<'a>(p: &'a mut ffi::vmod_priv) -> Slot<'a> {
 
 /// The slot of the current task, taking it back from the stash after a rollback.
 pub fn slot<'a>(ctx: &Ctx) -> Slot<'a> {
+    match recall(decision_key(ctx)) {
+        Recalled::Unsampled(u) => Slot::Unsampled(u),
+        Recalled::Nothing => Slot::Empty,
+        Recalled::InTask | Recalled::Unknown => in_task_slot_or_stash(ctx),
+    }
+}
+
+/// What the decision table knows of the task `key` (`Unknown`, so that the task's own slot is
+/// looked at, without a key or with the table switched off).
+fn recall(key: Option<Key>) -> Recalled {
+    match key {
+        Some(k) if decisions::in_use() => decisions::TABLE.recall(k),
+        _ => Recalled::Unknown,
+    }
+}
+
+/// Notes in the decision table that the task keeps its state in its own slot (see `claim`).
+fn remember_in_task(key: Option<Key>) {
+    if let Some(k) = key.filter(|_| decisions::in_use()) {
+        decisions::TABLE.remember_in_task(k);
+    }
+}
+
+/// What the task's own slot holds, or else what a rollback parked for the task. Out of line:
+/// an unsampled task's calls find their decision in the table, without this.
+#[inline(never)]
+fn in_task_slot_or_stash<'a>(ctx: &Ctx) -> Slot<'a> {
     // SAFETY: VRT_priv_task_get only looks up the task's priv list; the pointer it returns stays
     // valid for the task, and only this thread uses the task.
     unsafe {
@@ -189,6 +204,13 @@ pub fn slot<'a>(ctx: &Ctx) -> Slot<'a> {
     if STASHED.load(Relaxed) == 0 {
         return Slot::Empty;
     }
+    from_stash(ctx)
+}
+
+/// What a rollback parked for the task, back in place.
+#[cold]
+#[inline(never)]
+fn from_stash<'a>(ctx: &Ctx) -> Slot<'a> {
     let Some(address) = task_address(ctx) else { return Slot::Empty };
     match take_stashed(address, current_vxid(ctx)) {
         Some(Parked::Traced(state)) => match install(ctx, *state) {
@@ -199,14 +221,9 @@ pub fn slot<'a>(ctx: &Ctx) -> Slot<'a> {
                 Slot::Empty
             }
         },
-        Some(Parked::Unsampled(u)) => {
-            if install_unsampled(ctx, u) {
-                Slot::Unsampled(u)
-            } else {
-                Slot::Empty
-            }
-        }
-        None => Slot::Empty,
+        // No room for the decision: the slot stays free (the decision is made again).
+        Some(Parked::Unsampled(u)) if install_unsampled(ctx, u) => Slot::Unsampled(u),
+        Some(Parked::Unsampled(_)) | None => Slot::Empty,
     }
 }
 
@@ -219,71 +236,89 @@ pub fn current<'a>(ctx: &Ctx) -> Option<&'a mut TaskState> {
 }
 
 /// The current task's slot, for a call that starts a span: what it already holds, or the room
-/// to put the new span in. One `VRT_priv_task` (which finds or creates the slot), where a lookup
-/// (`slot`) and then an install took two: about 60 instructions less per request and fetch.
+/// to put the new span in.
 pub enum Claim<'a> {
     /// The task has a span already (a restart, a retry, a second call); never `Slot::Empty`.
     Held(Slot<'a>),
-    /// The task's slot, empty.
-    Free(Room<'a>),
+    /// Nothing yet.
+    Free(Room),
 }
 
-/// An empty slot of the running task, to be filled (`Room::unsampled`, `Room::traced`) or left
-/// empty.
-pub struct Room<'a>(&'a mut ffi::vmod_priv);
+/// Where the running task's span goes, once decided (`Room::unsampled`, `Room::traced`).
+pub struct Room {
+    key: Option<Key>,
+}
 
-/// The current task's slot (see `Claim`); `None` if Varnish has no room for one at all.
-pub fn claim<'a>(ctx: &Ctx) -> Option<Claim<'a>> {
-    // SAFETY: VRT_priv_task finds or creates the task's slot (in its workspace, or on the heap);
-    // the pointer stays valid for the task, and only this thread uses the task.
-    let p = unsafe { ffi::VRT_priv_task(ctx.raw, key()).as_mut() }?;
-    let existing = unsafe { held(&mut *std::ptr::from_mut(p)) };
-    if !matches!(existing, Slot::Empty) {
-        return Some(Claim::Held(existing));
+/// The current task's slot (see `Claim`).
+///
+/// Cost: a first call learns from the decision table (`decisions`) that the task has kept
+/// nothing yet, without looking in its own slot; that slot is created (`VRT_priv_task`, about
+/// 340 instructions) only for a traced span (`Room::traced`).
+pub fn claim<'a>(ctx: &Ctx) -> Claim<'a> {
+    let key = decision_key(ctx);
+    match recall(key) {
+        Recalled::Unsampled(u) => Claim::Held(Slot::Unsampled(u)),
+        Recalled::Nothing => Claim::Free(Room { key }),
+        Recalled::InTask | Recalled::Unknown => match in_task_slot_or_stash(ctx) {
+            Slot::Empty => Claim::Free(Room { key }),
+            held => Claim::Held(held),
+        },
     }
-    if STASHED.load(Relaxed) != 0 {
-        // Rolled back earlier in this task: take the parked span back (as `slot` would).
-        if let Some(address) = task_address(ctx) {
-            match take_stashed(address, current_vxid(ctx)) {
-                // SAFETY: `p` is the task's slot, empty.
-                Some(Parked::Traced(state)) => {
-                    return Some(Claim::Held(Slot::Traced(unsafe { place(ctx, p, *state) })))
-                }
-                // SAFETY: as above.
-                Some(Parked::Unsampled(u)) if unsafe { place_unsampled(ctx, p, u) } => {
-                    return Some(Claim::Held(Slot::Unsampled(u)));
-                }
-                // No room for the marker: the slot stays free (the decision is made again).
-                Some(Parked::Unsampled(_)) | None => {}
-            }
+}
+
+impl Room {
+    /// Keeps the task's unsampled decision (see `install_unsampled`). False if there is no room
+    /// for it: nothing is kept.
+    pub fn unsampled(&mut self, ctx: &Ctx, u: Unsampled) -> bool {
+        if self.key.is_some_and(|k| decisions::in_use() && decisions::TABLE.remember(k, &u)) {
+            return true;
+        }
+        in_task_slot(ctx, u)
+    }
+
+    /// Attaches `state` to the task (see `install`); gives it back if Varnish has no room.
+    // The Err variant is the state itself, handed back by value on a path that practically never runs.
+    #[allow(clippy::result_large_err)]
+    pub fn traced<'a>(self, ctx: &Ctx, state: TaskState) -> Result<&'a mut TaskState, TaskState> {
+        let placed = in_new_task_slot(ctx, state)?;
+        remember_in_task(self.key);
+        Ok(placed)
+    }
+}
+
+/// The key of the running task's decision: the request's (client tasks, `vcl_pipe` included:
+/// Varnish's privs are the request's there too) or the fetch's.
+fn decision_key(ctx: &Ctx) -> Option<Key> {
+    // SAFETY: ctx->req and ctx->bo are NULL or the running task's, valid for the call.
+    unsafe {
+        if let Some(req) = ctx.raw.req.as_ref() {
+            Key::new(ctx.raw.req as usize, req.t_first.0)
+        } else if let Some(bo) = ctx.raw.bo.as_ref() {
+            Key::new(ctx.raw.bo as usize, bo.t_first.0)
+        } else {
+            None
         }
     }
-    Some(Claim::Free(Room(p)))
 }
 
-impl<'a> Room<'a> {
-    /// Marks the task unsampled (see `install_unsampled`). False if the workspace has no room
-    /// for the marker: the slot is still empty.
-    pub fn unsampled(&mut self, ctx: &Ctx, u: Unsampled) -> bool {
-        // SAFETY: `self.0` is the running task's slot, empty.
-        unsafe { place_unsampled(ctx, self.0, u) }
-    }
-
-    /// Attaches `state` to the task (see `install`).
-    pub fn traced(self, ctx: &Ctx, state: TaskState) -> &'a mut TaskState {
-        // SAFETY: as above.
-        unsafe { place(ctx, self.0, state) }
-    }
-}
-
-/// Marks the current task as an unsampled request or fetch. Most requests are not sampled, and
+/// Keeps the decision of an unsampled request or fetch. Most requests are not sampled, and
 /// most of them are cache hits that never send anything downstream: for those, the decision and
-/// its IDs are all we keep (no span record, no copy, a fini that returns at once). A fetch, VCL
-/// asking for the IDs, or a retry reads the context from it. In client tasks, `sample()`,
-/// `trust()`, `finish()` (traceresponse, Server-Timing) and `cache_result()` (a caller's
-/// tracestate to send on) build the full state then (`calls::adopt`). Returns false if the
-/// workspace has no room (keep the full state then).
+/// its IDs are all we keep (no span record, no copy, no fini). A fetch, VCL asking for the IDs,
+/// or a retry reads the context from it. In client tasks, `sample()`, `trust()`, `finish()`
+/// (traceresponse, Server-Timing) and `cache_result()` (a caller's tracestate to send on)
+/// build the full state then (`calls::adopt`). It goes in the decision table (`decisions`), or,
+/// when the table's slot is another task's, in the task's own slot, in its workspace. Returns
+/// false if neither has room (keep the full state then).
 pub fn install_unsampled(ctx: &Ctx, u: Unsampled) -> bool {
+    if decision_key(ctx).is_some_and(|k| decisions::in_use() && decisions::TABLE.remember(k, &u)) {
+        return true;
+    }
+    in_task_slot(ctx, u)
+}
+
+/// Keeps the decision in the task's own slot: a rollback (whose fini parks it) and the stash
+/// bring it back.
+fn in_task_slot(ctx: &Ctx, u: Unsampled) -> bool {
     // SAFETY: as in `claim`.
     match unsafe { ffi::VRT_priv_task(ctx.raw, key()).as_mut() } {
         Some(p) => unsafe { place_unsampled(ctx, p, u) },
@@ -316,6 +351,15 @@ unsafe fn place_unsampled(ctx: &Ctx, p: &mut ffi::vmod_priv, u: Unsampled) -> bo
 // The Err variant is the state itself, handed back by value on a path that practically never runs.
 #[allow(clippy::result_large_err)]
 pub fn install<'a>(ctx: &Ctx, state: TaskState) -> Result<&'a mut TaskState, TaskState> {
+    let placed = in_new_task_slot(ctx, state)?;
+    // The full state takes over from a decision kept in the table, if there was one.
+    remember_in_task(decision_key(ctx));
+    Ok(placed)
+}
+
+/// Attaches `state` to the task's own slot.
+#[allow(clippy::result_large_err)]
+fn in_new_task_slot<'a>(ctx: &Ctx, state: TaskState) -> Result<&'a mut TaskState, TaskState> {
     // SAFETY: as in `claim`; we own `state` until Varnish calls our fini with it.
     match unsafe { ffi::VRT_priv_task(ctx.raw, key()).as_mut() } {
         Some(p) => Ok(unsafe { place(ctx, p, state) }),
