@@ -65,7 +65,8 @@ pub fn trace_request(ctx: &mut Ctx) {
         if room.unsampled(ctx, u) {
             return;
         }
-        // No room in the workspace for the marker: the full state (it can go on the heap).
+        // No room for the decision, in the table or the workspace: the full state (it can go on
+        // the heap).
         // SAFETY: as above.
         state = Some(unsafe { unsampled_state(ctx.raw, req, u) });
     }
@@ -254,7 +255,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
         }
         Claim::Held(Slot::Unsampled(u)) => {
             // The same for an unsampled fetch. Only a fetch whose bereq had no tracestate keeps
-            // the marker (see below): there is none of ours to send, and VCL's own stays.
+            // only its decision (see below): there is none of ours to send, and VCL's own stays.
             let out = Outgoing {
                 trace_id: &u.trace_id,
                 span_id: &u.span_id,
@@ -321,7 +322,8 @@ pub fn trace_backend(ctx: &mut Ctx) {
         if room.unsampled(ctx, u) {
             return;
         }
-        // No room in the workspace for the marker: the full state below (it can go on the heap).
+        // No room for the decision, in the table or the workspace: the full state below (it can
+        // go on the heap).
     }
     // SAFETY: the bereq of the running fetch.
     let debug = started.caller_debug
@@ -337,13 +339,14 @@ pub fn trace_backend(ctx: &mut Ctx) {
     state.repeats_seen = bo.retries;
     state.had_tracestate = !fields.tracestate.is_empty();
     state.debug = debug;
-    // SAFETY: the bereq of the running fetch.
-    unsafe { write_context(bo.bereq, &Outgoing::of(&state)) };
     let uncacheable = bo.uncacheable() != 0;
+    // Attached first: a span with no room is not announced downstream either.
     let Ok(state) = room.traced(ctx, state) else {
         log::vcl(ctx, "out of workspace: span not recorded");
         return;
     };
+    // SAFETY: the bereq of the running fetch.
+    unsafe { write_context(bo.bereq, &Outgoing::of(state)) };
     if uncacheable {
         // A pass: its object is never a hit, so no hit will link to this span; the tailer
         // need not remember its IDs (a map insert and removal, 5% of its cycles at 100%).

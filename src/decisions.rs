@@ -10,7 +10,8 @@
 //! Keys: a live task (a `struct req` or `struct busyobj`) has an address no other live task
 //! has, and Varnish records its start (`t_first`, the `Start` timestamp) before any VCL runs and
 //! keeps it through restarts, rollbacks and retries. The pair names one task for its whole life:
-//! the next task to use the same memory starts later. The slot comes from the address, by page:
+//! the next task to use the same memory has another start time (Varnish resets it between
+//! tasks). The slot comes from the address, by page:
 //! a task's memory is its struct and its workspace, several pages, so tasks alive at the same
 //! time within an aligned window of `SLOTS` pages (128 MiB) never share a slot.
 //!
@@ -30,7 +31,7 @@
 //!
 //! Threading: a task runs on one thread at a time, so an entry has one writer at a time, but
 //! for two tasks whose addresses share its slot. Writers take the entry with a compare-and-swap
-//! of its version (odd while written); readers check the version before and after reading (a
+//! of its version (odd while written, made visible before the data by a release fence); readers check the version before and after reading (a
 //! seqlock) and take a changed entry for "nothing sure". Every field is an atomic, so a reader
 //! that races a writer reads old or new words, never undefined ones.
 
@@ -87,8 +88,10 @@ impl Key {
 pub const SLOTS: usize = 1 << 15;
 
 /// An entry older than this (by its task's start, against the start of the task that wants
-/// its slot) is overwritten even if another task wrote it. Longer than any VCL runs: a request
-/// waits for its fetch's first byte at most `first_byte_timeout` (60 s by default) per try.
+/// its slot) is overwritten even if another task wrote it. Longer than nearly any task's VCL
+/// runs, but not a bound Varnish sets: a pass whose request body uploads for hours, or the
+/// wall clock stepped forward by more than this, can lose an unsampled task's decision (it then
+/// goes on as a request never traced; it never reads another task's decision).
 pub const STALE_AFTER_S: f64 = 3600.0;
 
 /// One slot: a cache line.
@@ -127,6 +130,9 @@ impl Entry {
         }
         // The version unchanged since the loads above: what they read was the entry as it is.
         self.version.compare_exchange(v, v + 1, Ordering::Acquire, Ordering::Relaxed).ok()?;
+        // The odd version must be visible before any of the writes that follow (readers pair
+        // this with their acquire fence). A no-op on x86; needed on weaker CPUs.
+        fence(Ordering::Release);
         Some(v + 2)
     }
 }
@@ -239,11 +245,16 @@ static IN_USE: AtomicBool = AtomicBool::new(true);
 
 /// `OPENTRACING_DECISION_TABLE=off`, for tests only: every unsampled decision then goes to the
 /// task's own slot, as it does when the table's slot is another task's (a path the tests could
-/// not reach otherwise; `scripts/run-vtc.sh` runs the unsampled suites both ways). Read when
-/// the pipeline's settings apply (CLI thread).
+/// not reach otherwise; `scripts/run-vtc.sh` runs the unsampled suites both ways). Read once,
+/// when the pipeline's settings first apply (CLI thread): a switch while tasks are in flight
+/// would break what `Recalled::Nothing` relies on (every task that keeps something in its own
+/// slot notes it in the table).
 pub fn read_switch() {
-    let on = std::env::var("OPENTRACING_DECISION_TABLE").map_or(true, |v| v.trim() != "off");
-    IN_USE.store(on, Ordering::Relaxed);
+    static READ: std::sync::Once = std::sync::Once::new();
+    READ.call_once(|| {
+        let on = std::env::var("OPENTRACING_DECISION_TABLE").map_or(true, |v| v.trim() != "off");
+        IN_USE.store(on, Ordering::Relaxed);
+    });
 }
 
 /// Whether to keep decisions in `TABLE`.

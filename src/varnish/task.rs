@@ -7,7 +7,8 @@
 //!
 //! An unsampled task keeps only its decision, in the decision table (`crate::decisions`), not
 //! here: no slot to create and no fini to run for most requests. Only when the table's slot is
-//! another task's does the decision come here, as a small marker in the workspace.
+//! another task's (or the task has no start time, or the table is switched off for a test)
+//! does the decision come here, as a small marker in the workspace.
 //!
 //! Lifecycle (see research/varnish-internals.md §5): the fini runs after the response was sent
 //! (client) or the body fetched (backend). Varnish also runs it early when it rolls a request
@@ -253,7 +254,8 @@ pub struct Room {
 ///
 /// Cost: a first call learns from the decision table (`decisions`) that the task has kept
 /// nothing yet, without looking in its own slot; that slot is created (`VRT_priv_task`, about
-/// 340 instructions) only for a traced span (`Room::traced`).
+/// 340 instructions) only for a traced span (`Room::traced`), or for an unsampled decision the
+/// table has no room for (`Room::unsampled`).
 pub fn claim<'a>(ctx: &Ctx) -> Claim<'a> {
     let key = decision_key(ctx);
     match recall(key) {
