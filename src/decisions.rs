@@ -119,13 +119,14 @@ impl Entry {
     }
 
     /// Takes the entry for writing if `may_take` agrees with what it holds; returns the version
-    /// to release it with.
-    fn lock(&self, may_take: impl FnOnce(u64, u64) -> bool) -> Option<u64> {
+    /// to release it with. Counts an entry of another task taken over (`TAKEN_OVER`).
+    fn lock(&self, key: Key, may_take: impl FnOnce(u64, u64) -> bool) -> Option<u64> {
         let v = self.version.load(Ordering::Acquire);
         if v & 1 == 1 {
             return None; // another task is writing it
         }
-        if !may_take(self.task.load(Ordering::Relaxed), self.t_first.load(Ordering::Relaxed)) {
+        let holder = self.task.load(Ordering::Relaxed);
+        if !may_take(holder, self.t_first.load(Ordering::Relaxed)) {
             return None;
         }
         // The version unchanged since the loads above: what they read was the entry as it is.
@@ -133,6 +134,9 @@ impl Entry {
         // The odd version must be visible before any of the writes that follow (readers pair
         // this with their acquire fence). A no-op on x86; needed on weaker CPUs.
         fence(Ordering::Release);
+        if holder != 0 && holder != key.task {
+            TAKEN_OVER.fetch_add(1, Ordering::Relaxed);
+        }
         Some(v + 2)
     }
 }
@@ -155,7 +159,7 @@ impl<const N: usize> Table<N> {
     /// (or being written): keep it elsewhere then.
     pub fn remember(&self, key: Key, u: &Unsampled) -> bool {
         let e = self.entry(key);
-        let Some(release) = e.lock(|task, t_first| may_overwrite(task, t_first, key)) else {
+        let Some(release) = e.lock(key, |task, t_first| may_overwrite(task, t_first, key)) else {
             return false;
         };
         e.task.store(key.task, Ordering::Relaxed);
@@ -197,7 +201,7 @@ impl<const N: usize> Table<N> {
     /// then look in the task's slot anyway.
     pub fn remember_in_task(&self, key: Key) -> bool {
         let e = self.entry(key);
-        let Some(release) = e.lock(|task, t_first| may_overwrite(task, t_first, key)) else {
+        let Some(release) = e.lock(key, |task, t_first| may_overwrite(task, t_first, key)) else {
             return false;
         };
         e.task.store(key.task, Ordering::Relaxed);
@@ -239,6 +243,11 @@ fn is_stale(entry_t_first: u64, ours: u64) -> bool {
 
 /// The process's table. Threading: shared by all worker threads (see the module's notes).
 pub static TABLE: Table<SLOTS> = Table::new();
+
+/// Entries of another task overwritten because they were older than `STALE_AFTER_S` (in any
+/// table: the process has one). Each may have cost a live task its decision (see the module's
+/// notes); varnishstat shows it.
+pub static TAKEN_OVER: AtomicU64 = AtomicU64::new(0);
 
 /// Whether decisions go to `TABLE` (see `read_switch`).
 static IN_USE: AtomicBool = AtomicBool::new(true);
@@ -401,9 +410,11 @@ mod tests {
         // Another task in the same slot, while the first may still be running: refused.
         assert!(!table.remember(key(b, T0 + STALE_AFTER_S - 1.0), &decision(2)));
         assert_eq!(decision_of(&table, key(a, T0)), Some(decision(1)));
-        // Long after the first started: its VCL has ended, the slot is taken.
+        // Long after the first started: its VCL has ended, the slot is taken (and counted).
         let late = key(b, T0 + STALE_AFTER_S + 1.0);
+        let taken_over = TAKEN_OVER.load(Ordering::Relaxed);
         assert!(table.remember(late, &decision(3)));
+        assert_eq!(TAKEN_OVER.load(Ordering::Relaxed), taken_over + 1);
         assert_eq!(decision_of(&table, late), Some(decision(3)));
         assert_eq!(decision_of(&table, key(a, T0)), None);
     }

@@ -56,6 +56,9 @@ pub struct Stats {
     pub vsl_closed_by_backstop: AtomicU64,
     pub vsl_overruns: AtomicU64,
     pub vsl_pending: AtomicU64,
+    /// Unsampled decisions kept in the task's own slot: their slot in the decision table was
+    /// another task's (`decisions`).
+    pub decisions_in_task_slot: AtomicU64,
 }
 
 pub static STATS: Stats = Stats {
@@ -75,6 +78,7 @@ pub static STATS: Stats = Stats {
     vsl_closed_by_backstop: AtomicU64::new(0),
     vsl_overruns: AtomicU64::new(0),
     vsl_pending: AtomicU64::new(0),
+    decisions_in_task_slot: AtomicU64::new(0),
 };
 
 /// The counters as varnishstat shows them.
@@ -138,6 +142,12 @@ pub struct Counters {
     /// Span records allocated because none was free for reuse (the exporter gives records back after each batch)
     #[counter]
     span_records_allocated: AtomicU64,
+    /// Unsampled decisions kept in the task's own slot because their slot in the decision table was another task's
+    #[counter]
+    decisions_in_task_slot: AtomicU64,
+    /// Decision table entries of another task overwritten because they were over an hour old
+    #[counter]
+    decisions_taken_over: AtomicU64,
 }
 
 impl Counters {
@@ -164,6 +174,8 @@ impl Counters {
         self.vsl_attached.store(u64::from(crate::vsl::tailer::ATTACHED.load(Relaxed)), Relaxed);
         copy(&self.internal_errors, &crate::worker::PANICS);
         self.span_records_allocated.store(crate::span_pool::allocated(), Relaxed);
+        copy(&self.decisions_in_task_slot, &STATS.decisions_in_task_slot);
+        copy(&self.decisions_taken_over, &crate::decisions::TAKEN_OVER);
     }
 }
 

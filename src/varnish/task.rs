@@ -272,10 +272,7 @@ impl Room {
     /// Keeps the task's unsampled decision (see `install_unsampled`). False if there is no room
     /// for it: nothing is kept.
     pub fn unsampled(&mut self, ctx: &Ctx, u: Unsampled) -> bool {
-        if self.key.is_some_and(|k| decisions::in_use() && decisions::TABLE.remember(k, &u)) {
-            return true;
-        }
-        in_task_slot(ctx, u)
+        keep_decision(ctx, self.key, u)
     }
 
     /// Attaches `state` to the task (see `install`); gives it back if Varnish has no room.
@@ -312,8 +309,17 @@ fn decision_key(ctx: &Ctx) -> Option<Key> {
 /// when the table's slot is another task's, in the task's own slot, in its workspace. Returns
 /// false if neither has room (keep the full state then).
 pub fn install_unsampled(ctx: &Ctx, u: Unsampled) -> bool {
-    if decision_key(ctx).is_some_and(|k| decisions::in_use() && decisions::TABLE.remember(k, &u)) {
-        return true;
+    keep_decision(ctx, decision_key(ctx), u)
+}
+
+/// The decision table, or else the task's own slot (counted when the table's slot was another
+/// task's).
+fn keep_decision(ctx: &Ctx, key: Option<Key>, u: Unsampled) -> bool {
+    if let Some(k) = key.filter(|_| decisions::in_use()) {
+        if decisions::TABLE.remember(k, &u) {
+            return true;
+        }
+        STATS.decisions_in_task_slot.fetch_add(1, Relaxed);
     }
     in_task_slot(ctx, u)
 }
