@@ -188,9 +188,8 @@ fn remember_in_task(key: Option<Key>) {
     }
 }
 
-/// What the task's own slot holds, or else what a rollback parked for the task. Out of line:
-/// an unsampled task's calls find their decision in the table, without this.
-#[inline(never)]
+/// What the task's own slot holds, or else what a rollback parked for the task (`from_stash`,
+/// out of line).
 fn in_task_slot_or_stash<'a>(ctx: &Ctx) -> Slot<'a> {
     // SAFETY: VRT_priv_task_get only looks up the task's priv list; the pointer it returns stays
     // valid for the task, and only this thread uses the task.
