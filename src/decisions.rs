@@ -91,7 +91,9 @@ pub const SLOTS: usize = 1 << 15;
 /// its slot) is overwritten even if another task wrote it. Longer than nearly any task's VCL
 /// runs, but not a bound Varnish sets: a pass whose request body uploads for hours, or the
 /// wall clock stepped forward by more than this, can lose an unsampled task's decision (it then
-/// goes on as a request never traced; it never reads another task's decision).
+/// goes on as a request never traced; it never reads another task's decision). A clock stepped
+/// back makes other tasks' entries look younger: more decisions go to the task's own slot for
+/// as long as the step, plus this.
 pub const STALE_AFTER_S: f64 = 3600.0;
 
 /// One slot: a cache line.
@@ -245,8 +247,9 @@ fn is_stale(entry_t_first: u64, ours: u64) -> bool {
 pub static TABLE: Table<SLOTS> = Table::new();
 
 /// Entries of another task overwritten because they were older than `STALE_AFTER_S` (in any
-/// table: the process has one). Each may have cost a live task its decision (see the module's
-/// notes); varnishstat shows it.
+/// table: the process has one; varnishstat shows it). Nearly always the entry of a task long
+/// finished (entries are not cleared when a task ends); one of a live task only after a VCL
+/// run of over an hour or a wall clock stepped forward (see the module's notes).
 pub static TAKEN_OVER: AtomicU64 = AtomicU64::new(0);
 
 /// Whether decisions go to `TABLE` (see `read_switch`).
@@ -255,7 +258,7 @@ static IN_USE: AtomicBool = AtomicBool::new(true);
 /// `OPENTRACING_DECISION_TABLE=off`, for tests only: every unsampled decision then goes to the
 /// task's own slot, as it does when the table's slot is another task's (a path the tests could
 /// not reach otherwise; `scripts/run-vtc.sh` runs the unsampled suites both ways). Read once,
-/// when the pipeline's settings first apply (CLI thread): a switch while tasks are in flight
+/// when the first VCL warms (CLI thread, before any request of it): a switch while tasks are in flight
 /// would break what `Recalled::Nothing` relies on (every task that keeps something in its own
 /// slot notes it in the table).
 pub fn read_switch() {

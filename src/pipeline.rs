@@ -281,7 +281,6 @@ fn apply_request_path_settings(cfg: &Config) {
     sampling::set_active(cfg.sampler);
     cfg.limits.activate();
     crate::config::activate(&cfg.spans);
-    crate::decisions::read_switch();
 }
 
 fn start_tailer(cfg: &Config) -> Result<(), String> {
@@ -309,6 +308,8 @@ pub fn check(settings: &Settings) -> Result<(), String> {
 /// does not let a VMOD fail a warm event, and the settings were checked when the VCL loaded; a
 /// pipeline that still cannot start leaves tracing off (spans are counted as dropped) and says why.
 pub fn vcl_warm(settings: &Settings) -> String {
+    // Before anything can fail: the switch must be settled before the first traced request.
+    crate::decisions::read_switch();
     let mut life = LIFECYCLE.lock();
     life.warm_vcls += 1;
     let warm = life.warm_vcls;

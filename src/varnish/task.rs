@@ -318,7 +318,9 @@ fn keep_decision(ctx: &Ctx, key: Option<Key>, u: Unsampled) -> bool {
         if decisions::TABLE.remember(k, &u) {
             return true;
         }
-        STATS.decisions_in_task_slot.fetch_add(1, Relaxed);
+        let kept = in_task_slot(ctx, u);
+        STATS.decisions_in_task_slot.fetch_add(u64::from(kept), Relaxed);
+        return kept;
     }
     in_task_slot(ctx, u)
 }
