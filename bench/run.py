@@ -66,6 +66,13 @@ DIAGNOSTIC_CONFIGS = {
     "sampled_100pct_neither": (True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_TRACES_EXPORTER": "none",
                                       "OPENTRACING_VSL": "off"}),
 }
+# The same three at 10% sampling (named sampled_10pct_no_export and so on).
+TEN_PERCENT = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+for _name in ("no_export", "no_vsl", "neither"):
+    _module, _env = DIAGNOSTIC_CONFIGS[f"sampled_100pct_{_name}"]
+    DIAGNOSTIC_CONFIGS[f"sampled_10pct_{_name}"] = (_module, dict(_env, **TEN_PERCENT))
+# Fewer, larger exports at 10% (see docs/performance.md, "The export at low sampling rates").
+DIAGNOSTIC_CONFIGS["sampled_10pct_batch_4096"] = (True, dict(TEN_PERCENT, OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4096"))
 RECEIVER = os.path.join(REPO, "target", "release", "otlp-receiver")
 if os.environ.get("BENCH_CONFIGS"):
     wanted = os.environ["BENCH_CONFIGS"].split(",")
@@ -158,19 +165,25 @@ class Varnishd:
         return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime, all threads
 
     def thread_cpu_seconds(self, name):
-        """CPU time of the child's threads called `name` (e.g. the VSL tailer, otel-vsl)."""
-        total, ticks = 0, os.sysconf("SC_CLK_TCK")
+        """CPU time of the child's threads called `name` (e.g. the VSL tailer, otel-vsl), from
+        schedstat (nanoseconds: /proc's stat counts in ticks of 10 ms, about what a background
+        thread runs in a whole 2 s run)."""
+        total = 0
         pid = self.child_pid()
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:
                 with open(f"/proc/{pid}/task/{tid}/comm") as f:
                     if f.read().strip() != name:
                         continue
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / ticks
-            except OSError:
-                pass
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                        total += int(f.read().split()[0]) / 1e9
+                except FileNotFoundError:  # a kernel without CONFIG_SCHED_INFO: ticks then
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, ValueError, IndexError):
+                pass  # the thread ended meanwhile
         return total
 
     def peak_rss_kib(self):
@@ -349,10 +362,14 @@ def main():
         started = time.time()
         def run(c, w):
             p = proxies[c]
-            cpu0, tailer0 = p.cpu_seconds(), p.thread_cpu_seconds("otel-vsl")
+            cpu0, workers0 = p.cpu_seconds(), p.thread_cpu_seconds("cache-worker")
+            tailer0, exporter0 = p.thread_cpu_seconds("otel-vsl"), p.thread_cpu_seconds("otel-export")
             r = wrk(p.port, paths[w], SECONDS, wcpu)
-            r["cpu_us_per_req"] = (p.cpu_seconds() - cpu0) * 1e6 / max(r["requests"], 1)
-            r["tailer_cpu_us_per_req"] = (p.thread_cpu_seconds("otel-vsl") - tailer0) * 1e6 / max(r["requests"], 1)
+            n = max(r["requests"], 1)
+            r["cpu_us_per_req"] = (p.cpu_seconds() - cpu0) * 1e6 / n
+            r["workers_cpu_us_per_req"] = (p.thread_cpu_seconds("cache-worker") - workers0) * 1e6 / n
+            r["tailer_cpu_us_per_req"] = (p.thread_cpu_seconds("otel-vsl") - tailer0) * 1e6 / n
+            r["exporter_cpu_us_per_req"] = (p.thread_cpu_seconds("otel-export") - exporter0) * 1e6 / n
             r["round"] = rnd
             return r
 
@@ -419,6 +436,8 @@ def main():
                 "p99_added_us": statistics.median(p99_added) if p99_added and c != "baseline" else None,
                 "cpu_us_per_req": spread([r["cpu_us_per_req"] for r in rs]),
                 "tailer_cpu_us_per_req": spread([r["tailer_cpu_us_per_req"] for r in rs]),
+                "workers_cpu_us_per_req": spread([r["workers_cpu_us_per_req"] for r in rs]),
+                "exporter_cpu_us_per_req": spread([r["exporter_cpu_us_per_req"] for r in rs]),
                 "instructions_per_req": ins,
                 "errors": sum(r["errors"] for r in rs),
                 "peak_rss_kib": rss[c],
@@ -484,9 +503,9 @@ def markdown(res):
     for w, rows in res["summary"].items():
         lines += [f"## Workload: {w}", "",
                   "| configuration | req/s (median) | ratio to baseline | p50 us | p99 us | p99 added us "
-                  "| varnishd CPU us/req | of which VSL tailer | user instructions/req | added | kernel instr./req "
+                  "| varnishd CPU us/req | of which workers | of which VSL tailer | of which exporter | user instructions/req | added | kernel instr./req "
                   "| peak RSS MiB | spans exported | dropped |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         base_ins = rows["baseline"]["instructions_per_req"]
         for c, s in rows.items():
             r = s["ratio"]
@@ -498,7 +517,7 @@ def markdown(res):
             ins_added = f"{ins['user'] - base_ins['user']:+.0f}" if ins and base_ins and c != "baseline" else ""
             lines.append(
                 f"| {c} | {s['rps']['median']:.0f} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] "
-                f"| {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {cpu['median']:.1f} | {s['tailer_cpu_us_per_req']['median']:.2f} | {ins_txt} | {ins_added} | {kernel_txt} "
+                f"| {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {cpu['median']:.1f} | {s['workers_cpu_us_per_req']['median']:.1f} | {s['tailer_cpu_us_per_req']['median']:.2f} | {s['exporter_cpu_us_per_req']['median']:.2f} | {ins_txt} | {ins_added} | {kernel_txt} "
                 f"| {s['peak_rss_kib'] / 1024:.0f} | {s['spans_exported'] if s['spans_exported'] is not None else '-'} "
                 f"| {s['spans_dropped'] if s['spans_dropped'] is not None else '-'} |")
         noise = rows["baseline"].get("noise")
