@@ -288,6 +288,24 @@ class Receiver:
             self.proc.kill()
 
 
+def cpu_interrupts(cpu, names=("RES", "CAL")):
+    """Rescheduling and function-call IPIs received so far by CPU `cpu` (machine-wide, from
+    /proc/interrupts): wake-ups and socket buffers freed across CPUs land there. None if the
+    file or the CPU's column is missing."""
+    if cpu is None:
+        return None
+    try:
+        with open("/proc/interrupts") as f:
+            total = 0
+            for line in f:
+                fields = line.split()
+                if fields and fields[0].rstrip(":") in names:
+                    total += int(fields[1 + cpu])
+            return total
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def wrk(port, path, seconds, cpu):
     cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{path}"]
     if cpu is not None and shutil.which("taskset"):
@@ -364,8 +382,11 @@ def main():
             p = proxies[c]
             cpu0, workers0 = p.cpu_seconds(), p.thread_cpu_seconds("cache-worker")
             tailer0, exporter0 = p.thread_cpu_seconds("otel-vsl"), p.thread_cpu_seconds("otel-export")
+            ipis0 = cpu_interrupts(vcpu)
             r = wrk(p.port, paths[w], SECONDS, wcpu)
+            ipis1 = cpu_interrupts(vcpu)
             n = max(r["requests"], 1)
+            r["ipis_per_1000_req"] = (ipis1 - ipis0) * 1000 / n if ipis0 is not None and ipis1 is not None else None
             r["cpu_us_per_req"] = (p.cpu_seconds() - cpu0) * 1e6 / n
             r["workers_cpu_us_per_req"] = (p.thread_cpu_seconds("cache-worker") - workers0) * 1e6 / n
             r["tailer_cpu_us_per_req"] = (p.thread_cpu_seconds("otel-vsl") - tailer0) * 1e6 / n
@@ -438,6 +459,8 @@ def main():
                 "tailer_cpu_us_per_req": spread([r["tailer_cpu_us_per_req"] for r in rs]),
                 "workers_cpu_us_per_req": spread([r["workers_cpu_us_per_req"] for r in rs]),
                 "exporter_cpu_us_per_req": spread([r["exporter_cpu_us_per_req"] for r in rs]),
+                "ipis_per_1000_req": statistics.median(ipis) if (ipis := [r["ipis_per_1000_req"] for r in rs
+                                                                       if r.get("ipis_per_1000_req") is not None]) else None,
                 "instructions_per_req": ins,
                 "errors": sum(r["errors"] for r in rs),
                 "peak_rss_kib": rss[c],
@@ -503,21 +526,22 @@ def markdown(res):
     for w, rows in res["summary"].items():
         lines += [f"## Workload: {w}", "",
                   "| configuration | req/s (median) | ratio to baseline | p50 us | p99 us | p99 added us "
-                  "| varnishd CPU us/req | of which workers | of which VSL tailer | of which exporter | user instructions/req | added | kernel instr./req "
+                  "| varnishd CPU us/req | of which workers | of which VSL tailer | of which exporter | IPIs to its CPU /1000 req | user instructions/req | added | kernel instr./req "
                   "| peak RSS MiB | spans exported | dropped |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         base_ins = rows["baseline"]["instructions_per_req"]
         for c, s in rows.items():
             r = s["ratio"]
             cpu = s["cpu_us_per_req"]
             added = "" if s["p99_added_us"] is None or c == "baseline" else f"{s['p99_added_us']:+.0f}"
             ins = s["instructions_per_req"]
+            ipis_txt = "-" if s["ipis_per_1000_req"] is None else f"{s['ipis_per_1000_req']:.1f}"
             ins_txt = f"{ins['user']:.0f}" if ins else "-"
             kernel_txt = f"{ins['kernel']:.0f}" if ins else "-"
             ins_added = f"{ins['user'] - base_ins['user']:+.0f}" if ins and base_ins and c != "baseline" else ""
             lines.append(
                 f"| {c} | {s['rps']['median']:.0f} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] "
-                f"| {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {cpu['median']:.1f} | {s['workers_cpu_us_per_req']['median']:.1f} | {s['tailer_cpu_us_per_req']['median']:.2f} | {s['exporter_cpu_us_per_req']['median']:.2f} | {ins_txt} | {ins_added} | {kernel_txt} "
+                f"| {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {cpu['median']:.1f} | {s['workers_cpu_us_per_req']['median']:.1f} | {s['tailer_cpu_us_per_req']['median']:.2f} | {s['exporter_cpu_us_per_req']['median']:.2f} | {ipis_txt} | {ins_txt} | {ins_added} | {kernel_txt} "
                 f"| {s['peak_rss_kib'] / 1024:.0f} | {s['spans_exported'] if s['spans_exported'] is not None else '-'} "
                 f"| {s['spans_dropped'] if s['spans_dropped'] is not None else '-'} |")
         noise = rows["baseline"].get("noise")
