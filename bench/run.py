@@ -23,6 +23,7 @@ adds, for every traced configuration, a twin `<configuration>@compare` that load
 two commits compared in the same interleaved rounds, in the same phase of the machine. Both load
 this checkout's vcl/opentracing.vcl: the other build must provide the functions it calls.
 """
+import collections
 import json
 import os
 import platform
@@ -164,27 +165,26 @@ class Varnishd:
         ticks = os.sysconf("SC_CLK_TCK")
         return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime, all threads
 
-    def thread_cpu_seconds(self, name):
-        """CPU time of the child's threads called `name` (e.g. the VSL tailer, otel-vsl), from
-        schedstat (nanoseconds: /proc's stat counts in ticks of 10 ms, about what a background
-        thread runs in a whole 2 s run)."""
-        total = 0
+    def threads_cpu_seconds(self):
+        """CPU time of the child's threads, summed by thread name (`cache-worker`, `otel-vsl`,
+        ...), from schedstat (nanoseconds: /proc's stat counts in ticks of 10 ms, about what a
+        background thread runs in a whole 2 s run)."""
+        totals = collections.Counter()
         pid = self.child_pid()
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:
                 with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                    if f.read().strip() != name:
-                        continue
+                    name = f.read().strip()
                 try:
                     with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                        total += int(f.read().split()[0]) / 1e9
+                        totals[name] += int(f.read().split()[0]) / 1e9
                 except FileNotFoundError:  # a kernel without CONFIG_SCHED_INFO: ticks then
                     with open(f"/proc/{pid}/task/{tid}/stat") as f:
                         fields = f.read().rsplit(")", 1)[1].split()
-                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                    totals[name] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
             except (OSError, ValueError, IndexError):
                 pass  # the thread ended meanwhile
-        return total
+        return totals
 
     def peak_rss_kib(self):
         with open(f"/proc/{self.child_pid()}/status") as f:
@@ -306,6 +306,12 @@ def cpu_interrupts(cpu, names=("RES", "CAL")):
         return None
 
 
+def median_or_none(values):
+    """The median of the values that are not None (None: not measured on this machine)."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def wrk(port, path, seconds, cpu):
     cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{path}"]
     if cpu is not None and shutil.which("taskset"):
@@ -380,17 +386,14 @@ def main():
         started = time.time()
         def run(c, w):
             p = proxies[c]
-            cpu0, workers0 = p.cpu_seconds(), p.thread_cpu_seconds("cache-worker")
-            tailer0, exporter0 = p.thread_cpu_seconds("otel-vsl"), p.thread_cpu_seconds("otel-export")
-            ipis0 = cpu_interrupts(vcpu)
+            cpu0, threads0, ipis0 = p.cpu_seconds(), p.threads_cpu_seconds(), cpu_interrupts(vcpu)
             r = wrk(p.port, paths[w], SECONDS, wcpu)
-            ipis1 = cpu_interrupts(vcpu)
+            cpu1, threads1, ipis1 = p.cpu_seconds(), p.threads_cpu_seconds(), cpu_interrupts(vcpu)
             n = max(r["requests"], 1)
             r["ipis_per_1000_req"] = (ipis1 - ipis0) * 1000 / n if ipis0 is not None and ipis1 is not None else None
-            r["cpu_us_per_req"] = (p.cpu_seconds() - cpu0) * 1e6 / n
-            r["workers_cpu_us_per_req"] = (p.thread_cpu_seconds("cache-worker") - workers0) * 1e6 / n
-            r["tailer_cpu_us_per_req"] = (p.thread_cpu_seconds("otel-vsl") - tailer0) * 1e6 / n
-            r["exporter_cpu_us_per_req"] = (p.thread_cpu_seconds("otel-export") - exporter0) * 1e6 / n
+            r["cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / n
+            for key, thread in (("workers", "cache-worker"), ("tailer", "otel-vsl"), ("exporter", "otel-export")):
+                r[f"{key}_cpu_us_per_req"] = (threads1[thread] - threads0[thread]) * 1e6 / n
             r["round"] = rnd
             return r
 
@@ -459,8 +462,7 @@ def main():
                 "tailer_cpu_us_per_req": spread([r["tailer_cpu_us_per_req"] for r in rs]),
                 "workers_cpu_us_per_req": spread([r["workers_cpu_us_per_req"] for r in rs]),
                 "exporter_cpu_us_per_req": spread([r["exporter_cpu_us_per_req"] for r in rs]),
-                "ipis_per_1000_req": statistics.median(ipis) if (ipis := [r["ipis_per_1000_req"] for r in rs
-                                                                       if r.get("ipis_per_1000_req") is not None]) else None,
+                "ipis_per_1000_req": median_or_none([r["ipis_per_1000_req"] for r in rs]),
                 "instructions_per_req": ins,
                 "errors": sum(r["errors"] for r in rs),
                 "peak_rss_kib": rss[c],
