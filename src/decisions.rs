@@ -475,6 +475,9 @@ mod tests {
         // decision read must be one that was written, whole.
         let table = Table::<4>::new();
         let k = key(0x9000, T0);
+        // Written once before any thread starts: a reader scheduled before both writers (a
+        // loaded machine) still has a decision to read.
+        assert!(table.remember(k, &decision(0)));
         let stop = AtomicBool::new(false);
         let (seen, torn) = std::thread::scope(|s| {
             for w in 0..2u64 {
@@ -491,7 +494,13 @@ mod tests {
                 .map(|_| {
                     s.spawn(|| {
                         let (mut seen, mut torn) = (0u64, 0u64);
-                        for _ in 0..200_000 {
+                        // At least 200,000 reads, and on until some decisions were seen (a
+                        // reader can find the entry mid-write many times in a row while both
+                        // writers run), within a bound.
+                        for n in 0..50_000_000u64 {
+                            if n >= 200_000 && seen >= 1_000 {
+                                break;
+                            }
                             if let Some(u) = decision_of(&table, k) {
                                 let i = u128::from_be_bytes(u.trace_id.0) >> 64;
                                 seen += 1;
