@@ -467,7 +467,8 @@ def main():
                 "errors": sum(r["errors"] for r in rs),
                 "peak_rss_kib": rss[c],
                 "spans_exported": counters[c].get("spans_exported"),
-                "spans_dropped": (counters[c].get("spans_dropped") or 0) + (counters[c].get("spans_dropped_export") or 0)
+                "spans_dropped": sum(counters[c].get(k) or 0
+                                     for k in ("spans_dropped", "spans_dropped_export", "spans_dropped_workspace"))
                 if counters[c] else None,
             }
         summary[w]["baseline"]["noise"] = spread(noise[w]) if noise.get(w) else None

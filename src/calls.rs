@@ -74,7 +74,19 @@ pub fn trace_request(ctx: &mut Ctx) {
     match room.traced(ctx, state) {
         Ok(state) if state.record.sampled() => crate::vsl::tailer::track(state.record.vxid),
         Ok(_) => {}
-        Err(_) => log::vcl(ctx, "out of workspace: span not recorded"),
+        Err(state) => no_room(ctx, &state),
+    }
+}
+
+/// A task whose workspace had no room for its slot (`task::new_priv_slot`): the span goes
+/// unrecorded, counted when it was sampled (an unsampled one loses nothing), and the trace
+/// context is not sent on from this task.
+fn no_room(ctx: &mut Ctx, state: &TaskState) {
+    if state.record.sampled() {
+        STATS.spans_dropped_workspace.fetch_add(1, Relaxed);
+        log::vcl(ctx, "out of workspace: sampled span not recorded (spans_dropped_workspace)");
+    } else {
+        log::vcl(ctx, "out of workspace: sampling decision not kept");
     }
 }
 
@@ -341,9 +353,9 @@ pub fn trace_backend(ctx: &mut Ctx) {
     state.debug = debug;
     let uncacheable = bo.uncacheable() != 0;
     // Attached first: a span with no room is not announced downstream either.
-    let Ok(state) = room.traced(ctx, state) else {
-        log::vcl(ctx, "out of workspace: span not recorded");
-        return;
+    let state = match room.traced(ctx, state) {
+        Ok(state) => state,
+        Err(state) => return no_room(ctx, &state),
     };
     // SAFETY: the bereq of the running fetch.
     unsafe { write_context(bo.bereq, &Outgoing::of(state)) };

@@ -41,6 +41,8 @@ pub struct Stats {
     pub spans_dropped: AtomicU64,
     /// Dropped after the export failed (collector down, refusing, or too slow).
     pub spans_dropped_export: AtomicU64,
+    /// Sampled spans not recorded: the task's workspace had no room for Varnish's slot record.
+    pub spans_dropped_workspace: AtomicU64,
     pub export_failures: AtomicU64,
     pub batches: AtomicU64,
     /// Spans closed by the deadline sweep after a rollback left them without a task.
@@ -67,6 +69,7 @@ pub static STATS: Stats = Stats {
     spans_exported: AtomicU64::new(0),
     spans_dropped: AtomicU64::new(0),
     spans_dropped_export: AtomicU64::new(0),
+    spans_dropped_workspace: AtomicU64::new(0),
     export_failures: AtomicU64::new(0),
     batches: AtomicU64::new(0),
     spans_closed_by_deadline: AtomicU64::new(0),
@@ -100,6 +103,9 @@ pub struct Counters {
     /// Spans dropped because their export failed and retries ran out
     #[counter]
     spans_dropped_export: AtomicU64,
+    /// Sampled spans not recorded because the task's workspace was too short for their slot
+    #[counter]
+    spans_dropped_workspace: AtomicU64,
     /// Failed export attempts (each retry counts)
     #[counter]
     export_failures: AtomicU64,
@@ -159,6 +165,7 @@ impl Counters {
         copy(&self.spans_exported, &STATS.spans_exported);
         copy(&self.spans_dropped, &STATS.spans_dropped);
         copy(&self.spans_dropped_export, &STATS.spans_dropped_export);
+        copy(&self.spans_dropped_workspace, &STATS.spans_dropped_workspace);
         copy(&self.export_failures, &STATS.export_failures);
         copy(&self.export_batches, &STATS.batches);
         copy(&self.spans_closed_by_deadline, &STATS.spans_closed_by_deadline);

@@ -329,10 +329,55 @@ fn keep_decision(ctx: &Ctx, key: Option<Key>, u: Unsampled) -> bool {
 /// bring it back.
 fn in_task_slot(ctx: &Ctx, u: Unsampled) -> bool {
     // SAFETY: as in `claim`.
-    match unsafe { ffi::VRT_priv_task(ctx.raw, key()).as_mut() } {
+    match unsafe { new_priv_slot(ctx) } {
         Some(p) => unsafe { place_unsampled(ctx, p, u) },
         None => false,
     }
+}
+
+/// Bytes Varnish takes from the workspace for every `VRT_priv_task` call, before it looks for
+/// an existing slot: a `struct vrt_priv` (64 to 72 bytes on 64-bit Varnish 7.7), with a margin.
+const PRIV_SLOT_BYTES: usize = 96;
+
+/// Free bytes of the workspace `ws`, read from its pointers: none while it is reserved.
+///
+/// Why not ask Varnish: `WS_Alloc` and `WS_ReserveSize` mark a workspace overflowed when it is
+/// short, and an overflowed workspace makes Varnish skip work (`http_CollectHdrSep`, snapshots)
+/// and fail the request in delivery (a 500). Tracing must never cause that: where Varnish would
+/// overflow, we do without (the state goes on the heap, or the span is dropped and counted).
+///
+/// # Safety
+/// `ws` must be null or the running task's workspace.
+unsafe fn ws_free(ws: *const ffi::ws) -> usize {
+    match ws.as_ref() {
+        Some(w) if w.r.is_null() && !w.f.is_null() && w.e >= w.f => w.e.offset_from(w.f) as usize,
+        _ => 0,
+    }
+}
+
+/// `WS_Alloc` of `size` bytes if they fit (Varnish rounds to pointer size); null, with the
+/// workspace untouched (not marked overflowed), if not.
+///
+/// # Safety
+/// As for `ws_free`.
+unsafe fn ws_alloc_quiet(ws: *mut ffi::ws, size: usize) -> *mut c_void {
+    let rounded = size.next_multiple_of(std::mem::size_of::<usize>());
+    if size == 0 || ws_free(ws) < rounded {
+        return std::ptr::null_mut();
+    }
+    ffi::WS_Alloc(ws, rounded as std::ffi::c_uint)
+}
+
+/// The task's PRIV_TASK slot, created if needed; none when the workspace is too short for
+/// Varnish's slot record (the call would mark it overflowed, then take the heap).
+///
+/// # Safety
+/// As in `claim`: `ctx` is the running task's context.
+unsafe fn new_priv_slot<'a>(ctx: &Ctx) -> Option<&'a mut ffi::vmod_priv> {
+    if ws_free(ctx.raw.ws) < PRIV_SLOT_BYTES {
+        return None;
+    }
+    ffi::VRT_priv_task(ctx.raw, key()).as_mut()
 }
 
 /// `install_unsampled` into the slot `p`.
@@ -342,8 +387,7 @@ fn in_task_slot(ctx: &Ctx, u: Unsampled) -> bool {
 unsafe fn place_unsampled(ctx: &Ctx, p: &mut ffi::vmod_priv, u: Unsampled) -> bool {
     // The workspace allocation lives as long as the task (a rollback releases it, after the fini
     // has parked a copy).
-    let size = std::mem::size_of::<Unsampled>() as std::ffi::c_uint;
-    let mem = ffi::WS_Alloc(ctx.raw.ws, size).cast::<Unsampled>();
+    let mem = ws_alloc_quiet(ctx.raw.ws, std::mem::size_of::<Unsampled>()).cast::<Unsampled>();
     if mem.is_null() || mem.align_offset(std::mem::align_of::<Unsampled>()) != 0 {
         return false;
     }
@@ -370,7 +414,7 @@ pub fn install<'a>(ctx: &Ctx, state: TaskState) -> Result<&'a mut TaskState, Tas
 #[allow(clippy::result_large_err)]
 fn in_new_task_slot<'a>(ctx: &Ctx, state: TaskState) -> Result<&'a mut TaskState, TaskState> {
     // SAFETY: as in `claim`; we own `state` until Varnish calls our fini with it.
-    match unsafe { ffi::VRT_priv_task(ctx.raw, key()).as_mut() } {
+    match unsafe { new_priv_slot(ctx) } {
         Some(p) => Ok(unsafe { place(ctx, p, state) }),
         None => Err(state),
     }
@@ -385,8 +429,7 @@ unsafe fn place<'a>(ctx: &Ctx, p: &'a mut ffi::vmod_priv, state: TaskState) -> &
         // Replace (should not happen: callers check the slot first); close the old one.
         close_orphan(take(p), ClosedBy::TaskEnd);
     }
-    let size = std::mem::size_of::<TaskState>() as std::ffi::c_uint;
-    let mem = ffi::WS_Alloc(ctx.raw.ws, size).cast::<TaskState>();
+    let mem = ws_alloc_quiet(ctx.raw.ws, std::mem::size_of::<TaskState>()).cast::<TaskState>();
     if !mem.is_null() && mem.align_offset(std::mem::align_of::<TaskState>()) == 0 {
         mem.write(state);
         p.priv_ = mem.cast();
