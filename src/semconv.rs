@@ -54,7 +54,9 @@ pub fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
     let bytes = host.as_bytes();
     let Some(last) = bytes.iter().rposition(|&b| b == b':') else { return Some((host, None)) };
     let name = &bytes[..last];
-    if name.contains(&b':') {
+    // A plain loop: `contains` calls memchr, whose setup cost more than a host name's bytes
+    // (about 60 instructions a request, callgrind).
+    if name.iter().any(|&b| b == b':') {
         return Some((host, None)); // an unbracketed IPv6 literal: no port
     }
     if last == 0 {
@@ -101,10 +103,19 @@ pub fn full_url(scheme: &str, address: &str, port: Option<u16>, path: &str, quer
 
 /// A port: one to five digits (RFC 3986 `port = *DIGIT`; empty is refused), at most 65535.
 fn port(digits: &str) -> Option<u16> {
-    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    if digits.is_empty() || digits.len() > 5 {
         return None;
     }
-    u16::try_from(digits.bytes().fold(0u32, |n, b| n * 10 + u32::from(b - b'0'))).ok()
+    // One pass: check and accumulate each digit.
+    let mut n = 0u32;
+    for b in digits.bytes() {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n = n * 10 + u32::from(d);
+    }
+    u16::try_from(n).ok()
 }
 
 /// The scheme of the original client request (`url.scheme` of a SERVER span), when a proxy in
