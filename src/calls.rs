@@ -65,8 +65,8 @@ pub fn trace_request(ctx: &mut Ctx) {
         if room.unsampled(ctx, u) {
             return;
         }
-        // No room for the decision, in the table or the workspace: the full state (it can go on
-        // the heap).
+        // No room for the decision, in the table or the workspace: the full state (on the heap
+        // when the task has a slot for it; with no room for a slot either, `no_room` logs it).
         // SAFETY: as above.
         state = Some(unsafe { unsampled_state(ctx.raw, req, u) });
     }
@@ -334,8 +334,8 @@ pub fn trace_backend(ctx: &mut Ctx) {
         if room.unsampled(ctx, u) {
             return;
         }
-        // No room for the decision, in the table or the workspace: the full state below (it can
-        // go on the heap).
+        // No room for the decision, in the table or the workspace: the full state below (on the
+        // heap when the task has a slot for it; with no room for a slot either, `no_room`).
     }
     // SAFETY: the bereq of the running fetch.
     let debug = started.caller_debug

@@ -7,6 +7,7 @@ pub mod other_formats;
 pub mod peer;
 pub mod status_filter;
 pub mod task;
+pub mod workspace;
 
 use varnish::ffi;
 

@@ -54,6 +54,9 @@ pub unsafe fn client_and_peer(ctx: &ffi::vrt_ctx) -> Addresses {
         .unwrap_or_else(|_| read_addresses(ctx, sp))
 }
 
+/// The most `VRT_IP_string` copies into the workspace: its buffer (`VTCP_ADDRBUFSIZE`, 64).
+const IP_TEXT_BYTES: usize = 64;
+
 /// What `client_and_peer` gives, read from Varnish.
 ///
 /// # Safety
@@ -68,7 +71,11 @@ unsafe fn read_addresses(ctx: &ffi::vrt_ctx, sp: &ffi::sess) -> Addresses {
         address_text(sa)
             .or_else(|| {
                 // IPv6 or a Unix socket listener: Varnish's own text for it, which formats into the
-                // task's workspace, so the string lives as long as the request.
+                // task's workspace, so the string lives as long as the request. Only with room for
+                // the longest text: short of it, `WS_Copy` would mark the workspace overflowed.
+                if crate::varnish::workspace::free(ctx.ws) < IP_TEXT_BYTES {
+                    return None;
+                }
                 let text = ffi::VRT_IP_string(ctx, ffi::VCL_IP(sa));
                 text.0.as_ref().map(|_| text_lossy(CStr::from_ptr(text.0).to_bytes()))
             })

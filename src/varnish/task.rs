@@ -34,7 +34,7 @@ use crate::decisions::{self, Key, Recalled};
 use crate::ids::{SpanId, TraceId};
 use crate::pipeline::{self, STATS};
 use crate::span::{vtim_to_unix_nano, ClosedBy, SpanRecord, StatusCode};
-use crate::varnish::{http, vxid_of};
+use crate::varnish::{http, vxid_of, workspace};
 
 /// What we keep for one task.
 pub struct TaskState {
@@ -216,7 +216,7 @@ fn from_stash<'a>(ctx: &Ctx) -> Slot<'a> {
         Some(Parked::Traced(state)) => match install(ctx, *state) {
             Ok(state) => Slot::Traced(state),
             Err(state) => {
-                // No slot for it (Varnish out of memory): closed now rather than lost.
+                // No slot for it (a workspace too short for one): closed now rather than lost.
                 close_orphan(state, ClosedBy::TaskEnd);
                 Slot::Empty
             }
@@ -336,46 +336,18 @@ fn in_task_slot(ctx: &Ctx, u: Unsampled) -> bool {
 }
 
 /// Bytes Varnish takes from the workspace for every `VRT_priv_task` call, before it looks for
-/// an existing slot: a `struct vrt_priv` (64 to 72 bytes on 64-bit Varnish 7.7), with a margin.
+/// an existing slot: a `struct vrt_priv` (64 bytes on 64-bit Varnish 7.7), with a margin.
 const PRIV_SLOT_BYTES: usize = 96;
 
-/// Free bytes of the workspace `ws`, read from its pointers: none while it is reserved.
-///
-/// Why not ask Varnish: `WS_Alloc` and `WS_ReserveSize` mark a workspace overflowed when it is
-/// short, and an overflowed workspace makes Varnish skip work (`http_CollectHdrSep`, snapshots)
-/// and fail the request in delivery (a 500). Tracing must never cause that: where Varnish would
-/// overflow, we do without (the state goes on the heap, or the span is dropped and counted).
-///
-/// # Safety
-/// `ws` must be null or the running task's workspace.
-unsafe fn ws_free(ws: *const ffi::ws) -> usize {
-    match ws.as_ref() {
-        Some(w) if w.r.is_null() && !w.f.is_null() && w.e >= w.f => w.e.offset_from(w.f) as usize,
-        _ => 0,
-    }
-}
-
-/// `WS_Alloc` of `size` bytes if they fit (Varnish rounds to pointer size); null, with the
-/// workspace untouched (not marked overflowed), if not.
-///
-/// # Safety
-/// As for `ws_free`.
-unsafe fn ws_alloc_quiet(ws: *mut ffi::ws, size: usize) -> *mut c_void {
-    let rounded = size.next_multiple_of(std::mem::size_of::<usize>());
-    if size == 0 || ws_free(ws) < rounded {
-        return std::ptr::null_mut();
-    }
-    ffi::WS_Alloc(ws, rounded as std::ffi::c_uint)
-}
-
-/// The task's PRIV_TASK slot, created if needed; none when the workspace is too short for
-/// Varnish's slot record (the call would mark it overflowed, then take the heap).
+/// The task's PRIV_TASK slot, created if needed. When the workspace is too short for Varnish's
+/// slot record (`VRT_priv_task` would mark it overflowed before taking the heap), only a slot
+/// that already exists (a decision or a rollback's state placed earlier in the task).
 ///
 /// # Safety
 /// As in `claim`: `ctx` is the running task's context.
 unsafe fn new_priv_slot<'a>(ctx: &Ctx) -> Option<&'a mut ffi::vmod_priv> {
-    if ws_free(ctx.raw.ws) < PRIV_SLOT_BYTES {
-        return None;
+    if workspace::free(ctx.raw.ws) < PRIV_SLOT_BYTES {
+        return ffi::VRT_priv_task_get(ctx.raw, key()).as_mut();
     }
     ffi::VRT_priv_task(ctx.raw, key()).as_mut()
 }
@@ -387,7 +359,7 @@ unsafe fn new_priv_slot<'a>(ctx: &Ctx) -> Option<&'a mut ffi::vmod_priv> {
 unsafe fn place_unsampled(ctx: &Ctx, p: &mut ffi::vmod_priv, u: Unsampled) -> bool {
     // The workspace allocation lives as long as the task (a rollback releases it, after the fini
     // has parked a copy).
-    let mem = ws_alloc_quiet(ctx.raw.ws, std::mem::size_of::<Unsampled>()).cast::<Unsampled>();
+    let mem = workspace::alloc_quiet(ctx.raw.ws, std::mem::size_of::<Unsampled>()).cast::<Unsampled>();
     if mem.is_null() || mem.align_offset(std::mem::align_of::<Unsampled>()) != 0 {
         return false;
     }
@@ -429,7 +401,7 @@ unsafe fn place<'a>(ctx: &Ctx, p: &'a mut ffi::vmod_priv, state: TaskState) -> &
         // Replace (should not happen: callers check the slot first); close the old one.
         close_orphan(take(p), ClosedBy::TaskEnd);
     }
-    let mem = ws_alloc_quiet(ctx.raw.ws, std::mem::size_of::<TaskState>()).cast::<TaskState>();
+    let mem = workspace::alloc_quiet(ctx.raw.ws, std::mem::size_of::<TaskState>()).cast::<TaskState>();
     if !mem.is_null() && mem.align_offset(std::mem::align_of::<TaskState>()) == 0 {
         mem.write(state);
         p.priv_ = mem.cast();
