@@ -14,7 +14,10 @@ counts), pinned with wrk so that it does not take varnishd's CPU; one configurat
 OTLP/JSON file exporter's lines to /dev/null instead, for comparison.
 
 Environment: BENCH_ROUNDS (default 8), BENCH_SECONDS per run (2), BENCH_CONNECTIONS (10),
-BENCH_WORKLOADS (hit,pass), BENCH_CONFIGS (all), BENCH_OUT (bench/results),
+BENCH_WORKLOADS (hit,pass), BENCH_CONFIGS (all), BENCH_OUT (bench/results), BENCH_SEED (the
+order of the configurations in each round; by default a new one per run, printed in the results:
+with one fixed seed every run had the same order, so a bias from a configuration's place in the
+round, if any, would repeat in every run instead of averaging out),
 BENCH_PROFILE=<folder>: also `perf record` the varnishd child during the instruction pass, one
 `<workload>-<configuration>.data` per run in that folder (read with `perf report -i`);
 BENCH_PROFILE_EVENT picks what is sampled (default cycles:u; instructions:u attributes the
@@ -47,6 +50,7 @@ CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "10"))
 WORKLOADS = os.environ.get("BENCH_WORKLOADS", "hit,pass").split(",")
 OUT = os.environ.get("BENCH_OUT", os.path.join(REPO, "bench", "results"))
 PROFILE = os.environ.get("BENCH_PROFILE")
+SEED = int(os.environ.get("BENCH_SEED") or random.SystemRandom().randrange(1 << 31))
 
 # name -> (uses the module, environment of varnishd)
 CONFIGS = {
@@ -382,7 +386,7 @@ def main():
         runs = {w: {c: [] for c in CONFIGS} for w in WORKLOADS}
         noise = {}
         use_perf = perf_available()
-        rng = random.Random(42)
+        rng = random.Random(SEED)
         started = time.time()
         def run(c, w):
             p = proxies[c]
@@ -475,7 +479,7 @@ def main():
     verdicts = budget_verdicts(summary)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"when": stamp, "machine": versions_, "method": {
-        "rounds": ROUNDS, "seconds_per_run": SECONDS, "connections": CONNECTIONS,
+        "rounds": ROUNDS, "seconds_per_run": SECONDS, "connections": CONNECTIONS, "seed": SEED,
         "wrk_threads": 1, "pinning": "varnishd under test on CPU 0, wrk on CPU 1" if vcpu is not None else "none",
         "exporter": "OTLP/HTTP protobuf to tools/otlp-receiver (discard mode, pinned with wrk); "
                     "sampled_100pct_file: OTLP/JSON lines to /dev/null"
@@ -523,7 +527,8 @@ def markdown(res):
              f"Commit {m.get('commit')}, {m['varnishd']}, {m['wrk']}, {m['rustc']}, "
              f"{m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}.", "",
              f"Method: {meth['rounds']} interleaved rounds x {meth['seconds_per_run']} s per configuration and "
-             f"workload, wrk -t1 -c{meth['connections']}, {meth['pinning']}; exporter: {meth['exporter']}. "
+             f"workload (order shuffled, BENCH_SEED={meth.get('seed', 42)}), wrk -t1 -c{meth['connections']}, "
+             f"{meth['pinning']}; exporter: {meth['exporter']}. "
              "Ratio = requests/s divided by the mean of the two baseline runs just before and after: median "
              "[min-max].", ""]
     for w, rows in res["summary"].items():
