@@ -463,6 +463,9 @@ def main():
                 "p99_us": statistics.median([r["p99_us"] for r in rs if r["p99_us"]]),
                 "p99_added_us": statistics.median(p99_added) if p99_added and c != "baseline" else None,
                 "cpu_us_per_req": spread([r["cpu_us_per_req"] for r in rs]),
+                # The share of its CPU varnishd kept busy (requests/s x CPU per request): below
+                # about 0.97 the run was not bound by varnishd's CPU.
+                "cpu_busy": statistics.median([r["rps"] * r["cpu_us_per_req"] / 1e6 for r in rs]),
                 "tailer_cpu_us_per_req": spread([r["tailer_cpu_us_per_req"] for r in rs]),
                 "workers_cpu_us_per_req": spread([r["workers_cpu_us_per_req"] for r in rs]),
                 "exporter_cpu_us_per_req": spread([r["exporter_cpu_us_per_req"] for r in rs]),
@@ -476,6 +479,10 @@ def main():
                 if counters[c] else None,
             }
         summary[w]["baseline"]["noise"] = spread(noise[w]) if noise.get(w) else None
+        # A second statistic beside the median of per-run ratios: the configuration's median
+        # requests/s over the baseline's (the two can differ by a few points at this noise).
+        for c in CONFIGS:
+            summary[w][c]["ratio_of_medians"] = summary[w][c]["rps"]["median"] / summary[w]["baseline"]["rps"]["median"]
     verdicts = budget_verdicts(summary)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"when": stamp, "machine": versions_, "method": {
@@ -533,10 +540,10 @@ def markdown(res):
              "[min-max].", ""]
     for w, rows in res["summary"].items():
         lines += [f"## Workload: {w}", "",
-                  "| configuration | req/s (median) | ratio to baseline | p50 us | p99 us | p99 added us "
-                  "| varnishd CPU us/req | of which workers | of which VSL tailer | of which exporter | IPIs to its CPU /1000 req | user instructions/req | added | kernel instr./req "
+                  "| configuration | req/s (median) | ratio to baseline | ratio of medians | p50 us | p99 us | p99 added us "
+                  "| varnishd CPU us/req | CPU busy | of which workers | of which VSL tailer | of which exporter | IPIs to its CPU /1000 req | user instructions/req | added | kernel instr./req "
                   "| peak RSS MiB | spans exported | dropped |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         base_ins = rows["baseline"]["instructions_per_req"]
         for c, s in rows.items():
             r = s["ratio"]
@@ -547,9 +554,13 @@ def markdown(res):
             ins_txt = f"{ins['user']:.0f}" if ins else "-"
             kernel_txt = f"{ins['kernel']:.0f}" if ins else "-"
             ins_added = f"{ins['user'] - base_ins['user']:+.0f}" if ins and base_ins and c != "baseline" else ""
+            rom = s.get("ratio_of_medians")
+            rom_txt = "-" if rom is None else f"{rom:.3f}"
+            busy = s.get("cpu_busy")
+            busy_txt = "-" if busy is None else f"{busy:.2f}"
             lines.append(
-                f"| {c} | {s['rps']['median']:.0f} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] "
-                f"| {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {cpu['median']:.1f} | {s['workers_cpu_us_per_req']['median']:.1f} | {s['tailer_cpu_us_per_req']['median']:.2f} | {s['exporter_cpu_us_per_req']['median']:.2f} | {ipis_txt} | {ins_txt} | {ins_added} | {kernel_txt} "
+                f"| {c} | {s['rps']['median']:.0f} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] | {rom_txt} "
+                f"| {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {cpu['median']:.1f} | {busy_txt} | {s['workers_cpu_us_per_req']['median']:.1f} | {s['tailer_cpu_us_per_req']['median']:.2f} | {s['exporter_cpu_us_per_req']['median']:.2f} | {ipis_txt} | {ins_txt} | {ins_added} | {kernel_txt} "
                 f"| {s['peak_rss_kib'] / 1024:.0f} | {s['spans_exported'] if s['spans_exported'] is not None else '-'} "
                 f"| {s['spans_dropped'] if s['spans_dropped'] is not None else '-'} |")
         noise = rows["baseline"].get("noise")
