@@ -170,30 +170,24 @@ unsafe fn place(h: &ffi::http, hdr: &CStr) -> Place {
     found.map_or(Place::Absent, Place::Once)
 }
 
-/// "name: value" with its NUL, copied into the workspace `ws`. Reserve-and-release rather than
-/// `WS_Copy`: a failed `WS_Copy` marks the workspace overflowed, which Varnish later turns into
-/// a failed request (a 500); tracing must not do that, it just does without the header.
+/// "name: value" with its NUL, copied into the workspace `ws` only if it fits
+/// (`workspace::alloc_quiet`: a failed `WS_Copy` would mark the workspace overflowed, which
+/// Varnish turns into a failed request); without room, no header.
 ///
 /// # Safety
-/// `ws` must be the valid, unreserved workspace of the current task.
+/// `ws` must be null or the valid, unreserved workspace of the current task.
 unsafe fn header_line(ws: *mut ffi::ws, hdr: &CStr, value: &[u8]) -> Option<*const std::ffi::c_char> {
     // "name:" from the hdr_t (after its length byte), a space, the value.
     let name = &hdr.to_bytes()[1..];
     let len = name.len() + 1 + value.len();
-    if ws.is_null() {
-        return None;
-    }
-    let available = ffi::WS_ReserveAll(ws) as usize;
-    let dst = (*ws).f.cast::<u8>();
-    if available < len + 1 || dst.is_null() {
-        ffi::WS_Release(ws, 0);
+    let dst = crate::varnish::workspace::alloc_quiet(ws, len + 1).cast::<u8>();
+    if dst.is_null() {
         return None;
     }
     std::ptr::copy_nonoverlapping(name.as_ptr(), dst, name.len());
     *dst.add(name.len()) = b' ';
     std::ptr::copy_nonoverlapping(value.as_ptr(), dst.add(name.len() + 1), value.len());
     *dst.add(len) = 0;
-    ffi::WS_Release(ws, (len + 1) as std::ffi::c_uint);
     Some(dst.cast_const().cast())
 }
 

@@ -26,7 +26,7 @@ pub unsafe fn free(ws: *const ffi::ws) -> usize {
 }
 
 /// `WS_Alloc` of `size` bytes if they fit (Varnish rounds to pointer size); null, with the
-/// workspace untouched (not marked overflowed), if not.
+/// workspace untouched (not marked overflowed), if not, or if `ws` is null or reserved.
 ///
 /// # Safety
 /// As for `free`.
