@@ -85,7 +85,7 @@ pids+=($!)
 # One profile per thread; threads take turns (--fair-sched): with valgrind's default lock a
 # background thread could wait long, and records it has not given back come from malloc instead.
 env OTEL_TRACES_SAMPLER="$sampler" "${exporter[@]}" \
-    valgrind --tool=callgrind --trace-children=yes --separate-threads=yes --fair-sched=yes --callgrind-out-file="$work/cg.%p.out" \
+    valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --trace-children=yes --separate-threads=yes --fair-sched=yes --callgrind-out-file="$work/cg.%p.out" \
     varnishd -n "$work/proxy" -a "127.0.0.1:$proxy_port" -f "$work/proxy.vcl" -j none -F \
     -p thread_pools=1 -p thread_pool_min=5 >"$work/valgrind.log" 2>&1 &
 manager=$!

@@ -14,13 +14,17 @@
 //! before the library may be unloaded, and keeps it empty until `open`: an exporter thread that
 //! did not stop in time (a slow collector) frees what it gives back instead of pooling it.
 //!
-//! Threading: any thread; lock-free (crossbeam's `ArrayQueue`: a compare-and-swap per take and
-//! per give).
+//! Last in, first out: the record a span takes is the one given back last, whose memory the
+//! exporter has just read and which is still in the CPU's caches. A first-in-first-out queue (as
+//! before) handed out the record given back longest ago, so every pooled record's memory went
+//! through the caches in turn, and the span start's writes missed them.
+//!
+//! Threading: any thread. A short lock (a `Vec` push or pop under a `parking_lot` mutex, never
+//! held across anything else), taken once per span start and once per give.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::LazyLock;
 
-use crossbeam_queue::ArrayQueue;
+use parking_lot::Mutex;
 
 use crate::ids::{SpanId, TraceId};
 use crate::span::{SpanKind, SpanRecord};
@@ -36,7 +40,48 @@ const MAX_LINKS_KEPT: usize = 8;
 /// Bytes of encoded attributes above which a record is freed (four times the usual room).
 const MAX_ENCODED_KEPT: usize = 2048;
 
-static POOL: LazyLock<ArrayQueue<Box<SpanRecord>>> = LazyLock::new(|| ArrayQueue::new(POOLED));
+static POOL: Stack = Stack::new();
+
+/// Records, the last given back on top. Its room (`POOLED`) is reserved at the first push, so a
+/// push never reallocates under the lock. Boxes, because records travel between threads as
+/// boxes: taking and giving move a pointer, not the record.
+#[allow(clippy::vec_box)]
+struct Stack(Mutex<Vec<Box<SpanRecord>>>);
+
+impl Stack {
+    const fn new() -> Stack {
+        Stack(Mutex::new(Vec::new()))
+    }
+
+    /// The record given back last, if any.
+    fn pop(&self) -> Option<Box<SpanRecord>> {
+        self.0.lock().pop()
+    }
+
+    /// Keeps `r` on top; hands it back when `POOLED` records are kept already.
+    fn push(&self, r: Box<SpanRecord>) -> Result<(), Box<SpanRecord>> {
+        let mut records = self.0.lock();
+        if records.len() >= POOLED {
+            return Err(r);
+        }
+        if records.capacity() == 0 {
+            records.reserve_exact(POOLED);
+        }
+        records.push(r);
+        Ok(())
+    }
+
+    /// Frees every record (outside the lock).
+    fn clear(&self) {
+        let records = std::mem::take(&mut *self.0.lock());
+        drop(records);
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.0.lock().is_empty()
+    }
+}
 /// Set while no pipeline runs (`close`): records given back are freed.
 static CLOSED: AtomicBool = AtomicBool::new(false);
 /// Records allocated because the pool was empty (varnishstat `span_records_allocated`). Counted
@@ -82,6 +127,7 @@ fn keep(mut r: Box<SpanRecord>) -> bool {
     r.clear_for_reuse();
     // A full pool: this one is freed. A `close` between the check above and the push: the
     // check again (sequentially consistent with `close`'s store) sees it and empties the pool.
+    // (A full pool hands the record back: dropped here, outside the lock.)
     let pooled = POOL.push(r).is_ok();
     if pooled && CLOSED.load(Ordering::SeqCst) {
         drain();
@@ -111,7 +157,7 @@ pub fn open() {
 }
 
 fn drain() {
-    while POOL.pop().is_some() {}
+    POOL.clear();
 }
 
 #[cfg(test)]
@@ -178,6 +224,31 @@ mod tests {
         assert!(POOL.is_empty());
         open();
         assert!(keep(used_record()), "pooled again once open");
+    }
+
+    #[test]
+    fn the_record_given_back_last_is_taken_first_and_a_full_stack_refuses() {
+        // A stack of its own: the process-wide pool is shared with the other tests' threads.
+        let stack = Stack::new();
+        for vxid in 0..POOLED as u64 {
+            let mut r = used_record();
+            r.vxid = vxid;
+            assert!(stack.push(r).is_ok());
+        }
+        let mut extra = used_record();
+        extra.vxid = u64::MAX;
+        let refused = stack.push(extra).expect_err("full: the record comes back");
+        assert_eq!(refused.vxid, u64::MAX);
+        // Last in, first out: the memory the exporter touched last is reused first.
+        for vxid in (0..POOLED as u64).rev() {
+            assert_eq!(stack.pop().map(|r| r.vxid), Some(vxid));
+        }
+        assert!(stack.pop().is_none() && stack.is_empty());
+        let mut r = used_record();
+        r.vxid = 7;
+        assert!(stack.push(r).is_ok());
+        stack.clear();
+        assert!(stack.is_empty());
     }
 
     #[test]

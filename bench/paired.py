@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Paired comparison: two configurations served side by side, at the same time, on one CPU.
+
+    python3 bench/paired.py                          # the budget's pairs (see PAIRS)
+    BENCH_PAIRS=sampled_100pct:sampled_100pct BENCH_PAIR_SO=/tmp/old/target/release \\
+        python3 bench/paired.py                      # this build (A) against another (B)
+
+Why: `make bench` runs configurations one after another, and this machine's speed changes by
+a factor of two within seconds (a shared virtual machine): the ratio of two runs 2 s apart
+scatters by ±15-30%, so a change of a few percent cannot be seen. Here both varnishds are
+pinned to the same CPU and driven at the same time (one wrk each, on the other CPU), so both
+live through the same moments of the machine; what each costs is its CPU time (all threads,
+schedstat) divided by the requests it served in the same seconds. The ratio of the two costs
+holds within about ±1% while the machine's speed swings by 60% (docs/performance.md,
+"Paired comparison").
+
+What it measures is CPU per request, not requests per second: with the CPU saturated, the
+requests a varnishd can serve are inversely proportional to it, so 1 / ratio is the throughput
+ratio the costs imply. Each process handles about half of its usual rate and shares the CPU's
+caches with the other: costs that grow with the rate (memory held by spans in flight) come out
+lower than alone (see the doc).
+
+Options (environment): BENCH_PAIRS (a:b,... of configuration names from bench/run.py; default
+the budget's), BENCH_PAIR_SO (folder of another build's libvmod_opentracing.so for the pairs'
+B side), BENCH_ROUNDS (8), BENCH_SECONDS (3), BENCH_OUT (bench/results), BENCH_WORKLOAD
+(hit or pass).
+"""
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run as bench  # noqa: E402  (the harness's servers, wrk and configurations)
+
+PAIRS = [p.split(":") for p in os.environ.get(
+    "BENCH_PAIRS", "baseline:disabled,baseline:sampled_0,baseline:sampled_1pct,baseline:sampled_100pct").split(",")]
+OTHER_SO = os.environ.get("BENCH_PAIR_SO")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "8"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "3"))
+OUT = os.environ.get("BENCH_OUT", os.path.join(bench.REPO, "bench", "results"))
+WORKLOAD = os.environ.get("BENCH_WORKLOAD", "hit")
+ALL = {**bench.CONFIGS, **bench.DIAGNOSTIC_CONFIGS}
+VARNISH_CPU, LOAD_CPU = 0, 1
+
+
+def cpu_seconds(proxy):
+    return sum(proxy.threads_cpu_seconds().values())
+
+
+def both(proxies):
+    """One wrk per varnishd, started together; their results by side."""
+    results = {}
+
+    def drive(side, proxy):
+        results[side] = bench.wrk(proxy.port, "/" + WORKLOAD, SECONDS, LOAD_CPU)
+
+    threads = [threading.Thread(target=drive, args=item) for item in proxies.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def compare(workdir, index, a, b, otlp, origin):
+    """Rounds of A and B side by side: per round, B's CPU per request over A's."""
+    proxies = {}
+    for side, name in (("a", a), ("b", b)):
+        module, env = ALL[name]
+        vcl = bench.PROXY_VCL % {"module": bench.MODULE_LINES if module else "", "origin_port": origin.port}
+        proxies[side] = bench.Varnishd(f"{index}{side}-{name}", workdir, vcl, dict(otlp, **env) if module else env,
+                                       cpu=VARNISH_CPU, module_dir=OTHER_SO if side == "b" else None)
+    try:
+        for p in proxies.values():  # warm: the object cached, the connections open
+            bench.wrk(p.port, "/" + WORKLOAD, 1, LOAD_CPU)
+        rounds = []
+        for _ in range(ROUNDS):
+            before = {s: cpu_seconds(p) for s, p in proxies.items()}
+            served = both(proxies)
+            after = {s: cpu_seconds(p) for s, p in proxies.items()}
+            if any(served[s]["errors"] for s in proxies):
+                raise SystemExit(f"bench: {a}:{b}: error responses: {served}")
+            cost = {s: (after[s] - before[s]) * 1e6 / max(served[s]["requests"], 1) for s in proxies}
+            rounds.append({"a_rps": served["a"]["rps"], "b_rps": served["b"]["rps"],
+                           "a_cpu_us_per_req": cost["a"], "b_cpu_us_per_req": cost["b"],
+                           "cost_ratio": cost["b"] / cost["a"]})
+            print(f"bench: {a}:{b}: {served['a']['rps']:.0f} and {served['b']['rps']:.0f} req/s, "
+                  f"{cost['a']:.2f} and {cost['b']:.2f} us/req, ratio {rounds[-1]['cost_ratio']:.3f}",
+                  file=sys.stderr)
+        counters = proxies["b"].counters() if ALL[b][0] else {}
+        return rounds, counters
+    finally:
+        for p in proxies.values():
+            p.stop()
+
+
+def main():
+    unknown = [n for pair in PAIRS for n in pair if n not in ALL]
+    if unknown or any(len(p) != 2 for p in PAIRS):
+        raise SystemExit(f"bench: BENCH_PAIRS: want a:b pairs of {', '.join(ALL)}; unknown {unknown}")
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("bench: paired runs need two CPUs (varnishds on one, wrk on the other)")
+    versions = bench.versions()
+    workdir = tempfile.mkdtemp(prefix="vmod-opentracing-paired-")
+    receiver = bench.Receiver(workdir, cpu=LOAD_CPU)
+    origin = bench.Varnishd("origin", workdir, bench.ORIGIN_VCL)
+    otlp = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    results = []
+    try:
+        for index, (a, b) in enumerate(PAIRS):
+            rounds, counters = compare(workdir, index, a, b, otlp, origin)
+            ratios = [r["cost_ratio"] for r in rounds]
+            results.append({"a": a, "b": b, "b_build": OTHER_SO or "this build", "rounds": rounds,
+                            "cost_ratio": bench.spread(ratios),
+                            "implied_throughput_ratio": 1 / statistics.median(ratios),
+                            "b_spans_dropped": sum(v for k, v in counters.items() if k.startswith("spans_dropped"))
+                            if counters else None})
+    finally:
+        origin.stop()
+        receiver.stop()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    doc = {"when": stamp, "machine": versions, "workload": WORKLOAD, "rounds": ROUNDS, "seconds": SECONDS,
+           "pairs": results}
+    os.makedirs(OUT, exist_ok=True)
+    base = os.path.join(OUT, f"paired-{stamp}")
+    with open(base + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(doc))
+    print(markdown(doc))
+    print(f"bench: results in {base}.md and .json", file=sys.stderr)
+
+
+def markdown(doc):
+    m = doc["machine"]
+    lines = [f"# Paired comparison {doc['when']}", "",
+             f"Commit {m.get('commit')}, {m.get('varnishd')}, {m.get('rustc')}, {m.get('cpus')} CPUs "
+             f"({m.get('cpu_model')}), Linux {m.get('kernel')}.", "",
+             f"Method: `bench/paired.py`. Each pair's two varnishds pinned to CPU 0 and driven at the same "
+             f"time by one wrk each (-t1 -c{bench.CONNECTIONS}, CPU 1), {doc['rounds']} rounds x "
+             f"{doc['seconds']} s, workload {doc['workload']}. Cost = CPU time of all the varnishd child's "
+             f"threads (schedstat) / requests it served in the same seconds; ratio = B's cost / A's.", "",
+             "| A | B | B's build | B's CPU per request / A's: median [min-max] | implied throughput B / A | "
+             "A us/req | B us/req | req/s A, B (median) | B's spans dropped |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["pairs"]:
+        c = r["cost_ratio"]
+        med = lambda k: statistics.median(x[k] for x in r["rounds"])  # noqa: E731
+        lines.append(f"| {r['a']} | {r['b']} | {r['b_build']} | {c['median']:.3f} [{c['min']:.3f}-{c['max']:.3f}] | "
+                     f"{r['implied_throughput_ratio']:.3f} | {med('a_cpu_us_per_req'):.2f} | "
+                     f"{med('b_cpu_us_per_req'):.2f} | {med('a_rps'):.0f}, {med('b_rps'):.0f} | "
+                     f"{'-' if r['b_spans_dropped'] is None else r['b_spans_dropped']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
