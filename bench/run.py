@@ -71,11 +71,14 @@ DIAGNOSTIC_CONFIGS = {
     "sampled_100pct_neither": (True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_TRACES_EXPORTER": "none",
                                       "OPENTRACING_VSL": "off"}),
 }
-# The same three at 10% sampling (named sampled_10pct_no_export and so on).
+# The same three at 10%, 1% and 0% sampling (named sampled_10pct_no_export and so on).
 TEN_PERCENT = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+RATES = {"10pct": TEN_PERCENT, "1pct": dict(TEN_PERCENT, OTEL_TRACES_SAMPLER_ARG="0.01"),
+         "0": {"OTEL_TRACES_SAMPLER": "always_off"}}
 for _name in ("no_export", "no_vsl", "neither"):
     _module, _env = DIAGNOSTIC_CONFIGS[f"sampled_100pct_{_name}"]
-    DIAGNOSTIC_CONFIGS[f"sampled_10pct_{_name}"] = (_module, dict(_env, **TEN_PERCENT))
+    for _rate, _sampler in RATES.items():
+        DIAGNOSTIC_CONFIGS[f"sampled_{_rate}_{_name}"] = (_module, dict(_env, **_sampler))
 # Fewer, larger exports at 10% (see docs/performance.md, "The export at low sampling rates").
 DIAGNOSTIC_CONFIGS["sampled_10pct_batch_4096"] = (True, dict(TEN_PERCENT, OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4096"))
 # The export's batch size at 100%: fewer, larger sends against more, smaller ones (which fit in the
