@@ -80,10 +80,11 @@ for _name in ("no_export", "no_vsl", "neither"):
     for _rate, _sampler in RATES.items():
         DIAGNOSTIC_CONFIGS[f"sampled_{_rate}_{_name}"] = (_module, dict(_env, **_sampler))
 # Fewer, larger exports at 10% (see docs/performance.md, "The export at low sampling rates").
-DIAGNOSTIC_CONFIGS["sampled_10pct_batch_4096"] = (True, dict(TEN_PERCENT, OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4096"))
+for _size in ("512", "2048", "4096"):
+    DIAGNOSTIC_CONFIGS[f"sampled_10pct_batch_{_size}"] = (True, dict(TEN_PERCENT, OTEL_BSP_MAX_EXPORT_BATCH_SIZE=_size))
 # The export's batch size at 100%: fewer, larger sends against more, smaller ones (which fit in the
 # CPU's caches).
-for _size in ("64", "4096"):
+for _size in ("64", "512", "1024", "2048", "4096"):
     DIAGNOSTIC_CONFIGS[f"sampled_100pct_batch_{_size}"] = (
         True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": _size})
 RECEIVER = os.path.join(REPO, "target", "release", "otlp-receiver")
