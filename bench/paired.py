@@ -23,11 +23,16 @@ lower than alone (see the doc).
 Options (environment): BENCH_PAIRS (a:b,... of configuration names from bench/run.py; default
 the budget's), BENCH_PAIR_SO (folder of another build's libvmod_opentracing.so for the pairs'
 B side), BENCH_ROUNDS (8), BENCH_SECONDS (3), BENCH_OUT (bench/results), BENCH_WORKLOAD
-(hit or pass).
+(hit or pass). BENCH_CONFIGS and BENCH_COMPARE_SO, options of bench/run.py, must not be set
+(importing it applies them).
+
+A is started and measured first in each pair; for a small difference, run the pair both ways
+(a:b,b:a) and more than once: each pair gets fresh processes.
 """
 import datetime
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -69,12 +74,13 @@ def both(proxies):
 def compare(workdir, index, a, b, otlp, origin):
     """Rounds of A and B side by side: per round, B's CPU per request over A's."""
     proxies = {}
-    for side, name in (("a", a), ("b", b)):
-        module, env = ALL[name]
-        vcl = bench.PROXY_VCL % {"module": bench.MODULE_LINES if module else "", "origin_port": origin.port}
-        proxies[side] = bench.Varnishd(f"{index}{side}-{name}", workdir, vcl, dict(otlp, **env) if module else env,
-                                       cpu=VARNISH_CPU, module_dir=OTHER_SO if side == "b" else None)
     try:
+        for side, name in (("a", a), ("b", b)):
+            module, env = ALL[name]
+            vcl = bench.PROXY_VCL % {"module": bench.MODULE_LINES if module else "", "origin_port": origin.port}
+            proxies[side] = bench.Varnishd(f"{index}{side}-{name}", workdir, vcl,
+                                           dict(otlp, **env) if module else env,
+                                           cpu=VARNISH_CPU, module_dir=OTHER_SO if side == "b" else None)
         for p in proxies.values():  # warm: the object cached, the connections open
             bench.wrk(p.port, "/" + WORKLOAD, 1, LOAD_CPU)
         rounds = []
@@ -87,7 +93,7 @@ def compare(workdir, index, a, b, otlp, origin):
             cost = {s: (after[s] - before[s]) * 1e6 / max(served[s]["requests"], 1) for s in proxies}
             rounds.append({"a_rps": served["a"]["rps"], "b_rps": served["b"]["rps"],
                            "a_cpu_us_per_req": cost["a"], "b_cpu_us_per_req": cost["b"],
-                           "cost_ratio": cost["b"] / cost["a"]})
+                           "cost_ratio": cost["b"] / max(cost["a"], 1e-9)})
             print(f"bench: {a}:{b}: {served['a']['rps']:.0f} and {served['b']['rps']:.0f} req/s, "
                   f"{cost['a']:.2f} and {cost['b']:.2f} us/req, ratio {rounds[-1]['cost_ratio']:.3f}",
                   file=sys.stderr)
@@ -99,19 +105,27 @@ def compare(workdir, index, a, b, otlp, origin):
 
 
 def main():
+    if os.environ.get("BENCH_CONFIGS") or os.environ.get("BENCH_COMPARE_SO"):
+        raise SystemExit("bench: paired.py takes BENCH_PAIRS and BENCH_PAIR_SO, not BENCH_CONFIGS or BENCH_COMPARE_SO")
     unknown = [n for pair in PAIRS for n in pair if n not in ALL]
     if unknown or any(len(p) != 2 for p in PAIRS):
         raise SystemExit(f"bench: BENCH_PAIRS: want a:b pairs of {', '.join(ALL)}; unknown {unknown}")
-    if (os.cpu_count() or 1) < 2:
-        raise SystemExit("bench: paired runs need two CPUs (varnishds on one, wrk on the other)")
+    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        raise SystemExit("bench: paired runs need two CPUs and taskset (both varnishds on one CPU, wrk on the other)")
+    if ROUNDS < 1 or SECONDS < 1:
+        raise SystemExit("bench: BENCH_ROUNDS and BENCH_SECONDS must be at least 1")
     versions = bench.versions()
     workdir = tempfile.mkdtemp(prefix="vmod-opentracing-paired-")
-    receiver = bench.Receiver(workdir, cpu=LOAD_CPU)
-    origin = bench.Varnishd("origin", workdir, bench.ORIGIN_VCL)
-    otlp = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    servers = []
     results = []
     try:
+        receiver = bench.Receiver(workdir, cpu=LOAD_CPU)
+        servers.append(receiver)
+        # The origin with wrk, off the varnishds' CPU (it answers every pass).
+        origin = bench.Varnishd("origin", workdir, bench.ORIGIN_VCL, cpu=LOAD_CPU)
+        servers.append(origin)
+        otlp = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
         for index, (a, b) in enumerate(PAIRS):
             rounds, counters = compare(workdir, index, a, b, otlp, origin)
             ratios = [r["cost_ratio"] for r in rounds]
@@ -121,8 +135,8 @@ def main():
                             "b_spans_dropped": sum(v for k, v in counters.items() if k.startswith("spans_dropped"))
                             if counters else None})
     finally:
-        origin.stop()
-        receiver.stop()
+        for server in reversed(servers):
+            server.stop()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     doc = {"when": stamp, "machine": versions, "workload": WORKLOAD, "rounds": ROUNDS, "seconds": SECONDS,
            "pairs": results}

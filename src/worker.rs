@@ -57,6 +57,12 @@ pub trait Job<M>: Send + 'static {
     fn idle(&self) -> bool {
         false
     }
+    /// What the last tick did besides handling messages, in messages' worth (the tailer's log
+    /// reading): it counts toward the rate that sets how long a busy worker sleeps
+    /// (`busy_sleep`), so that a longer sleep does not pile up more of that work per tick.
+    fn other_work(&self) -> usize {
+        0
+    }
 }
 
 /// Whether a job may sleep its longer idle tick: only when its last tick ended with nothing in
@@ -88,12 +94,16 @@ impl Activity {
     }
 }
 
-/// Messages a tick is meant to find waiting at low rates (see `busy_sleep`).
+/// Messages (and other work, `Job::other_work`) a tick is meant to find at low rates (see
+/// `busy_sleep`), at most a quarter of the queue's capacity.
 pub const MESSAGES_PER_TICK: u32 = 64;
 
 /// How long a worker with work in hand sleeps: `tick` at high rates; at low rates longer, so
-/// that a tick finds about `MESSAGES_PER_TICK` messages, up to `idle_tick`. `waiting` messages
-/// came during the last `cycle` (the sleep and the work before it).
+/// that a tick finds about `per_tick` messages' worth of work, up to `idle_tick`. `work` came
+/// during about the last `cycle` (the messages that waited at its start, the sleep and the
+/// tick before; the tick's own other work). With no work at all, `idle_tick`: a job still
+/// holding something (spans waiting for their log, a partial batch) waits for deadlines of
+/// seconds, where 15 ms more do not matter.
 ///
 /// Why: every wake-up preempts a Varnish worker on the CPU they share and costs it its caches.
 /// At 1% sampling both background threads have a few messages every tick and never idle; with
@@ -101,13 +111,38 @@ pub const MESSAGES_PER_TICK: u32 = 64;
 /// `sampled_0` with the idle tick set to 5 ms against 20 ms). At high rates the tick stays
 /// short: a longer one holds more spans in flight (10 ms cost 1.8% more CPU per hit at 100%)
 /// and makes each run longer on the workers' CPU (p99).
-pub fn busy_sleep(tick: Duration, idle_tick: Duration, waiting: usize, cycle: Duration) -> Duration {
-    if waiting == 0 {
+pub fn busy_sleep(tick: Duration, idle_tick: Duration, work: usize, cycle: Duration, per_tick: u32) -> Duration {
+    if work == 0 {
         return idle_tick.max(tick);
     }
-    // The sleep in which MESSAGES_PER_TICK messages come at the last cycle's rate.
-    let per_tick = cycle.saturating_mul(MESSAGES_PER_TICK) / u32::try_from(waiting).unwrap_or(u32::MAX);
-    per_tick.clamp(tick, idle_tick.max(tick))
+    // The sleep in which `per_tick` messages come at the last cycle's rate.
+    let sleep = cycle.saturating_mul(per_tick.max(1)) / u32::try_from(work).unwrap_or(u32::MAX);
+    sleep.clamp(tick, idle_tick.max(tick))
+}
+
+/// What a worker's queue held at the start of its last cycle.
+#[derive(Clone, Copy)]
+pub struct Queued {
+    pub waiting: usize,
+    pub capacity: usize,
+    /// `per_tick(capacity)`.
+    pub per_tick: u32,
+}
+
+/// The sleep of a worker with work in hand: its short tick when the queue was full (the rate is
+/// not known then, only that it is high: a longer sleep would refuse more), else `busy_sleep`
+/// for the messages and the other work of the last cycle.
+pub fn sleep_with_work(tick: Duration, idle_tick: Duration, queue: Queued, other_work: usize, cycle: Duration) -> Duration {
+    if queue.waiting >= queue.capacity {
+        return tick;
+    }
+    busy_sleep(tick, idle_tick, queue.waiting.saturating_add(other_work), cycle, queue.per_tick)
+}
+
+/// The work a tick of a worker whose queue holds `capacity` messages is meant to find: a
+/// quarter of the queue at most, so that a rate four times the last one still fits.
+pub fn per_tick(capacity: usize) -> u32 {
+    MESSAGES_PER_TICK.min(u32::try_from(capacity / 4).unwrap_or(u32::MAX)).max(1)
 }
 
 pub struct Worker<M: Send + 'static> {
@@ -173,6 +208,7 @@ impl<M: Send + 'static> Worker<M> {
                     }
                 };
                 let mut cycle_started = std::time::Instant::now();
+                let (capacity, aim) = (rx.capacity(), per_tick(rx.capacity()));
                 loop {
                     let waiting = rx.len();
                     handle_waiting(&mut job);
@@ -183,7 +219,8 @@ impl<M: Send + 'static> Worker<M> {
                     let sleep = if rx.is_empty() && job.idle() {
                         idle_tick
                     } else {
-                        busy_sleep(tick, idle_tick, waiting, cycle)
+                        let queue = Queued { waiting, capacity, per_tick: aim };
+                        sleep_with_work(tick, idle_tick, queue, job.other_work(), cycle)
                     };
                     // Parked: sends never wake us, only `stop` does, and parking does not spin
                     // first (a channel's timed receive spun about 3,000 instructions per tick on
@@ -268,19 +305,43 @@ mod tests {
     fn a_busy_worker_sleeps_longer_at_low_rates_within_its_ticks() {
         let (tick, idle) = (Duration::from_millis(5), Duration::from_millis(20));
         let ms = Duration::from_millis;
+        let n = per_tick(16_384);
+        assert_eq!(n, MESSAGES_PER_TICK);
         // High rates: the short tick (at 100% sampling, hundreds of messages a tick).
-        assert_eq!(busy_sleep(tick, idle, 750, ms(5)), tick);
-        assert_eq!(busy_sleep(tick, idle, MESSAGES_PER_TICK as usize, ms(5)), tick);
+        assert_eq!(busy_sleep(tick, idle, 750, ms(5), n), tick);
+        assert_eq!(busy_sleep(tick, idle, MESSAGES_PER_TICK as usize, ms(5), n), tick);
         // In between: the sleep in which MESSAGES_PER_TICK messages come at the last rate.
-        assert_eq!(busy_sleep(tick, idle, 32, ms(5)), ms(10));
-        assert_eq!(busy_sleep(tick, idle, 64, ms(12)), ms(12), "a steady rate keeps its sleep");
+        assert_eq!(busy_sleep(tick, idle, 32, ms(5), n), ms(10));
+        assert_eq!(busy_sleep(tick, idle, 64, ms(12), n), ms(12), "a steady rate keeps its sleep");
         // Low rates and no message at all: the idle tick, never more.
-        assert_eq!(busy_sleep(tick, idle, 3, ms(5)), idle);
-        assert_eq!(busy_sleep(tick, idle, 0, ms(5)), idle);
-        assert_eq!(busy_sleep(tick, idle, 1, Duration::MAX), idle);
+        assert_eq!(busy_sleep(tick, idle, 3, ms(5), n), idle);
+        assert_eq!(busy_sleep(tick, idle, 0, ms(5), n), idle);
+        assert_eq!(busy_sleep(tick, idle, 1, Duration::MAX, n), idle);
         // A worker without a longer idle tick keeps its tick.
-        assert_eq!(busy_sleep(tick, tick, 1, ms(50)), tick);
-        assert_eq!(busy_sleep(tick, tick, 0, ms(50)), tick);
+        assert_eq!(busy_sleep(tick, tick, 1, ms(50), n), tick);
+        assert_eq!(busy_sleep(tick, tick, 0, ms(50), n), tick);
+        // A small queue aims at a quarter of itself: 10 places, 2 messages a tick. Ten
+        // messages in 5 ms (a full queue's worth) keep the short tick.
+        assert_eq!(per_tick(10), 2);
+        assert_eq!(per_tick(1), 1);
+        assert_eq!(busy_sleep(tick, idle, 10, ms(5), per_tick(10)), tick);
+        assert_eq!(busy_sleep(tick, idle, 1, ms(5), per_tick(10)), ms(10));
+    }
+
+    #[test]
+    fn a_full_queue_keeps_the_short_tick_and_other_work_counts_as_messages() {
+        let (tick, idle, ms) = (Duration::from_millis(5), Duration::from_millis(20), Duration::from_millis);
+        // A queue found full says only that the rate is high (what did not fit is not counted):
+        // the short tick, however long the cycle was.
+        let full = |capacity| Queued { waiting: capacity, capacity, per_tick: per_tick(capacity) };
+        assert_eq!(sleep_with_work(tick, idle, full(10), 0, ms(20)), tick);
+        assert_eq!(sleep_with_work(tick, idle, full(1_000), 0, ms(400)), tick);
+        // Few messages but much other work (the tailer's log at a high request rate with little
+        // sampled): the pace of the work, not of the messages.
+        let few = Queued { waiting: 2, capacity: 32_768, per_tick: per_tick(32_768) };
+        assert_eq!(sleep_with_work(tick, idle, few, 0, ms(20)), idle);
+        assert_eq!(sleep_with_work(tick, idle, few, 126, ms(20)), ms(10));
+        assert_eq!(sleep_with_work(tick, idle, few, usize::MAX, ms(20)), tick);
     }
 
     #[test]
