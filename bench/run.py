@@ -155,7 +155,11 @@ class Varnishd:
         full_env = dict(os.environ, **(env or {}))
         self.log = open(os.path.join(self.dir, "varnishd.out"), "w")
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # not left running when it never answered
+            raise
 
     def wait_ready(self):
         for _ in range(200):
