@@ -31,10 +31,12 @@ build: varnish
 release: varnish
 	@$(VARNISH_ENV) && cargo build --release --workspace
 
-## Overhead against plain Varnish with wrk (bench/run.py; results in bench/results/).
+## Overhead against plain Varnish with wrk: one after another (bench/run.py), then side by side
+## on one CPU (bench/paired.py); results in bench/results/.
 bench: varnish release
 	@bash scripts/deps.sh bench
 	@$(VARNISH_ENV) && python3 bench/run.py
+	@$(VARNISH_ENV) && python3 bench/paired.py
 
 ## Everything: Rust unit tests, end-to-end tests against real varnishd, every .vtc suite.
 test: deps build

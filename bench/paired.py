@@ -21,7 +21,7 @@ caches with the other: costs that grow with the rate (memory held by spans in fl
 lower than alone (see the doc).
 
 Options (environment): BENCH_PAIRS (a:b,... of configuration names from bench/run.py; default
-the budget's), BENCH_PAIR_SO (folder of another build's libvmod_opentracing.so for the pairs'
+the budget's configurations against the baseline, both ways round), BENCH_PAIR_SO (folder of another build's libvmod_opentracing.so for the pairs'
 B side), BENCH_ROUNDS (8), BENCH_SECONDS (3), BENCH_OUT (bench/results), BENCH_WORKLOAD
 (hit or pass). BENCH_CONFIGS and BENCH_COMPARE_SO, options of bench/run.py, must not be set
 (importing it applies them).
@@ -41,8 +41,9 @@ import threading
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402  (the harness's servers, wrk and configurations)
 
-PAIRS = [p.split(":") for p in os.environ.get(
-    "BENCH_PAIRS", "baseline:disabled,baseline:sampled_0,baseline:sampled_1pct,baseline:sampled_100pct").split(",")]
+# The budget's configurations against the baseline, each both ways round.
+DEFAULT_PAIRS = ",".join(f"baseline:{c},{c}:baseline" for c in ("disabled", "sampled_0", "sampled_1pct", "sampled_100pct"))
+PAIRS = [p.split(":") for p in os.environ.get("BENCH_PAIRS", DEFAULT_PAIRS).split(",")]
 OTHER_SO = os.environ.get("BENCH_PAIR_SO")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "8"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "3"))
@@ -50,6 +51,8 @@ OUT = os.environ.get("BENCH_OUT", os.path.join(bench.REPO, "bench", "results"))
 WORKLOAD = os.environ.get("BENCH_WORKLOAD", "hit")
 ALL = {**bench.CONFIGS, **bench.DIAGNOSTIC_CONFIGS}
 VARNISH_CPU, LOAD_CPU = 0, 1
+# What a pair's ratio is good to, between runs (docs/performance.md, "Paired comparison").
+RESOLUTION = 0.01
 
 
 def cpu_seconds(proxy):
@@ -139,16 +142,44 @@ def main():
             server.stop()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     doc = {"when": stamp, "machine": versions, "workload": WORKLOAD, "rounds": ROUNDS, "seconds": SECONDS,
-           "pairs": results}
+           "pairs": results, "budget": budget_verdicts(results)}
     os.makedirs(OUT, exist_ok=True)
-    base = os.path.join(OUT, f"paired-{stamp}")
-    with open(base + ".json", "w") as f:
-        json.dump(doc, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(doc))
+    for name in (f"paired-{stamp}", "latest-paired"):
+        with open(os.path.join(OUT, name + ".json"), "w") as f:
+            json.dump(doc, f, indent=1)
+        with open(os.path.join(OUT, name + ".md"), "w") as f:
+            f.write(markdown(doc))
     print(markdown(doc))
-    print(f"bench: results in {base}.md and .json", file=sys.stderr)
+    print(f"bench: results in {os.path.join(OUT, f'paired-{stamp}')}.md and .json (and latest-paired.*)",
+          file=sys.stderr)
 
+
+def budget_verdicts(results):
+    """The budget of issue #6 read from the side-by-side costs (hits against the baseline): the
+    throughput the CPU per hit implies, against the same floors as bench/run.py; tracing off
+    within the method's resolution (1%)."""
+    out = {}
+    if WORKLOAD != "hit" or OTHER_SO:
+        return out  # the budget is this build's, on hits
+    # A configuration's cost against the baseline from every pair that has both, either way
+    # round (the side a process runs on tilts its figure by a few tenths of a percent): the
+    # geometric mean of the configuration's CPU per hit over the baseline's.
+    costs = {}
+    for r in results:
+        ratio = r["cost_ratio"]["median"]
+        if r["a"] == "baseline" and r["b"] != "baseline":
+            costs.setdefault(r["b"], []).append(ratio)
+        elif r["b"] == "baseline" and r["a"] != "baseline":
+            costs.setdefault(r["a"], []).append(1 / ratio)
+    for c, ratios in costs.items():
+        implied = 1 / statistics.geometric_mean(ratios)
+        if c in bench.BUDGET:
+            out[c] = {"implied_throughput": implied, "pairs": len(ratios), "floor": bench.BUDGET[c],
+                      "within_budget": implied >= bench.BUDGET[c]}
+        elif c == "disabled":
+            out[c] = {"implied_throughput": implied, "pairs": len(ratios), "resolution": RESOLUTION,
+                      "within_budget": abs(1 - implied) <= RESOLUTION}
+    return out
 
 def markdown(doc):
     m = doc["machine"]
@@ -169,6 +200,13 @@ def markdown(doc):
                      f"{r['implied_throughput_ratio']:.3f} | {med('a_cpu_us_per_req'):.2f} | "
                      f"{med('b_cpu_us_per_req'):.2f} | {med('a_rps'):.0f}, {med('b_rps'):.0f} | "
                      f"{'-' if r['b_spans_dropped'] is None else r['b_spans_dropped']} |")
+    if doc.get("budget"):
+        lines += ["", "## Budget (cache hits, side by side)", ""]
+        for c, v in doc["budget"].items():
+            verdict = "within budget" if v["within_budget"] else "OVER BUDGET"
+            limit = f"floor {v['floor']}" if "floor" in v else f"within ±{v['resolution']:.0%} of 1"
+            lines.append(f"- {c}: implied throughput {v['implied_throughput']:.3f} from {v['pairs']} pair(s) "
+                         f"({limit}): {verdict}")
     return "\n".join(lines) + "\n"
 
 
