@@ -82,6 +82,7 @@ impl Stack {
         self.0.lock().is_empty()
     }
 }
+
 /// Set while no pipeline runs (`close`): records given back are freed.
 static CLOSED: AtomicBool = AtomicBool::new(false);
 /// Records allocated because the pool was empty (varnishstat `span_records_allocated`). Counted

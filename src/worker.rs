@@ -96,7 +96,7 @@ impl Activity {
 
 /// Messages (and other work, `Job::other_work`) a tick is meant to find at low rates (see
 /// `busy_sleep`), at most a quarter of the queue's capacity.
-pub const MESSAGES_PER_TICK: u32 = 64;
+const MESSAGES_PER_TICK: u32 = 64;
 
 /// How long a worker with work in hand sleeps: `tick` at high rates; at low rates longer, so
 /// that a tick finds about `per_tick` messages' worth of work, up to `idle_tick`. `work` came
@@ -111,7 +111,7 @@ pub const MESSAGES_PER_TICK: u32 = 64;
 /// `sampled_0` with the idle tick set to 5 ms against 20 ms). At high rates the tick stays
 /// short: a longer one holds more spans in flight (10 ms cost 1.8% more CPU per hit at 100%)
 /// and makes each run longer on the workers' CPU (p99).
-pub fn busy_sleep(tick: Duration, idle_tick: Duration, work: usize, cycle: Duration, per_tick: u32) -> Duration {
+fn busy_sleep(tick: Duration, idle_tick: Duration, work: usize, cycle: Duration, per_tick: u32) -> Duration {
     if work == 0 {
         return idle_tick.max(tick);
     }
@@ -122,17 +122,17 @@ pub fn busy_sleep(tick: Duration, idle_tick: Duration, work: usize, cycle: Durat
 
 /// What a worker's queue held at the start of its last cycle.
 #[derive(Clone, Copy)]
-pub struct Queued {
-    pub waiting: usize,
-    pub capacity: usize,
+struct Queued {
+    waiting: usize,
+    capacity: usize,
     /// `per_tick(capacity)`.
-    pub per_tick: u32,
+    per_tick: u32,
 }
 
 /// The sleep of a worker with work in hand: its short tick when the queue was full (the rate is
 /// not known then, only that it is high: a longer sleep would refuse more), else `busy_sleep`
 /// for the messages and the other work of the last cycle.
-pub fn sleep_with_work(tick: Duration, idle_tick: Duration, queue: Queued, other_work: usize, cycle: Duration) -> Duration {
+fn sleep_with_work(tick: Duration, idle_tick: Duration, queue: Queued, other_work: usize, cycle: Duration) -> Duration {
     if queue.waiting >= queue.capacity {
         return tick;
     }
@@ -141,7 +141,7 @@ pub fn sleep_with_work(tick: Duration, idle_tick: Duration, queue: Queued, other
 
 /// The work a tick of a worker whose queue holds `capacity` messages is meant to find: a
 /// quarter of the queue at most, so that a rate four times the last one still fits.
-pub fn per_tick(capacity: usize) -> u32 {
+fn per_tick(capacity: usize) -> u32 {
     MESSAGES_PER_TICK.min(u32::try_from(capacity / 4).unwrap_or(u32::MAX)).max(1)
 }
 
