@@ -1,67 +1,40 @@
 //! The only `unsafe` code that touches the Varnish shared-memory log: a hand-written binding of
-//! the parts of `vapi/vsl.h` we use (varnish-sys binds `vapi/vsm.h` but not `vsl.h`), and
-//! `LogReader`, an RAII wrapper over the VSM handle, the VSL handle and a cursor.
+//! the parts of `vapi/vsl.h` we use (varnish-sys binds `vapi/vsm.h` but not `vsl.h`), the walk
+//! through the log's ring (`Ring`), and `LogReader`, an RAII wrapper over the VSM handle, the
+//! VSL handle and the log's mapping.
 //!
-//! Reading: the cursor is opened with `VSL_COPT_BATCH`, so a transaction's records, which
-//! Varnish flushes as one batch when the transaction ends, come back as a single step whose
-//! transaction ID we can check before looking inside: the log of an untraced request costs one
-//! step. A batch we want is copied out of shared memory and then validated with `VSL_Check`
-//! (the writer never waits for readers and may have overwritten it meanwhile); only the private
-//! copy is parsed, by the safe code in `record.rs`.
+//! Reading: Varnish writes a transaction's records as one batch (an `SLT__Batch` record
+//! enclosing them) when the transaction ends, so the log of an untraced request costs one step
+//! whose transaction ID we check before looking inside. The steps are ours (`Ring`), not
+//! libvarnishapi's cursor: `VSL_Next` cost about 100 instructions per step (an indirect call,
+//! a magic check, a check call, an integer division), two steps per cache hit (the request's
+//! batch, the session's `Link` record), two thirds of the tailer's work when nothing is traced
+//! (callgrind, docs/performance.md). `Ring` follows the same rules as libvarnishapi's
+//! `vslc_vsm_next` (`lib/libvarnishapi/vsl_cursor.c`): segment numbers to detect being lapped,
+//! the end and wrap markers, a read barrier after the first word; and where that code asserts
+//! (a length pointing out of the log), it reports an overrun instead of aborting varnishd. A
+//! batch we want is copied out of shared memory and then checked again (the writer never waits
+//! for readers and may have overwritten it meanwhile); only the private copy is parsed, by the
+//! safe code in `record.rs`.
 //!
 //! Threading: a `LogReader` belongs to the tailer thread; libvarnishapi handles are not shared.
 
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_uint, CStr, CString};
 use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
 
-use varnish::ffi::{vsm, VSM_Arg, VSM_Attach, VSM_Destroy, VSM_Error, VSM_New, VSM_Status};
+use varnish::ffi::{
+    vsm, vsm_fantom, VSM_Arg, VSM_Attach, VSM_Destroy, VSM_Error, VSM_Get, VSM_Map, VSM_New, VSM_Status,
+    VSM_StillValid, VSM_Unmap, VSM_invalid,
+};
 
 use super::record::{HEADER_WORDS, IDENT_MASK};
-
-#[repr(C)]
-struct VslData {
-    _opaque: [u8; 0],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct VslcPtr {
-    ptr: *const u32,
-    priv_: c_uint,
-}
-
-#[repr(C)]
-struct VslCursor {
-    rec: VslcPtr,
-    priv_tbl: *const c_void,
-    priv_data: *mut c_void,
-}
-
-const VSL_COPT_TAIL: c_uint = 1 << 0;
-const VSL_COPT_BATCH: c_uint = 1 << 1;
-
-// enum vsl_status
-const VSL_E_OVERRUN: c_int = -3;
-const VSL_E_ABANDON: c_int = -2;
-const VSL_END: c_int = 0;
-const VSL_MORE: c_int = 1;
-
-// enum vsl_check
-const VSL_CHECK_VALID: c_int = 2;
 
 const VSM_WRK_RESTARTED: c_uint = 1 << 11;
 const VSM_MGT_RESTARTED: c_uint = 1 << 3;
 
 #[link(name = "varnishapi")]
 extern "C" {
-    fn VSL_New() -> *mut VslData;
-    fn VSL_Delete(vsl: *mut VslData);
-    fn VSL_Error(vsl: *const VslData) -> *const c_char;
-    fn VSL_ResetError(vsl: *mut VslData);
-    fn VSL_CursorVSM(vsl: *mut VslData, vsm: *mut vsm, options: c_uint) -> *mut VslCursor;
-    fn VSL_DeleteCursor(c: *const VslCursor);
-    fn VSL_Next(c: *const VslCursor) -> c_int;
-    fn VSL_Check(c: *const VslCursor, ptr: *const VslcPtr) -> c_int;
     fn VSL_Name2Tag(name: *const c_char, l: c_int) -> c_int;
 }
 
@@ -82,10 +55,193 @@ pub enum Step {
     Single { vxid: u64 },
     /// Nothing new for now.
     Idle,
-    /// The writer overwrote records before we read them: the cursor must be reacquired.
+    /// The writer overwrote records before we read them: the reader must start again at the tail.
     Overrun,
     /// The log went away (child restart); the reader must attach again.
     Abandoned,
+}
+
+// The log's layout: `vapi/vsl_int.h` (records, markers) and `vsl_priv.h` (the head), Varnish 6.0
+// to 7.7 (the head's marker names its version).
+
+/// `VSL_CLASS`: the category of the log's VSM segment.
+const LOG_CLASS: &CStr = c"Log";
+/// `VSL_HEAD_MARKER`.
+const HEAD_MARKER: &[u8; 8] = b"VSLHEAD2";
+/// `VSL_SEGMENTS`: the ring is cut into this many segments, numbered for ever upwards.
+const SEGMENTS: u32 = 8;
+/// `SLT__Batch`: fixed by the log format, not in the name table.
+const BATCH_TAG: u8 = 255;
+/// `VSL_ENDMARKER`: where the writer will write next.
+const END_MARKER: u32 = (254 << 24) | 0x45_4545;
+/// `VSL_WRAPMARKER`: the rest of the ring is unused, go on at its start.
+const WRAP_MARKER: u32 = (254 << 24) | 0x57_5757;
+
+/// `struct VSL_head` (`vsl_priv.h`), followed in memory by the ring of 32-bit words.
+#[repr(C)]
+struct VslHead {
+    marker: [u8; 8],
+    /// Words per segment.
+    segsize: isize,
+    /// The segment being written, counted since the log's creation (wraps at `u32::MAX`).
+    segment_n: c_uint,
+    /// The first record of each segment (words from the ring's start), -1 when none yet.
+    offset: [isize; SEGMENTS as usize],
+}
+
+/// A position in the ring and the number of the segment it is in (libvarnishapi's `VSLC_ptr`).
+#[derive(Clone, Copy)]
+struct Place {
+    ptr: *const u32,
+    segment: u32,
+}
+
+/// What `Ring::next` found.
+#[derive(Debug, PartialEq, Eq)]
+enum RingStep {
+    /// The record (or batch) at this address.
+    Record(*const u32),
+    /// Nothing more for now.
+    End,
+    /// The writer is too close behind us (or past us): what we would read may be overwritten.
+    Lapped,
+}
+
+/// Steps through the ring of a mapped log, record by record (a batch counts as one), with the
+/// rules of libvarnishapi's `vslc_vsm_next`.
+struct Ring {
+    head: *const VslHead,
+    log: *const u32,
+    /// One past the ring's last word.
+    end: *const u32,
+    segsize: usize,
+    next: Place,
+    /// The end of `next`'s segment (so that finding a record's segment takes no division).
+    segment_end: *const u32,
+    /// The record returned last.
+    current: Place,
+}
+
+impl Ring {
+    /// A walker of the log whose head is at `head`, placed at the tail (past everything written).
+    ///
+    /// # Safety
+    /// `head` must point at a `VSL_head` followed by its whole ring, mapped for as long as the
+    /// `Ring` is used, with the marker checked.
+    unsafe fn at_tail(head: *const VslHead) -> Result<Ring, &'static str> {
+        let segsize = usize::try_from((*head).segsize).map_err(|_| "bad segment size")?;
+        if segsize == 0 {
+            return Err("bad segment size");
+        }
+        let log = head.add(1).cast::<u32>();
+        let mut ring = Ring {
+            head,
+            log,
+            end: log.add(segsize * SEGMENTS as usize),
+            segsize,
+            next: Place { ptr: log, segment: 0 },
+            segment_end: log,
+            current: Place { ptr: std::ptr::null(), segment: 0 },
+        };
+        ring.seek_tail()?;
+        Ok(ring)
+    }
+
+    fn segment_n(&self) -> u32 {
+        // SAFETY: the head is mapped (`at_tail`); the writer updates the field concurrently.
+        unsafe { std::ptr::addr_of!((*self.head).segment_n).read_volatile() }
+    }
+
+    /// `vslc_vsm_reset` with `VSL_COPT_TAIL`: from the start of the segment being written, run
+    /// forward to the end of what is written.
+    fn seek_tail(&mut self) -> Result<(), &'static str> {
+        let segment = self.segment_n();
+        // The offsets table must not be older than the segment number read (as libvarnishapi).
+        fence(Ordering::Acquire);
+        // SAFETY: the head is mapped; the index is below SEGMENTS.
+        let offset = unsafe { std::ptr::addr_of!((*self.head).offset[(segment % SEGMENTS) as usize]).read_volatile() };
+        let offset = usize::try_from(offset).ok().filter(|&o| o < self.segsize * SEGMENTS as usize);
+        let Some(offset) = offset else { return Err("the log's segment table is not ready") };
+        // SAFETY: within the ring (checked above).
+        self.next = Place { ptr: unsafe { self.log.add(offset) }, segment };
+        self.set_segment_end();
+        loop {
+            if self.segment_n().wrapping_sub(segment) > 1 {
+                return Err("varnishd writes the log faster than it can be followed");
+            }
+            match self.next() {
+                RingStep::Record(_) => {}
+                RingStep::End => return Ok(()),
+                RingStep::Lapped => return Err("lapped while looking for the log's tail"),
+            }
+        }
+    }
+
+    fn set_segment_end(&mut self) {
+        let index = (self.next.segment % SEGMENTS) as usize;
+        // SAFETY: at most `end`.
+        self.segment_end = unsafe { self.log.add(self.segsize * (index + 1)) };
+    }
+
+    /// Whether the writer is far enough behind `place` that what is there is still intact
+    /// (`vslc_vsm_check`: two segments of margin, and a warning zone of two more that is still
+    /// valid for reading on).
+    fn intact(&self, place: Place, margin: u32) -> bool {
+        self.segment_n().wrapping_sub(place.segment) < SEGMENTS - margin
+    }
+
+    /// The next record or batch.
+    fn next(&mut self) -> RingStep {
+        loop {
+            if !self.intact(self.next, 2) {
+                return RingStep::Lapped;
+            }
+            // SAFETY: `next` is within the ring (checked when it was set).
+            let word = unsafe { self.next.ptr.read_volatile() };
+            if word == END_MARKER {
+                return RingStep::End;
+            }
+            // What follows the first word was written before it (the writer's write barrier).
+            fence(Ordering::Acquire);
+            if word == WRAP_MARKER {
+                if self.next.ptr == self.log {
+                    return RingStep::Lapped; // cannot wrap at the start: not a log we understand
+                }
+                // The writer moved on to the next multiple of SEGMENTS (`vsl_wrap`).
+                let segment = self.next.segment;
+                self.next =
+                    Place { ptr: self.log, segment: segment.wrapping_add((SEGMENTS - segment % SEGMENTS) % SEGMENTS) };
+                self.set_segment_end();
+                continue;
+            }
+            let here = self.next;
+            let mut words = HEADER_WORDS + ((word & 0xffff) as usize).div_ceil(4);
+            if (word >> 24) as u8 == BATCH_TAG {
+                // SAFETY: a batch record's second word (within the ring: a record is at least
+                // HEADER_WORDS long, and the writer never splits one at the ring's end).
+                let enclosed = unsafe { here.ptr.add(1).read() } as usize;
+                words += enclosed.div_ceil(4);
+            }
+            let remaining = (self.end as usize - here.ptr as usize) / 4;
+            if words >= remaining {
+                // Past the ring: a torn read of a record being overwritten.
+                return RingStep::Lapped;
+            }
+            // SAFETY: within the ring (checked above).
+            self.next.ptr = unsafe { here.ptr.add(words) };
+            while self.next.ptr >= self.segment_end {
+                self.next.segment = self.next.segment.wrapping_add(1);
+                self.set_segment_end();
+            }
+            self.current = here;
+            return RingStep::Record(here.ptr);
+        }
+    }
+
+    /// Whether the record returned last is still intact (`VSL_Check` valid).
+    fn current_intact(&self) -> bool {
+        !self.current.ptr.is_null() && self.intact(self.current, 4)
+    }
 }
 
 /// Owns a VSM handle (the mapping of the instance's shared memory).
@@ -93,66 +249,40 @@ struct Vsm(*mut vsm);
 
 impl Drop for Vsm {
     fn drop(&mut self) {
-        // SAFETY: created by VSM_New, released once.
+        // SAFETY: created by VSM_New, released once, after the log's mapping (field order).
         unsafe { VSM_Destroy(&mut self.0) }
     }
 }
 
-/// Owns a VSL handle (log reading state and errors).
-struct Vsl(*mut VslData);
+/// The log's segment, mapped.
+struct Mapping {
+    vsm: *mut vsm,
+    fantom: vsm_fantom,
+}
 
-impl Drop for Vsl {
+impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: created by VSL_New, released once, after every cursor made from it.
-        unsafe { VSL_Delete(self.0) }
+        // SAFETY: mapped by VSM_Map on this handle, unmapped once, before the handle goes.
+        unsafe { VSM_Unmap(self.vsm, &mut self.fantom) };
     }
 }
 
-/// Owns a cursor into the log.
-struct Cursor(*mut VslCursor);
-
-impl Drop for Cursor {
-    fn drop(&mut self) {
-        // SAFETY: created by VSL_CursorVSM, released once.
-        unsafe { VSL_DeleteCursor(self.0) }
-    }
-}
-
-/// A reader of one instance's log. Field order is drop order: the cursor goes before the VSL
-/// handle, which goes before the VSM mapping it reads.
+/// A reader of one instance's log. Field order is drop order: the walker goes before the
+/// mapping it reads, which goes before the VSM handle.
 pub struct LogReader {
-    cursor: Cursor,
-    vsl: Vsl,
+    ring: Ring,
+    mapping: Mapping,
     vsm: Vsm,
 }
 
-/// `SLT__Batch` of `vapi/vsl_int.h`: fixed by the log format, not in the name table.
-const BATCH_TAG: u8 = 255;
-
-// SAFETY: the handles are only used from the thread that owns the reader; moving the owner to
-// another thread (the tailer worker, at spawn) is fine for libvarnishapi.
+// SAFETY: the handles and the mapping are only used from the thread that owns the reader;
+// moving the owner to another thread (the tailer worker, at spawn) is fine for libvarnishapi.
 unsafe impl Send for LogReader {}
 
 fn vsm_error(vsm: *const vsm) -> String {
     // SAFETY: VSM_Error returns NULL or a NUL-terminated string owned by the handle.
     unsafe { VSM_Error(vsm).as_ref().map(|p| CStr::from_ptr(p).to_string_lossy().into_owned()) }
         .unwrap_or_else(|| "unknown error".to_owned())
-}
-
-fn new_cursor(vsl: &Vsl, vsm: &Vsm) -> Result<Cursor, String> {
-    // SAFETY: both handles are live; errors are read from and reset on the VSL handle.
-    unsafe {
-        let c = VSL_CursorVSM(vsl.0, vsm.0, VSL_COPT_TAIL | VSL_COPT_BATCH);
-        if c.is_null() {
-            let msg = VSL_Error(vsl.0)
-                .as_ref()
-                .map(|p| CStr::from_ptr(p).to_string_lossy().into_owned())
-                .unwrap_or_else(|| "no log yet".to_owned());
-            VSL_ResetError(vsl.0);
-            return Err(msg);
-        }
-        Ok(Cursor(c))
-    }
 }
 
 impl LogReader {
@@ -177,20 +307,32 @@ impl LogReader {
             if VSM_Attach(vsm.0, -1) < 0 {
                 return Err(format!("cannot attach to the log of {}: {}", workdir.display(), vsm_error(vsm.0)));
             }
-            let vsl = Vsl(VSL_New());
-            if vsl.0.is_null() {
-                std::mem::forget(vsl);
-                return Err("VSL_New failed".to_owned());
+            let mut fantom: vsm_fantom = std::mem::zeroed();
+            if VSM_Get(vsm.0, &mut fantom, LOG_CLASS.as_ptr(), std::ptr::null()) == 0 {
+                return Err("no log yet (child not started?)".to_owned());
             }
-            let cursor = new_cursor(&vsl, &vsm)?;
-            Ok(LogReader { cursor, vsl, vsm })
+            if VSM_Map(vsm.0, &mut fantom) != 0 {
+                return Err(format!("cannot map the log: {}", vsm_error(vsm.0)));
+            }
+            let mapping = Mapping { vsm: vsm.0, fantom };
+            let (b, e) = (mapping.fantom.b as usize, mapping.fantom.e as usize);
+            let head = mapping.fantom.b.cast::<VslHead>().cast_const();
+            if b == 0 || e < b + size_of::<VslHead>() || (*head).marker != *HEAD_MARKER {
+                return Err("not a log this module can read (VSL head marker)".to_owned());
+            }
+            let segsize = usize::try_from((*head).segsize).unwrap_or(usize::MAX);
+            let ring_bytes = segsize.checked_mul(SEGMENTS as usize * 4);
+            if ring_bytes.is_none_or(|r| e - b - size_of::<VslHead>() < r) {
+                return Err("the log's segment is smaller than its head says".to_owned());
+            }
+            let ring = Ring::at_tail(head).map_err(str::to_owned)?;
+            Ok(LogReader { ring, mapping, vsm })
         }
     }
 
     /// After an overrun: skip what was lost and continue from the current tail.
     pub fn reacquire(&mut self) -> Result<(), String> {
-        self.cursor = new_cursor(&self.vsl, &self.vsm)?;
-        Ok(())
+        self.ring.seek_tail().map_err(str::to_owned)
     }
 
     /// Whether the instance restarted since the last call (then the reader must attach again).
@@ -200,53 +342,63 @@ impl LogReader {
         unsafe { VSM_Status(self.vsm.0) & (VSM_WRK_RESTARTED | VSM_MGT_RESTARTED) != 0 }
     }
 
+    /// Whether the log's segment is still the one varnishd writes (not left by a stopped child).
+    fn still_valid(&self) -> bool {
+        // SAFETY: handle and fantom owned by self.
+        unsafe { VSM_StillValid(self.vsm.0, &self.mapping.fantom) != VSM_invalid.as_ptr() }
+    }
+
     pub fn step(&mut self) -> Step {
-        // SAFETY: the cursor is valid; after VSL_MORE its `rec.ptr` points at a record header
-        // in the mapped log.
-        unsafe {
-            match VSL_Next(self.cursor.0) {
-                VSL_MORE => {
-                    let p = (*self.cursor.0).rec.ptr;
-                    let tag = (*p >> 24) as u8;
-                    if tag == BATCH_TAG {
-                        // The batch's ID is the first enclosed record's.
-                        Step::Batch { vxid: vxid_of(p.add(HEADER_WORDS)) }
-                    } else {
-                        Step::Single { vxid: vxid_of(p) }
-                    }
+        match self.ring.next() {
+            // SAFETY: a record header (three words) inside the mapped ring; a batch's first
+            // enclosed record follows its header.
+            RingStep::Record(p) => unsafe {
+                if (*p >> 24) as u8 == BATCH_TAG {
+                    // The batch's ID is the first enclosed record's.
+                    Step::Batch { vxid: vxid_of(p.add(HEADER_WORDS)) }
+                } else {
+                    Step::Single { vxid: vxid_of(p) }
                 }
-                VSL_END => Step::Idle,
-                VSL_E_OVERRUN => Step::Overrun,
-                VSL_E_ABANDON => Step::Abandoned,
-                _ => Step::Abandoned,
-            }
+            },
+            // libvarnishapi asks whether the segment is still valid at each of these: a child
+            // that stopped leaves its log behind, never to be written again.
+            RingStep::End | RingStep::Lapped if !self.still_valid() => Step::Abandoned,
+            RingStep::End => Step::Idle,
+            RingStep::Lapped => Step::Overrun,
         }
     }
 
     /// Copies the records of the current step (the batch's contents, or the single record) into
     /// `buf`, as bytes in native order. Returns false if the writer overwrote them meanwhile.
     pub fn copy_current(&self, buf: &mut Vec<u8>) -> bool {
-        buf.clear();
-        // SAFETY: the cursor points at a record of the mapped log (last step returned Batch or
-        // Single); lengths come from its header and are bounded below; VSL_Check afterwards
-        // tells whether what we copied was still intact.
-        unsafe {
-            let rec = (*self.cursor.0).rec;
-            let p = rec.ptr;
-            let tag = (*p >> 24) as u8;
-            let (start, bytes) = if tag == BATCH_TAG {
-                (p.add(HEADER_WORDS), *p.add(1) as usize)
-            } else {
-                (p, (HEADER_WORDS + ((*p & 0xffff) as usize).div_ceil(4)) * 4)
-            };
-            // A batch is at most the vsl_buffer size (16k by default, settable to 1 MB or so).
-            if bytes > 8 << 20 {
-                return false;
-            }
-            buf.extend_from_slice(std::slice::from_raw_parts(start.cast::<u8>(), bytes));
-            VSL_Check(self.cursor.0, &rec) == VSL_CHECK_VALID
-        }
+        copy_record(&self.ring, buf)
     }
+}
+
+/// `LogReader::copy_current`, for any ring (tests use one in ordinary memory).
+fn copy_record(ring: &Ring, buf: &mut Vec<u8>) -> bool {
+    buf.clear();
+    let p = ring.current.ptr;
+    if p.is_null() {
+        return false;
+    }
+    // SAFETY: `p` is the record `next` returned last, whose whole length (batch contents
+    // included) `next` checked to lie within the ring; `current_intact` afterwards tells
+    // whether what we copied was still intact.
+    unsafe {
+        let word = p.read_volatile();
+        let (start, bytes) = if (word >> 24) as u8 == BATCH_TAG {
+            (p.add(HEADER_WORDS), (p.add(1).read() as usize).div_ceil(4) * 4)
+        } else {
+            (p, (HEADER_WORDS + ((word & 0xffff) as usize).div_ceil(4)) * 4)
+        };
+        // Read again here: the writer may have lapped us since `next` measured it.
+        if (ring.end as usize - start as usize) < bytes {
+            return false;
+        }
+        buf.extend_from_slice(std::slice::from_raw_parts(start.cast::<u8>(), bytes));
+    }
+    ring.current_intact()
 }
 
 /// The transaction ID of the record at `p`, without the client/backend markers.
@@ -255,4 +407,231 @@ impl LogReader {
 /// `p` must point at a record header (three words) in the mapped log.
 unsafe fn vxid_of(p: *const u32) -> u64 {
     ((u64::from(*p.add(2)) << 32) | u64::from(*p.add(1))) & IDENT_MASK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log in ordinary memory, written the way varnishd's `vsl_get` and `vsl_wrap` write it.
+    struct FakeLog {
+        /// u64s for the head's alignment.
+        memory: Vec<u64>,
+        segsize: usize,
+        /// The writer's position (words from the ring's start) and segment number.
+        at: usize,
+        segment_n: u32,
+    }
+
+    const HEAD_U64S: usize = size_of::<VslHead>() / 8;
+
+    impl FakeLog {
+        fn new(segsize: usize) -> FakeLog {
+            let mut log = FakeLog { memory: vec![0; HEAD_U64S + segsize * 4], segsize, at: 0, segment_n: 0 };
+            let head = log.head_mut();
+            head.marker = *HEAD_MARKER;
+            head.segsize = segsize as isize;
+            head.offset = [-1; SEGMENTS as usize];
+            head.offset[0] = 0;
+            log.ring_mut()[0] = END_MARKER;
+            log
+        }
+
+        fn head_mut(&mut self) -> &mut VslHead {
+            // SAFETY: the memory starts with room for a head, aligned for it.
+            unsafe { &mut *self.memory.as_mut_ptr().cast::<VslHead>() }
+        }
+
+        fn head(&self) -> *const VslHead {
+            self.memory.as_ptr().cast()
+        }
+
+        fn ring_mut(&mut self) -> &mut [u32] {
+            let words = self.segsize * SEGMENTS as usize;
+            // SAFETY: the ring follows the head within the allocation.
+            unsafe { std::slice::from_raw_parts_mut(self.memory.as_mut_ptr().add(HEAD_U64S).cast::<u32>(), words) }
+        }
+
+        /// Writes a record of `payload` bytes (a batch when `batch_of` gives its enclosed
+        /// records' bytes) for `vxid`; returns where it starts.
+        fn write(&mut self, tag: u8, vxid: u64, payload: usize) -> usize {
+            let words = HEADER_WORDS + payload.div_ceil(4);
+            let end = self.segsize * SEGMENTS as usize;
+            if self.at + words >= end {
+                self.segment_n += SEGMENTS - self.segment_n % SEGMENTS;
+                self.head_mut().offset[0] = 0;
+                self.ring_mut()[0] = END_MARKER;
+                if self.at != 0 {
+                    let at = self.at;
+                    self.ring_mut()[at] = WRAP_MARKER;
+                    self.at = 0;
+                }
+                let n = self.segment_n;
+                self.head_mut().segment_n = n;
+            }
+            let start = self.at;
+            self.at += words;
+            let at = self.at;
+            self.ring_mut()[at] = END_MARKER;
+            while self.at / self.segsize > (self.segment_n % SEGMENTS) as usize {
+                self.segment_n += 1;
+                let (index, at) = ((self.segment_n % SEGMENTS) as usize, self.at as isize);
+                self.head_mut().offset[index] = at;
+            }
+            let ring = self.ring_mut();
+            ring[start + 1] = vxid as u32;
+            ring[start + 2] = (vxid >> 32) as u32 | 1 << 30; // the client marker, masked off by readers
+            for w in &mut ring[start + HEADER_WORDS..start + words] {
+                *w = 0x2e2e_2e2e;
+            }
+            ring[start] = u32::from(tag) << 24 | payload as u32;
+            let n = self.segment_n;
+            self.head_mut().segment_n = n;
+            start
+        }
+
+        /// A batch enclosing one record of `payload` bytes for `vxid`.
+        fn write_batch(&mut self, vxid: u64, payload: usize) -> usize {
+            let inner = (HEADER_WORDS + payload.div_ceil(4)) * 4;
+            // The batch's header with the enclosed bytes as its "payload" occupies the same words.
+            let start = self.write(BATCH_TAG, vxid, inner);
+            let ring = self.ring_mut();
+            ring[start + 1] = inner as u32;
+            ring[start + 2] = 0;
+            ring[start + HEADER_WORDS] = 1 << 24 | payload as u32;
+            ring[start + HEADER_WORDS + 1] = vxid as u32;
+            ring[start + HEADER_WORDS + 2] = (vxid >> 32) as u32;
+            // The batch record's own length field is zero in varnishd; only its second word counts.
+            ring[start] = u32::from(BATCH_TAG) << 24;
+            start
+        }
+    }
+
+    /// What the ring returns next, as (batch?, vxid).
+    fn next_id(ring: &mut Ring) -> Option<(bool, u64)> {
+        match ring.next() {
+            // SAFETY: the fake log's records have full headers.
+            RingStep::Record(p) => unsafe {
+                Some(if (*p >> 24) as u8 == BATCH_TAG { (true, vxid_of(p.add(3))) } else { (false, vxid_of(p)) })
+            },
+            RingStep::End => None,
+            RingStep::Lapped => panic!("lapped"),
+        }
+    }
+
+    #[test]
+    fn starts_at_the_tail_and_reads_records_and_batches_in_order() {
+        let mut log = FakeLog::new(64);
+        log.write(7, 1, 20);
+        log.write_batch(2, 40);
+        // SAFETY: the log outlives the ring (both local), its head is valid.
+        let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+        assert_eq!(next_id(&mut ring), None, "what was written before attaching is skipped");
+        log.write(7, 3, 5);
+        log.write_batch(1 << 40 | 4, 100);
+        log.write(9, 5, 0);
+        assert_eq!(next_id(&mut ring), Some((false, 3)));
+        assert_eq!(next_id(&mut ring), Some((true, 1 << 40 | 4)));
+        let mut buf = Vec::new();
+        assert!(copy_record(&ring, &mut buf));
+        assert_eq!(buf.len(), (HEADER_WORDS + 25) * 4, "the batch's contents, without its own header");
+        assert_eq!(next_id(&mut ring), Some((false, 5)));
+        assert!(copy_record(&ring, &mut buf));
+        assert_eq!(buf.len(), HEADER_WORDS * 4);
+        assert_eq!(next_id(&mut ring), None);
+        assert_eq!(next_id(&mut ring), None, "the end stays the end");
+    }
+
+    #[test]
+    fn follows_the_writer_round_the_ring_many_times() {
+        let mut log = FakeLog::new(50);
+        // SAFETY: as above.
+        let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+        let mut expected = 0u64;
+        for vxid in 1..5_000u64 {
+            // Sizes that do not divide the ring: records land across segment borders and wraps.
+            if vxid % 3 == 0 {
+                log.write_batch(vxid, (vxid % 37) as usize);
+            } else {
+                log.write(7, vxid, (vxid % 23) as usize);
+            }
+            if vxid % 4 == 0 {
+                while let Some((_, got)) = next_id(&mut ring) {
+                    expected += 1;
+                    assert_eq!(got, expected);
+                    assert_eq!(ring.current.segment, ring_segment_of(&log, &ring), "segment number of {got}");
+                }
+            }
+        }
+        assert!(log.segment_n > 8 * 20, "wrapped {} segments", log.segment_n);
+        assert!(expected >= 4_990);
+    }
+
+    /// The segment number the writer had when it wrote the ring's current record, from the
+    /// record's place and the writer's present lap (the test reads at most a lap behind).
+    fn ring_segment_of(log: &FakeLog, ring: &Ring) -> u32 {
+        let index = (ring.current.ptr as usize - ring.log as usize) / 4 / log.segsize;
+        let lap = log.segment_n / SEGMENTS * SEGMENTS;
+        let candidate = lap + index as u32;
+        if candidate > log.segment_n {
+            candidate - SEGMENTS
+        } else {
+            candidate
+        }
+    }
+
+    #[test]
+    fn a_writer_six_segments_ahead_laps_the_reader_and_a_copy_four_ahead_is_refused() {
+        let mut log = FakeLog::new(64);
+        // SAFETY: as above.
+        let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+        log.write(7, 1, 8);
+        assert_eq!(next_id(&mut ring), Some((false, 1)));
+        let mut buf = Vec::new();
+        assert!(copy_record(&ring, &mut buf));
+        while log.segment_n < 4 {
+            log.write(7, 2, 100);
+        }
+        assert!(!copy_record(&ring, &mut buf), "four segments on, the record may be overwritten");
+        while log.segment_n < 6 {
+            log.write(7, 2, 100);
+        }
+        assert_eq!(ring.next(), RingStep::Lapped);
+        ring.seek_tail().unwrap();
+        assert_eq!(next_id(&mut ring), None);
+        log.write(7, 3, 8);
+        assert_eq!(next_id(&mut ring), Some((false, 3)), "goes on from the tail");
+    }
+
+    #[test]
+    fn a_torn_length_pointing_out_of_the_ring_is_an_overrun_not_a_crash() {
+        let mut log = FakeLog::new(64);
+        // SAFETY: as above.
+        let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+        let at = log.write(7, 1, 8);
+        log.ring_mut()[at] = 7 << 24 | 0xffff; // 16 KB: past the 2 KB ring
+        assert_eq!(ring.next(), RingStep::Lapped);
+        let mut log = FakeLog::new(64);
+        // SAFETY: as above.
+        let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+        let at = log.write_batch(1, 8);
+        log.ring_mut()[at + 1] = u32::MAX; // a batch of 4 GB
+        assert_eq!(ring.next(), RingStep::Lapped);
+    }
+
+    #[test]
+    fn a_head_without_a_usable_segment_table_is_refused() {
+        let mut log = FakeLog::new(64);
+        log.head_mut().offset[0] = -1;
+        // SAFETY: as above.
+        assert!(unsafe { Ring::at_tail(log.head()) }.is_err());
+        let mut log = FakeLog::new(64);
+        log.head_mut().offset[0] = 64 * 8;
+        // SAFETY: as above.
+        assert!(unsafe { Ring::at_tail(log.head()) }.is_err());
+        let mut log = FakeLog::new(64);
+        log.head_mut().segsize = 0;
+        // SAFETY: as above.
+        assert!(unsafe { Ring::at_tail(log.head()) }.is_err());
+    }
 }
