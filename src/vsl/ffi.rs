@@ -89,6 +89,10 @@ struct VslHead {
     offset: [isize; SEGMENTS as usize],
 }
 
+// `log` follows the head at 88 bytes (LP64: x86_64, aarch64), where `VslHead` ends.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(size_of::<VslHead>() == 88);
+
 /// A position in the ring and the number of the segment it is in (libvarnishapi's `VSLC_ptr`).
 #[derive(Clone, Copy)]
 struct Place {
@@ -99,8 +103,8 @@ struct Place {
 /// What `Ring::next` found.
 #[derive(Debug, PartialEq, Eq)]
 enum RingStep {
-    /// The record (or batch) at this address.
-    Record(*const u32),
+    /// A record or a batch, and its transaction ID (a batch's: its first enclosed record's).
+    Record { batch: bool, vxid: u64 },
     /// Nothing more for now.
     End,
     /// The writer is too close behind us (or past us): what we would read may be overwritten.
@@ -118,8 +122,10 @@ struct Ring {
     next: Place,
     /// The end of `next`'s segment (so that finding a record's segment takes no division).
     segment_end: *const u32,
-    /// The record returned last.
+    /// The record returned last (null before the first, and after a seek).
     current: Place,
+    /// What `copy_record` copies of it: the batch's contents, or the whole record (start, bytes).
+    current_body: (*const u32, usize),
 }
 
 impl Ring {
@@ -142,6 +148,7 @@ impl Ring {
             next: Place { ptr: log, segment: 0 },
             segment_end: log,
             current: Place { ptr: std::ptr::null(), segment: 0 },
+            current_body: (std::ptr::null(), 0),
         };
         ring.seek_tail()?;
         Ok(ring)
@@ -170,8 +177,11 @@ impl Ring {
                 return Err("varnishd writes the log faster than it can be followed");
             }
             match self.next() {
-                RingStep::Record(_) => {}
-                RingStep::End => return Ok(()),
+                RingStep::Record { .. } => {}
+                RingStep::End => {
+                    self.current.ptr = std::ptr::null();
+                    return Ok(());
+                }
                 RingStep::Lapped => return Err("lapped while looking for the log's tail"),
             }
         }
@@ -215,18 +225,33 @@ impl Ring {
                 continue;
             }
             let here = self.next;
-            let mut words = HEADER_WORDS + ((word & 0xffff) as usize).div_ceil(4);
-            if (word >> 24) as u8 == BATCH_TAG {
-                // SAFETY: a batch record's second word (within the ring: a record is at least
-                // HEADER_WORDS long, and the writer never splits one at the ring's end).
-                let enclosed = unsafe { here.ptr.add(1).read() } as usize;
-                words += enclosed.div_ceil(4);
-            }
             let remaining = (self.end as usize - here.ptr as usize) / 4;
-            if words >= remaining {
-                // Past the ring: a torn read of a record being overwritten.
+            // A record's header within the ring (so its second word is), and a first word no
+            // writer writes (libvarnishapi asserts on it): a torn read of a record being
+            // overwritten. So is anything below that points past the ring.
+            if word == 0 || remaining <= HEADER_WORDS {
                 return RingStep::Lapped;
             }
+            let batch = (word >> 24) as u8 == BATCH_TAG;
+            let (body, body_words, words) = if batch {
+                // SAFETY: the batch's second word, within the ring (checked above).
+                let enclosed = unsafe { here.ptr.add(1).read_volatile() } as usize;
+                // At least one whole record inside (whose ID we read below).
+                if enclosed < HEADER_WORDS * 4 {
+                    return RingStep::Lapped;
+                }
+                // SAFETY: still within the ring's allocation (checked below before any read).
+                (unsafe { here.ptr.add(HEADER_WORDS) }, enclosed.div_ceil(4), HEADER_WORDS + enclosed.div_ceil(4))
+            } else {
+                let words = HEADER_WORDS + ((word & 0xffff) as usize).div_ceil(4);
+                (here.ptr, words, words)
+            };
+            if words >= remaining {
+                return RingStep::Lapped;
+            }
+            // SAFETY: `body` holds a record header (at least HEADER_WORDS words) and lies within
+            // the ring, like the record's end (checked above).
+            let vxid = unsafe { vxid_of(body) };
             // SAFETY: within the ring (checked above).
             self.next.ptr = unsafe { here.ptr.add(words) };
             while self.next.ptr >= self.segment_end {
@@ -234,7 +259,8 @@ impl Ring {
                 self.set_segment_end();
             }
             self.current = here;
-            return RingStep::Record(here.ptr);
+            self.current_body = (body, body_words * 4);
+            return RingStep::Record { batch, vxid };
         }
     }
 
@@ -314,10 +340,14 @@ impl LogReader {
             if VSM_Map(vsm.0, &mut fantom) != 0 {
                 return Err(format!("cannot map the log: {}", vsm_error(vsm.0)));
             }
+            if fantom.b.is_null() {
+                // Never after a successful map; VSM_Unmap would assert on it.
+                return Err("cannot map the log".to_owned());
+            }
             let mapping = Mapping { vsm: vsm.0, fantom };
             let (b, e) = (mapping.fantom.b as usize, mapping.fantom.e as usize);
             let head = mapping.fantom.b.cast::<VslHead>().cast_const();
-            if b == 0 || e < b + size_of::<VslHead>() || (*head).marker != *HEAD_MARKER {
+            if e < b + size_of::<VslHead>() || (*head).marker != *HEAD_MARKER {
                 return Err("not a log this module can read (VSL head marker)".to_owned());
             }
             let segsize = usize::try_from((*head).segsize).unwrap_or(usize::MAX);
@@ -350,16 +380,8 @@ impl LogReader {
 
     pub fn step(&mut self) -> Step {
         match self.ring.next() {
-            // SAFETY: a record header (three words) inside the mapped ring; a batch's first
-            // enclosed record follows its header.
-            RingStep::Record(p) => unsafe {
-                if (*p >> 24) as u8 == BATCH_TAG {
-                    // The batch's ID is the first enclosed record's.
-                    Step::Batch { vxid: vxid_of(p.add(HEADER_WORDS)) }
-                } else {
-                    Step::Single { vxid: vxid_of(p) }
-                }
-            },
+            RingStep::Record { batch: true, vxid } => Step::Batch { vxid },
+            RingStep::Record { batch: false, vxid } => Step::Single { vxid },
             // libvarnishapi asks whether the segment is still valid at each of these: a child
             // that stopped leaves its log behind, never to be written again.
             RingStep::End | RingStep::Lapped if !self.still_valid() => Step::Abandoned,
@@ -375,29 +397,20 @@ impl LogReader {
     }
 }
 
+/// A batch is at most the `vsl_buffer` size (16k by default, settable to 1 MB or so): a
+/// longer one is a torn read, not copied (nor the buffer grown for it).
+const MAX_COPY_BYTES: usize = 8 << 20;
+
 /// `LogReader::copy_current`, for any ring (tests use one in ordinary memory).
 fn copy_record(ring: &Ring, buf: &mut Vec<u8>) -> bool {
     buf.clear();
-    let p = ring.current.ptr;
-    if p.is_null() {
+    let (start, bytes) = ring.current_body;
+    if ring.current.ptr.is_null() || bytes > MAX_COPY_BYTES {
         return false;
     }
-    // SAFETY: `p` is the record `next` returned last, whose whole length (batch contents
-    // included) `next` checked to lie within the ring; `current_intact` afterwards tells
-    // whether what we copied was still intact.
-    unsafe {
-        let word = p.read_volatile();
-        let (start, bytes) = if (word >> 24) as u8 == BATCH_TAG {
-            (p.add(HEADER_WORDS), (p.add(1).read() as usize).div_ceil(4) * 4)
-        } else {
-            (p, (HEADER_WORDS + ((word & 0xffff) as usize).div_ceil(4)) * 4)
-        };
-        // Read again here: the writer may have lapped us since `next` measured it.
-        if (ring.end as usize - start as usize) < bytes {
-            return false;
-        }
-        buf.extend_from_slice(std::slice::from_raw_parts(start.cast::<u8>(), bytes));
-    }
+    // SAFETY: `next` checked that the current record, body included, lies within the ring;
+    // `current_intact` afterwards tells whether what we copied was still intact.
+    buf.extend_from_slice(unsafe { std::slice::from_raw_parts(start.cast::<u8>(), bytes) });
     ring.current_intact()
 }
 
@@ -406,7 +419,7 @@ fn copy_record(ring: &Ring, buf: &mut Vec<u8>) -> bool {
 /// # Safety
 /// `p` must point at a record header (three words) in the mapped log.
 unsafe fn vxid_of(p: *const u32) -> u64 {
-    ((u64::from(*p.add(2)) << 32) | u64::from(*p.add(1))) & IDENT_MASK
+    ((u64::from(p.add(2).read_volatile()) << 32) | u64::from(p.add(1).read_volatile())) & IDENT_MASK
 }
 
 #[cfg(test)]
@@ -427,12 +440,19 @@ mod tests {
 
     impl FakeLog {
         fn new(segsize: usize) -> FakeLog {
-            let mut log = FakeLog { memory: vec![0; HEAD_U64S + segsize * 4], segsize, at: 0, segment_n: 0 };
+            FakeLog::starting_at(segsize, 0)
+        }
+
+        /// Varnishd starts at `u32::MAX - 7` (`VSM_Init`), so that the count wraps early.
+        fn starting_at(segsize: usize, segment_n: u32) -> FakeLog {
+            assert_eq!(segment_n % SEGMENTS, 0);
+            let mut log = FakeLog { memory: vec![0; HEAD_U64S + segsize * 4], segsize, at: 0, segment_n };
             let head = log.head_mut();
             head.marker = *HEAD_MARKER;
             head.segsize = segsize as isize;
             head.offset = [-1; SEGMENTS as usize];
             head.offset[0] = 0;
+            head.segment_n = segment_n;
             log.ring_mut()[0] = END_MARKER;
             log
         }
@@ -458,7 +478,7 @@ mod tests {
             let words = HEADER_WORDS + payload.div_ceil(4);
             let end = self.segsize * SEGMENTS as usize;
             if self.at + words >= end {
-                self.segment_n += SEGMENTS - self.segment_n % SEGMENTS;
+                self.segment_n = self.segment_n.wrapping_add(SEGMENTS - self.segment_n % SEGMENTS);
                 self.head_mut().offset[0] = 0;
                 self.ring_mut()[0] = END_MARKER;
                 if self.at != 0 {
@@ -474,10 +494,12 @@ mod tests {
             let at = self.at;
             self.ring_mut()[at] = END_MARKER;
             while self.at / self.segsize > (self.segment_n % SEGMENTS) as usize {
-                self.segment_n += 1;
+                self.segment_n = self.segment_n.wrapping_add(1);
                 let (index, at) = ((self.segment_n % SEGMENTS) as usize, self.at as isize);
                 self.head_mut().offset[index] = at;
             }
+            let n = self.segment_n;
+            self.head_mut().segment_n = n;
             let ring = self.ring_mut();
             ring[start + 1] = vxid as u32;
             ring[start + 2] = (vxid >> 32) as u32 | 1 << 30; // the client marker, masked off by readers
@@ -485,8 +507,6 @@ mod tests {
                 *w = 0x2e2e_2e2e;
             }
             ring[start] = u32::from(tag) << 24 | payload as u32;
-            let n = self.segment_n;
-            self.head_mut().segment_n = n;
             start
         }
 
@@ -510,10 +530,7 @@ mod tests {
     /// What the ring returns next, as (batch?, vxid).
     fn next_id(ring: &mut Ring) -> Option<(bool, u64)> {
         match ring.next() {
-            // SAFETY: the fake log's records have full headers.
-            RingStep::Record(p) => unsafe {
-                Some(if (*p >> 24) as u8 == BATCH_TAG { (true, vxid_of(p.add(3))) } else { (false, vxid_of(p)) })
-            },
+            RingStep::Record { batch, vxid } => Some((batch, vxid)),
             RingStep::End => None,
             RingStep::Lapped => panic!("lapped"),
         }
@@ -544,14 +561,17 @@ mod tests {
 
     #[test]
     fn follows_the_writer_round_the_ring_many_times() {
-        let mut log = FakeLog::new(50);
+        let mut log = FakeLog::starting_at(50, u32::MAX - 7);
         // SAFETY: as above.
         let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
         let mut expected = 0u64;
         for vxid in 1..5_000u64 {
-            // Sizes that do not divide the ring: records land across segment borders and wraps.
+            // Sizes that do not divide the ring: records land across segment borders and wraps,
+            // and some are longer than a segment.
             if vxid % 3 == 0 {
                 log.write_batch(vxid, (vxid % 37) as usize);
+            } else if vxid % 97 == 0 {
+                log.write(7, vxid, 300);
             } else {
                 log.write(7, vxid, (vxid % 23) as usize);
             }
@@ -563,7 +583,7 @@ mod tests {
                 }
             }
         }
-        assert!(log.segment_n > 8 * 20, "wrapped {} segments", log.segment_n);
+        assert!(log.segment_n > 8 * 20 && log.segment_n < 1 << 20, "wrapped past u32::MAX: {}", log.segment_n);
         assert!(expected >= 4_990);
     }
 
@@ -572,51 +592,111 @@ mod tests {
     fn ring_segment_of(log: &FakeLog, ring: &Ring) -> u32 {
         let index = (ring.current.ptr as usize - ring.log as usize) / 4 / log.segsize;
         let lap = log.segment_n / SEGMENTS * SEGMENTS;
-        let candidate = lap + index as u32;
-        if candidate > log.segment_n {
-            candidate - SEGMENTS
+        let candidate = lap.wrapping_add(index as u32);
+        if candidate.wrapping_sub(log.segment_n) as i32 > 0 {
+            candidate.wrapping_sub(SEGMENTS)
         } else {
             candidate
         }
     }
 
-    #[test]
-    fn a_writer_six_segments_ahead_laps_the_reader_and_a_copy_four_ahead_is_refused() {
-        let mut log = FakeLog::new(64);
-        // SAFETY: as above.
-        let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
-        log.write(7, 1, 8);
-        assert_eq!(next_id(&mut ring), Some((false, 1)));
-        let mut buf = Vec::new();
-        assert!(copy_record(&ring, &mut buf));
-        while log.segment_n < 4 {
-            log.write(7, 2, 100);
+    /// Writes filler records until the writer is `distance` segments past `segment`.
+    fn write_until(log: &mut FakeLog, segment: u32, distance: u32) {
+        while log.segment_n.wrapping_sub(segment) < distance {
+            log.write(7, 99, 20);
         }
-        assert!(!copy_record(&ring, &mut buf), "four segments on, the record may be overwritten");
-        while log.segment_n < 6 {
-            log.write(7, 2, 100);
-        }
-        assert_eq!(ring.next(), RingStep::Lapped);
-        ring.seek_tail().unwrap();
-        assert_eq!(next_id(&mut ring), None);
-        log.write(7, 3, 8);
-        assert_eq!(next_id(&mut ring), Some((false, 3)), "goes on from the tail");
+        assert_eq!(log.segment_n.wrapping_sub(segment), distance);
     }
 
     #[test]
-    fn a_torn_length_pointing_out_of_the_ring_is_an_overrun_not_a_crash() {
-        let mut log = FakeLog::new(64);
+    fn a_copy_is_intact_three_segments_behind_the_writer_not_four() {
+        for (distance, intact) in [(3, true), (4, false)] {
+            let mut log = FakeLog::starting_at(64, u32::MAX - 7);
+            // SAFETY: as above.
+            let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+            log.write(7, 1, 8);
+            assert_eq!(next_id(&mut ring), Some((false, 1)));
+            write_until(&mut log, ring.current.segment, distance);
+            let mut buf = Vec::new();
+            assert_eq!(copy_record(&ring, &mut buf), intact, "{distance} segments behind");
+        }
+    }
+
+    #[test]
+    fn reading_goes_on_five_segments_behind_the_writer_not_six() {
+        for (distance, lapped) in [(5, false), (6, true)] {
+            let mut log = FakeLog::starting_at(64, u32::MAX - 7);
+            // SAFETY: as above.
+            let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+            log.write(7, 1, 8);
+            log.write(7, 2, 8);
+            assert_eq!(next_id(&mut ring), Some((false, 1)));
+            write_until(&mut log, ring.next.segment, distance);
+            let step = ring.next();
+            assert_eq!(step == RingStep::Lapped, lapped, "{distance} segments behind: {step:?}");
+            if lapped {
+                ring.seek_tail().unwrap();
+                assert_eq!(next_id(&mut ring), None);
+                let mut buf = Vec::new();
+                assert!(!copy_record(&ring, &mut buf), "nothing current after a seek");
+                log.write(7, 3, 8);
+                assert_eq!(next_id(&mut ring), Some((false, 3)), "goes on from the tail");
+            }
+        }
+    }
+
+    #[test]
+    fn the_tail_is_found_from_the_current_segments_offset() {
+        let mut log = FakeLog::starting_at(64, u32::MAX - 7);
+        for vxid in 0..40 {
+            log.write(7, vxid, 30);
+        }
+        assert!(log.segment_n % SEGMENTS > 1, "the writer is past the first segments");
+        // Garbage where a walk from the ring's start would trip on it: the seek must not go there.
+        log.ring_mut()[0] = 0;
         // SAFETY: as above.
         let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
-        let at = log.write(7, 1, 8);
-        log.ring_mut()[at] = 7 << 24 | 0xffff; // 16 KB: past the 2 KB ring
-        assert_eq!(ring.next(), RingStep::Lapped);
-        let mut log = FakeLog::new(64);
-        // SAFETY: as above.
-        let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
-        let at = log.write_batch(1, 8);
-        log.ring_mut()[at + 1] = u32::MAX; // a batch of 4 GB
-        assert_eq!(ring.next(), RingStep::Lapped);
+        assert_eq!(ring.next.segment, log.segment_n);
+        assert_eq!(next_id(&mut ring), None);
+        log.write(7, 1000, 8);
+        assert_eq!(next_id(&mut ring), Some((false, 1000)));
+    }
+
+    #[test]
+    fn torn_records_are_an_overrun_not_a_crash_nor_a_read_past_the_ring() {
+        type Tear = fn(&mut FakeLog, usize);
+        let torn: [Tear; 5] = [
+            // 16 KB: past the 2 KB ring.
+            |log, at| log.ring_mut()[at] = 7 << 24 | 0xffff,
+            // A batch of 4 GB.
+            |log, at| log.ring_mut()[at + 1] = u32::MAX,
+            // A batch too short to hold a record.
+            |log, at| log.ring_mut()[at + 1] = 8,
+            // A zero first word (libvarnishapi asserts).
+            |log, at| log.ring_mut()[at] = 0,
+            // A wrap marker at the ring's start.
+            |log, _| log.ring_mut()[0] = WRAP_MARKER,
+        ];
+        for (i, tear) in torn.iter().enumerate() {
+            let mut log = FakeLog::new(64);
+            // SAFETY: as above.
+            let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+            let at = log.write_batch(1, 8);
+            tear(&mut log, at);
+            assert_eq!(ring.next(), RingStep::Lapped, "case {i}");
+        }
+        // A record reaching the ring's end (the next one would start past it) is torn; one
+        // whose successor starts on the ring's last word is not (libvarnishapi: next < end).
+        for (payload, whole) in [(4 * (64 * 8 - HEADER_WORDS), false), (4 * (64 * 8 - 1 - HEADER_WORDS), true)] {
+            let mut log = FakeLog::new(64);
+            // SAFETY: as above.
+            let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+            log.write(7, 1, 8);
+            log.ring_mut()[0] = 7 << 24 | payload as u32;
+            let step = ring.next();
+            assert_eq!(step == RingStep::Record { batch: false, vxid: 1 }, whole, "payload {payload}: {step:?}");
+            assert_eq!(step == RingStep::Lapped, !whole);
+        }
     }
 
     #[test]
