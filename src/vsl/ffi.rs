@@ -1,7 +1,7 @@
 //! The only `unsafe` code that touches the Varnish shared-memory log: a hand-written binding of
 //! the parts of `vapi/vsl.h` we use (varnish-sys binds `vapi/vsm.h` but not `vsl.h`), the walk
-//! through the log's ring (`Ring`), and `LogReader`, an RAII wrapper over the VSM handle, the
-//! VSL handle and the log's mapping.
+//! through the log's ring (`Ring`), and `LogReader`, an RAII wrapper over the VSM handle and the
+//! log's mapping.
 //!
 //! Reading: Varnish writes a transaction's records as one batch (an `SLT__Batch` record
 //! enclosing them) when the transaction ends, so the log of an untraced request costs one step
@@ -61,8 +61,9 @@ pub enum Step {
     Abandoned,
 }
 
-// The log's layout: `vapi/vsl_int.h` (records, markers) and `vsl_priv.h` (the head), Varnish 6.0
-// to 7.7 (the head's marker names its version).
+// The log's layout: `vapi/vsl_int.h` (records, markers) and `vsl_priv.h` (the head), as of
+// Varnish 7.3 to 7.7; the head's marker names the layout's version ("VSLHEAD2" since 7.3), and
+// a log with another is refused at attach, as libvarnishapi refuses it.
 
 /// `VSL_CLASS`: the category of the log's VSM segment.
 const LOG_CLASS: &CStr = c"Log";
