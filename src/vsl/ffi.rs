@@ -173,7 +173,11 @@ impl Ring {
         // SAFETY: within the ring (checked above).
         self.next = Place { ptr: unsafe { self.log.add(offset) }, segment };
         self.set_segment_end();
-        loop {
+        // A lap of the ring holds at most this many records: more steps mean a walk in a circle
+        // (a wrap marker where no writer puts one, inside the first segments), which would
+        // otherwise go on for as long as the writer is idle.
+        let most = self.segsize * SEGMENTS as usize / HEADER_WORDS + 1;
+        for _ in 0..most {
             if self.segment_n().wrapping_sub(segment) > 1 {
                 return Err("varnishd writes the log faster than it can be followed");
             }
@@ -186,6 +190,7 @@ impl Ring {
                 RingStep::Lapped => return Err("lapped while looking for the log's tail"),
             }
         }
+        Err("no end found in a lap of the log")
     }
 
     fn set_segment_end(&mut self) {
@@ -698,6 +703,21 @@ mod tests {
             assert_eq!(step == RingStep::Record { batch: false, vxid: 1 }, whole, "payload {payload}: {step:?}");
             assert_eq!(step == RingStep::Lapped, !whole);
         }
+    }
+
+    #[test]
+    fn a_wrap_marker_inside_the_first_segment_cannot_make_the_tail_seek_go_round_for_ever() {
+        let mut log = FakeLog::new(64);
+        let mut at = 0;
+        for vxid in 0..5 {
+            at = log.write(7, vxid, 8);
+        }
+        assert_eq!(log.segment_n, 0, "all in the first segment");
+        // Garbage: a wrap marker the writer never puts there. Walking from the segment's start
+        // reaches it, wraps to the same segment's start, and so on.
+        log.ring_mut()[at] = WRAP_MARKER;
+        // SAFETY: as above.
+        assert!(unsafe { Ring::at_tail(log.head()) }.is_err());
     }
 
     #[test]
