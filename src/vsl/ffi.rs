@@ -472,6 +472,13 @@ mod tests {
             self.memory.as_ptr().cast()
         }
 
+        /// A walker placed at this log's tail. It reads the log's memory through a raw pointer
+        /// (the log may be written meanwhile): each test keeps the log alive as long as it.
+        fn tail(&self) -> Result<Ring, &'static str> {
+            // SAFETY: a head with its whole ring, kept alive by the caller (above).
+            unsafe { Ring::at_tail(self.head()) }
+        }
+
         fn ring_mut(&mut self) -> &mut [u32] {
             let words = self.segsize * SEGMENTS as usize;
             // SAFETY: the ring follows the head within the allocation.
@@ -547,8 +554,7 @@ mod tests {
         let mut log = FakeLog::new(64);
         log.write(7, 1, 20);
         log.write_batch(2, 40);
-        // SAFETY: the log outlives the ring (both local), its head is valid.
-        let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+        let mut ring = log.tail().unwrap();
         assert_eq!(next_id(&mut ring), None, "what was written before attaching is skipped");
         log.write(7, 3, 5);
         log.write_batch(1 << 40 | 4, 100);
@@ -568,8 +574,7 @@ mod tests {
     #[test]
     fn follows_the_writer_round_the_ring_many_times() {
         let mut log = FakeLog::starting_at(50, u32::MAX - 7);
-        // SAFETY: as above.
-        let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+        let mut ring = log.tail().unwrap();
         let mut expected = 0u64;
         for vxid in 1..5_000u64 {
             // Sizes that do not divide the ring: records land across segment borders and wraps,
@@ -618,8 +623,7 @@ mod tests {
     fn a_copy_is_intact_three_segments_behind_the_writer_not_four() {
         for (distance, intact) in [(3, true), (4, false)] {
             let mut log = FakeLog::starting_at(64, u32::MAX - 7);
-            // SAFETY: as above.
-            let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+            let mut ring = log.tail().unwrap();
             log.write(7, 1, 8);
             assert_eq!(next_id(&mut ring), Some((false, 1)));
             write_until(&mut log, ring.current.segment, distance);
@@ -632,8 +636,7 @@ mod tests {
     fn reading_goes_on_five_segments_behind_the_writer_not_six() {
         for (distance, lapped) in [(5, false), (6, true)] {
             let mut log = FakeLog::starting_at(64, u32::MAX - 7);
-            // SAFETY: as above.
-            let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+            let mut ring = log.tail().unwrap();
             log.write(7, 1, 8);
             log.write(7, 2, 8);
             assert_eq!(next_id(&mut ring), Some((false, 1)));
@@ -660,8 +663,7 @@ mod tests {
         assert!(log.segment_n % SEGMENTS > 1, "the writer is past the first segments");
         // Garbage where a walk from the ring's start would trip on it: the seek must not go there.
         log.ring_mut()[0] = 0;
-        // SAFETY: as above.
-        let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+        let mut ring = log.tail().unwrap();
         assert_eq!(ring.next.segment, log.segment_n);
         assert_eq!(next_id(&mut ring), None);
         log.write(7, 1000, 8);
@@ -685,8 +687,7 @@ mod tests {
         ];
         for (i, tear) in torn.iter().enumerate() {
             let mut log = FakeLog::new(64);
-            // SAFETY: as above.
-            let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+            let mut ring = log.tail().unwrap();
             let at = log.write_batch(1, 8);
             tear(&mut log, at);
             assert_eq!(ring.next(), RingStep::Lapped, "case {i}");
@@ -695,8 +696,7 @@ mod tests {
         // whose successor starts on the ring's last word is not (libvarnishapi: next < end).
         for (payload, whole) in [(4 * (64 * 8 - HEADER_WORDS), false), (4 * (64 * 8 - 1 - HEADER_WORDS), true)] {
             let mut log = FakeLog::new(64);
-            // SAFETY: as above.
-            let mut ring = unsafe { Ring::at_tail(log.head()) }.unwrap();
+            let mut ring = log.tail().unwrap();
             log.write(7, 1, 8);
             log.ring_mut()[0] = 7 << 24 | payload as u32;
             let step = ring.next();
@@ -716,23 +716,19 @@ mod tests {
         // Garbage: a wrap marker the writer never puts there. Walking from the segment's start
         // reaches it, wraps to the same segment's start, and so on.
         log.ring_mut()[at] = WRAP_MARKER;
-        // SAFETY: as above.
-        assert!(unsafe { Ring::at_tail(log.head()) }.is_err());
+        assert!(log.tail().is_err());
     }
 
     #[test]
     fn a_head_without_a_usable_segment_table_is_refused() {
         let mut log = FakeLog::new(64);
         log.head_mut().offset[0] = -1;
-        // SAFETY: as above.
-        assert!(unsafe { Ring::at_tail(log.head()) }.is_err());
+        assert!(log.tail().is_err());
         let mut log = FakeLog::new(64);
         log.head_mut().offset[0] = 64 * 8;
-        // SAFETY: as above.
-        assert!(unsafe { Ring::at_tail(log.head()) }.is_err());
+        assert!(log.tail().is_err());
         let mut log = FakeLog::new(64);
         log.head_mut().segsize = 0;
-        // SAFETY: as above.
-        assert!(unsafe { Ring::at_tail(log.head()) }.is_err());
+        assert!(log.tail().is_err());
     }
 }
