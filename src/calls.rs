@@ -58,7 +58,7 @@ pub fn trace_request(ctx: &mut Ctx) {
     if let Some(why) = started.tracestate_dropped_because {
         log::vcl(ctx, format!("invalid tracestate ({why}): dropped"));
     }
-    STATS.spans_started.fetch_add(1, Relaxed);
+    STATS.spans_started.add(1);
     // The common case at low sampling rates: keep only the decision and its IDs; `state()`
     // builds the same (unsampled) context if the task ever needs it.
     if let Some(u) = started.decision_only {
@@ -296,7 +296,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
     if let Some(why) = started.restarted_because {
         log::vcl(ctx, format!("invalid bereq traceparent ({why}): starting a new trace"));
     }
-    STATS.spans_started.fetch_add(1, Relaxed);
+    STATS.spans_started.add(1);
     if !started.context.sampled() && fields.tracestate.is_empty() {
         // The common fetch at low sampling rates: send the context on and keep only the decision,
         // as an unsampled request does: no span record, no state to build and close. (A debug

@@ -8,6 +8,7 @@
 
 pub mod calls;
 pub mod config;
+pub mod counter;
 pub mod decisions;
 pub mod export;
 pub mod ids;

@@ -12,6 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use varnish::{Vsc, VscMetric};
 
 use crate::config::{Config, Settings};
+use crate::counter::ShardedCounter;
 use crate::export::otlp::StopSignal;
 use crate::export::{ExportJob, PublishCounters};
 use crate::sampling;
@@ -34,7 +35,8 @@ pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
 /// copied by the exporter thread into the VSC segment (`varnishstat -f 'OPENTRACING.*'`).
 #[derive(Default)]
 pub struct Stats {
-    pub spans_started: AtomicU64,
+    /// Added to by every request and fetch the module sees: sharded (see `counter`).
+    pub spans_started: ShardedCounter,
     pub spans_submitted: AtomicU64,
     pub spans_exported: AtomicU64,
     /// Dropped because the queue was full or no pipeline was running.
@@ -64,7 +66,7 @@ pub struct Stats {
 }
 
 pub static STATS: Stats = Stats {
-    spans_started: AtomicU64::new(0),
+    spans_started: ShardedCounter::new(),
     spans_submitted: AtomicU64::new(0),
     spans_exported: AtomicU64::new(0),
     spans_dropped: AtomicU64::new(0),
@@ -160,7 +162,7 @@ impl Counters {
     /// Copies the process-wide counters (called from the exporter thread's tick).
     pub fn publish(&self, queue_depth: usize) {
         let copy = |to: &AtomicU64, from: &AtomicU64| to.store(from.load(Relaxed), Relaxed);
-        copy(&self.spans_started, &STATS.spans_started);
+        self.spans_started.store(STATS.spans_started.sum(), Relaxed);
         copy(&self.spans_submitted, &STATS.spans_submitted);
         copy(&self.spans_exported, &STATS.spans_exported);
         copy(&self.spans_dropped, &STATS.spans_dropped);
