@@ -80,7 +80,7 @@ def compare(workdir, index, a, b, otlp, origin):
     try:
         for side, name in (("a", a), ("b", b)):
             module, env = ALL[name]
-            vcl = bench.PROXY_VCL % {"module": bench.MODULE_LINES if module else "", "origin_port": origin.port}
+            vcl = bench.PROXY_VCL % {"module": bench.module_lines(module), "origin_port": origin.port}
             proxies[side] = bench.Varnishd(f"{index}{side}-{name}", workdir, vcl,
                                            dict(otlp, **env) if module else env,
                                            cpu=VARNISH_CPU, module_dir=OTHER_SO if side == "b" else None)

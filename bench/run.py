@@ -52,6 +52,10 @@ OUT = os.environ.get("BENCH_OUT", os.path.join(REPO, "bench", "results"))
 PROFILE = os.environ.get("BENCH_PROFILE")
 SEED = int(os.environ.get("BENCH_SEED") or random.SystemRandom().randrange(1 << 31))
 
+# The module imported but its include left out (the `imported*` configurations): no call of ours
+# runs per request.
+IMPORT_ONLY = "import only"
+
 # name -> (uses the module, environment of varnishd)
 CONFIGS = {
     "baseline": (False, {}),
@@ -71,6 +75,12 @@ DIAGNOSTIC_CONFIGS = {
     "sampled_100pct_neither": (True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_TRACES_EXPORTER": "none",
                                       "OPENTRACING_VSL": "off"}),
 }
+# What the cost of the module at low sampling rates is made of (docs/performance.md, "What the
+# 1% costs"): loaded and switched off, with no call of the include running (`imported_disabled`);
+# loaded, tracing, its threads running, still no call (`imported`: the log tailer steps every
+# transaction, none of which is traced).
+DIAGNOSTIC_CONFIGS["imported_disabled"] = (IMPORT_ONLY, {"OTEL_SDK_DISABLED": "true"})
+DIAGNOSTIC_CONFIGS["imported"] = (IMPORT_ONLY, {"OTEL_TRACES_SAMPLER": "always_off"})
 # The same three at 10%, 1% and 0% sampling (named sampled_10pct_no_export and so on).
 TEN_PERCENT = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
 RATES = {"10pct": TEN_PERCENT, "1pct": dict(TEN_PERCENT, OTEL_TRACES_SAMPLER_ARG="0.01"),
@@ -126,6 +136,13 @@ sub vcl_recv {
 }
 """
 MODULE_LINES = 'import opentracing;\ninclude "opentracing.vcl";'
+
+
+def module_lines(module):
+    """The lines a configuration's VCL gets for `module` (a configuration's first field)."""
+    if module == IMPORT_ONLY:
+        return "import opentracing;"
+    return MODULE_LINES if module else ""
 
 
 def free_port():
@@ -388,7 +405,7 @@ def main():
         servers.append(origin)
         proxies = {}
         for name, (module, env) in CONFIGS.items():
-            vcl = PROXY_VCL % {"module": MODULE_LINES if module else "", "origin_port": origin.port}
+            vcl = PROXY_VCL % {"module": module_lines(module), "origin_port": origin.port}
             proxies[name] = Varnishd(name, workdir, vcl, dict(otlp, **env) if module else env, cpu=vcpu,
                                      module_dir=MODULE_DIRS.get(name))
             servers.append(proxies[name])
