@@ -89,6 +89,10 @@ for _name in ("no_export", "no_vsl", "neither"):
     _module, _env = DIAGNOSTIC_CONFIGS[f"sampled_100pct_{_name}"]
     for _rate, _sampler in RATES.items():
         DIAGNOSTIC_CONFIGS[f"sampled_{_rate}_{_name}"] = (_module, dict(_env, **_sampler))
+# The spans completed from each task's own log buffer instead of by the tailer
+# (`OPENTRACING_VSL=task`), at every rate: sampled_100pct_task, sampled_1pct_task and so on.
+for _rate, _sampler in dict(RATES, **{"100pct": {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}}).items():
+    DIAGNOSTIC_CONFIGS[f"sampled_{_rate}_task"] = (True, dict(_sampler, OPENTRACING_VSL="task"))
 # Fewer, larger exports at 10% (see docs/performance.md, "The export at low sampling rates").
 for _size in ("512", "2048", "4096"):
     DIAGNOSTIC_CONFIGS[f"sampled_10pct_batch_{_size}"] = (True, dict(TEN_PERCENT, OTEL_BSP_MAX_EXPORT_BATCH_SIZE=_size))

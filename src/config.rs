@@ -181,24 +181,41 @@ pub struct Config {
     pub disabled: bool,
     pub sampler: Sampler,
     pub export: ExportConfig,
-    /// `OPENTRACING_VSL=off`: spans close from their task data alone, without reading the log.
-    pub read_log: bool,
+    /// `OPENTRACING_VSL`: where a span's log records come from.
+    pub log_source: LogSource,
     pub limits: AttributeLimits,
     pub spans: SpanSettings,
 }
 
+/// Where the records Varnish logs for a traced transaction (timestamps, status, errors, cache
+/// hits) come from when its span closes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogSource {
+    /// `on` (the default): the shared-memory log, read by the tailer thread (`vsl::tailer`). It
+    /// follows a transaction across restarts and retries and links hits to the fetches of
+    /// their objects, at the price of stepping through every transaction in the log.
+    Shared,
+    /// `task`: the task's own log buffer, read on the worker when the task ends
+    /// (`vsl::task_log`): no tailer thread and no log reading for untraced transactions, but
+    /// only what the buffer still holds (see that module).
+    Task,
+    /// `off`: no log records; spans close from their task's data alone.
+    Off,
+}
+
 impl Config {
     pub fn from_settings(s: &Settings) -> Result<Config, String> {
-        let read_log = match s.get("OPENTRACING_VSL").as_deref() {
-            None | Some("on") => true,
-            Some("off") => false,
-            Some(v) => return Err(format!("OPENTRACING_VSL={v:?} is neither on nor off")),
+        let log_source = match s.get("OPENTRACING_VSL").as_deref() {
+            None | Some("on") => LogSource::Shared,
+            Some("task") => LogSource::Task,
+            Some("off") => LogSource::Off,
+            Some(v) => return Err(format!("OPENTRACING_VSL={v:?} is none of on, task, off")),
         };
         Ok(Config {
             disabled: s.bool("OTEL_SDK_DISABLED", false)?,
             sampler: Sampler::from_settings(s)?,
             export: ExportConfig::from_settings(s)?,
-            read_log,
+            log_source,
             limits: AttributeLimits::from_settings(s)?,
             spans: SpanSettings::from_settings(s)?,
         })
@@ -558,7 +575,11 @@ mod tests {
     fn defaults_are_the_sdks() {
         let c = Config::from_settings(&Settings::only(&[]).unwrap()).unwrap();
         assert!(!c.disabled);
-        assert!(c.read_log);
+        assert_eq!(c.log_source, LogSource::Shared);
+        let task = Config::from_settings(&Settings::only(&[("OPENTRACING_VSL", "task")]).unwrap()).unwrap();
+        assert_eq!(task.log_source, LogSource::Task);
+        let off = Config::from_settings(&Settings::only(&[("OPENTRACING_VSL", "off")]).unwrap()).unwrap();
+        assert_eq!(off.log_source, LogSource::Off);
         assert_eq!(c.sampler, Sampler::default());
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use varnish::{Vsc, VscMetric};
 
-use crate::config::{Config, Settings};
+use crate::config::{Config, LogSource, Settings};
 use crate::counter::ShardedCounter;
 use crate::export::otlp::StopSignal;
 use crate::export::{ExportJob, PublishCounters};
@@ -55,6 +55,8 @@ pub struct Stats {
     pub vsl_steps: AtomicU64,
     pub vsl_transactions_matched: AtomicU64,
     pub vsl_closed_from_log: AtomicU64,
+    /// Closed with their task's own log buffer (`OPENTRACING_VSL=task`), on the workers.
+    pub vsl_closed_from_task_log: AtomicU64,
     pub vsl_closed_by_tailer_backstop: AtomicU64,
     /// Added by workers whose finished span did not fit in the tailer's queue.
     pub vsl_closed_by_backstop: AtomicU64,
@@ -79,6 +81,7 @@ pub static STATS: Stats = Stats {
     vsl_steps: AtomicU64::new(0),
     vsl_transactions_matched: AtomicU64::new(0),
     vsl_closed_from_log: AtomicU64::new(0),
+    vsl_closed_from_task_log: AtomicU64::new(0),
     vsl_closed_by_tailer_backstop: AtomicU64::new(0),
     vsl_closed_by_backstop: AtomicU64::new(0),
     vsl_overruns: AtomicU64::new(0),
@@ -132,6 +135,9 @@ pub struct Counters {
     /// Spans closed with the data of the shared-memory log
     #[counter]
     vsl_spans_closed_from_log: AtomicU64,
+    /// Spans closed with the records of their task's own log buffer (OPENTRACING_VSL=task)
+    #[counter]
+    vsl_spans_closed_from_task_log: AtomicU64,
     /// Spans closed from their task data because the log did not deliver in time
     #[counter]
     vsl_spans_closed_by_backstop: AtomicU64,
@@ -176,6 +182,7 @@ impl Counters {
         copy(&self.vsl_records, &STATS.vsl_steps);
         copy(&self.vsl_transactions_matched, &STATS.vsl_transactions_matched);
         copy(&self.vsl_spans_closed_from_log, &STATS.vsl_closed_from_log);
+        copy(&self.vsl_spans_closed_from_task_log, &STATS.vsl_closed_from_task_log);
         let backstop = STATS.vsl_closed_by_tailer_backstop.load(Relaxed) + STATS.vsl_closed_by_backstop.load(Relaxed);
         self.vsl_spans_closed_by_backstop.store(backstop, Relaxed);
         copy(&self.vsl_overruns, &STATS.vsl_overruns);
@@ -287,6 +294,7 @@ fn retire_exporter(worker: Worker<Box<SpanRecord>>, stop: StopSignal) {
 
 fn apply_request_path_settings(cfg: &Config) {
     DISABLED.store(cfg.disabled, Relaxed);
+    crate::vsl::task_log::set_enabled(cfg.log_source == LogSource::Task);
     sampling::set_active(cfg.sampler);
     cfg.limits.activate();
     crate::config::activate(&cfg.spans);
@@ -294,7 +302,7 @@ fn apply_request_path_settings(cfg: &Config) {
 
 fn start_tailer(cfg: &Config) -> Result<(), String> {
     // No spans when the SDK is disabled: nothing for the tailer to do.
-    if cfg.read_log && !cfg.disabled {
+    if cfg.log_source == LogSource::Shared && !cfg.disabled {
         // The child's working directory is the instance's -n folder (research §1).
         let workdir = std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
         crate::vsl::tailer::start(workdir)?;
@@ -362,7 +370,7 @@ fn warm_up(life: &mut Lifecycle, settings: &Settings) -> Result<(&'static str, S
                 r.export = cfg.export.clone();
             }
         }
-        let tailer_wanted = cfg.read_log && !cfg.disabled;
+        let tailer_wanted = cfg.log_source == LogSource::Shared && !cfg.disabled;
         if tailer_wanted != crate::vsl::tailer::is_running() {
             if tailer_wanted {
                 start_tailer(&cfg)?;

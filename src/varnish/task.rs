@@ -492,7 +492,14 @@ fn finish_task(ctx: *const ffi::vrt_ctx, state: TaskState) {
         // An unsampled span only carried the context: nothing to complete or export.
         if state.record.sampled() {
             let final_vxid = unsafe { vxid_of(ctx.vsl) };
-            crate::vsl::tailer::finished(unsafe { complete(ctx, state) }, final_vxid);
+            let record = unsafe { complete(ctx, state) };
+            if crate::vsl::task_log::enabled() {
+                // SAFETY: ctx->vsl is this task's log, and the records are read within this fini.
+                let buffer = unsafe { crate::vsl::ffi::task_records(ctx.vsl) };
+                crate::vsl::task_log::close(buffer, !ctx.req.is_null(), record, final_vxid);
+            } else {
+                crate::vsl::tailer::finished(record, final_vxid);
+            }
         }
     }));
 }

@@ -575,6 +575,12 @@ impl Correlator {
         self.slab.len()
     }
 
+    /// Deadlines queued by `finished` and not yet looked at by `expire` (for tests).
+    #[cfg(test)]
+    pub fn deadlines_queued(&self) -> usize {
+        self.deadlines.len()
+    }
+
     /// Whether records of `vxid` are wanted (checked once per batch, before looking inside).
     pub fn wants(&self, vxid: u64) -> bool {
         self.index.contains_key(&vxid)
@@ -870,28 +876,28 @@ fn backstop(mut record: Box<SpanRecord>) -> Box<SpanRecord> {
     record
 }
 
+/// The tag numbers and table of the synthetic logs the tests write with `record::encode` (here
+/// and in `task_log`).
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::span::Link;
-    use crate::vsl::record::encode;
+pub(crate) mod synthetic {
+    use crate::vsl::record::TagTable;
 
     // Tag numbers of the synthetic log.
-    const BEGIN: u8 = 1;
-    const END: u8 = 2;
-    const LINK: u8 = 3;
-    const TS: u8 = 4;
-    const REQACCT: u8 = 5;
-    const BEREQACCT: u8 = 6;
-    const RESPSTATUS: u8 = 7;
-    const BERESPSTATUS: u8 = 8;
-    const HIT: u8 = 9;
-    const FETCHERROR: u8 = 10;
-    const VCLERROR: u8 = 11;
-    const BACKENDOPEN: u8 = 12;
-    const OTHER: u8 = 13;
+    pub const BEGIN: u8 = 1;
+    pub const END: u8 = 2;
+    pub const LINK: u8 = 3;
+    pub const TS: u8 = 4;
+    pub const REQACCT: u8 = 5;
+    pub const BEREQACCT: u8 = 6;
+    pub const RESPSTATUS: u8 = 7;
+    pub const BERESPSTATUS: u8 = 8;
+    pub const HIT: u8 = 9;
+    pub const FETCHERROR: u8 = 10;
+    pub const VCLERROR: u8 = 11;
+    pub const BACKENDOPEN: u8 = 12;
+    pub const OTHER: u8 = 13;
 
-    fn tags() -> TagTable {
+    pub fn tags() -> TagTable {
         TagTable::new(|name| {
             Some(match name.to_bytes() {
                 b"Begin" => BEGIN,
@@ -910,6 +916,14 @@ mod tests {
             })
         })
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::synthetic::*;
+    use super::*;
+    use crate::span::Link;
+    use crate::vsl::record::encode;
 
     fn limits() -> Limits {
         Limits {

@@ -17,7 +17,11 @@
 //! for readers and may have overwritten it meanwhile); only the private copy is parsed, by the
 //! safe code in `record.rs`.
 //!
+//! Also the read of a task's own, not yet written, log buffer (`task_records`, for
+//! `OPENTRACING_VSL=task`).
+//!
 //! Threading: a `LogReader` belongs to the tailer thread; libvarnishapi handles are not shared.
+//! `task_records` runs on the worker that owns the task.
 
 use std::ffi::{c_char, c_int, c_uint, CStr, CString};
 use std::path::Path;
@@ -44,6 +48,24 @@ pub fn tag_number(name: &CStr) -> Option<u8> {
     // SAFETY: a pure lookup in libvarnishapi's static tag table.
     let n = unsafe { VSL_Name2Tag(name.as_ptr(), -1) };
     u8::try_from(n).ok()
+}
+
+/// The records a task has logged and Varnish has not yet written to the shared log: its VSL
+/// buffer (`struct vsl_log`, `wlb` to `wlp`), in the log's own record layout (`OPENTRACING_VSL=task`,
+/// `task_log`). Empty for a NULL or empty buffer, or one whose pointers make no sense.
+///
+/// # Safety
+/// `vsl` must be NULL or the `vsl_log` of the task running on this thread (`ctx->vsl` during a
+/// VCL call or the task's PRIV_TASK fini), and the slice must not outlive that call: Varnish
+/// writes on into the buffer, and flushes it, once we return.
+pub unsafe fn task_records<'a>(vsl: *const varnish::ffi::vsl_log) -> &'a [u8] {
+    let Some(log) = vsl.as_ref() else { return &[] };
+    if log.wlb.is_null() || log.wlp < log.wlb || log.wlp > log.wle {
+        return &[];
+    }
+    // Both pointers into the one buffer, wlp at or after wlb: the words written so far.
+    let words = log.wlp.offset_from(log.wlb) as usize;
+    std::slice::from_raw_parts(log.wlb.cast::<u8>(), words * 4)
 }
 
 /// What one step through the log found.

@@ -5,8 +5,11 @@
 //! - `correlate`: the state machine that matches log records with our spans (pure, tested
 //!   with synthetic records).
 //! - `tailer`: the background worker that ties them together inside varnishd.
+//! - `task_log`: `OPENTRACING_VSL=task`, the same correlation over a task's own log buffer, on
+//!   the worker when the task ends (no tailer).
 
 pub mod correlate;
 pub mod ffi;
 pub mod record;
 pub mod tailer;
+pub mod task_log;

@@ -763,13 +763,14 @@ fn overrun_loses_no_span() {
     }
 }
 
-/// Case 12: without the tailer (`OPENTRACING_VSL=off`) every span still closes, with Varnish's own
-/// start and end times (the same ones varnishlog prints).
-#[test]
-fn no_tailer_still_closes_every_span() {
-    let dir = TempDir::new("no_tailer_still_closes_every_span");
+/// Cases 12 and 12b: four requests (a miss, a hit, a pass, a 404: seven spans) with
+/// `OPENTRACING_VSL=<vsl>`, each span checked against what varnishlog printed for its transaction:
+/// Varnish's own start and end times, status, body sizes, and no `closed_by`. Returns the spans
+/// and the counters.
+fn every_span_as_varnishlog_says(name: &str, vsl: &str) -> (Vec<Span>, std::collections::BTreeMap<String, u64>) {
+    let dir = TempDir::new(name);
     let be = Backend::start(dir.path(), "backend");
-    let opts = VarnishOpts { params: vec![], env: vec![("OPENTRACING_VSL".into(), "off".into())] };
+    let opts = VarnishOpts { params: vec![], env: vec![("OPENTRACING_VSL".into(), vsl.into())] };
     let mut v = Varnish::start_with(dir.path(), "varnish", be.port, "", &opts);
 
     let traces: Vec<String> = (0..4).map(|_| random_trace_id()).collect();
@@ -797,9 +798,33 @@ fn no_tailer_still_closes_every_span() {
         assert_eq!(s.attr_int("http.request.body.size"), e.req_body, "request body size: {ctx}");
         assert_eq!(s.attr_int("http.response.body.size"), e.resp_body, "response body size: {ctx}");
         assert_eq!(s.attr_str("varnish.span.closed_by"), None, "{ctx}");
-        assert!(s.events.iter().all(|n| n != "Resp" && n != "BerespBody"), "no log events without the tailer: {ctx}");
     }
     for t in &traces {
         assert!(!in_trace(&spans, t).is_empty(), "trace {t} has no span: {spans:#?}");
+    }
+    (spans, counters)
+}
+
+/// Case 12: without the tailer (`OPENTRACING_VSL=off`) every span still closes, with Varnish's own
+/// start and end times (the same ones varnishlog prints), and no log events.
+#[test]
+fn no_tailer_still_closes_every_span() {
+    let (spans, counters) = every_span_as_varnishlog_says("no_tailer_still_closes_every_span", "off");
+    assert_eq!(counters["vsl_spans_closed_from_task_log"], 0, "{counters:#?}");
+    for s in &spans {
+        assert!(s.events.iter().all(|n| n != "Resp" && n != "BerespBody"), "no log events without the tailer: {s:#?}");
+    }
+}
+
+/// Case 12b: `OPENTRACING_VSL=task`: no tailer; every span closes on the worker with the records
+/// of its task's own log buffer: the same times as varnishlog's, and the timing events the
+/// tailer would give.
+#[test]
+fn task_log_closes_every_span_with_its_own_records() {
+    let (spans, counters) = every_span_as_varnishlog_says("task_log_closes_every_span_with_its_own_records", "task");
+    assert_eq!(counters["vsl_spans_closed_from_task_log"], spans.len() as u64, "{counters:#?}");
+    for s in &spans {
+        let last_event = if s.kind == KIND_SERVER { "Resp" } else { "BerespBody" };
+        assert!(s.events.iter().any(|n| n == last_event), "no {last_event} event from the task's log: {s:#?}");
     }
 }
