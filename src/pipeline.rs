@@ -57,6 +57,8 @@ pub struct Stats {
     pub vsl_closed_from_log: AtomicU64,
     /// Closed with their task's own log buffer (`OPENTRACING_VSL=task`), on the workers.
     pub vsl_closed_from_task_log: AtomicU64,
+    /// Of those, the spans whose buffer lacked part of their log (`task_log`).
+    pub vsl_task_log_partial: AtomicU64,
     pub vsl_closed_by_tailer_backstop: AtomicU64,
     /// Added by workers whose finished span did not fit in the tailer's queue.
     pub vsl_closed_by_backstop: AtomicU64,
@@ -82,6 +84,7 @@ pub static STATS: Stats = Stats {
     vsl_transactions_matched: AtomicU64::new(0),
     vsl_closed_from_log: AtomicU64::new(0),
     vsl_closed_from_task_log: AtomicU64::new(0),
+    vsl_task_log_partial: AtomicU64::new(0),
     vsl_closed_by_tailer_backstop: AtomicU64::new(0),
     vsl_closed_by_backstop: AtomicU64::new(0),
     vsl_overruns: AtomicU64::new(0),
@@ -138,6 +141,9 @@ pub struct Counters {
     /// Spans closed with the records of their task's own log buffer (OPENTRACING_VSL=task)
     #[counter]
     vsl_spans_closed_from_task_log: AtomicU64,
+    /// Of those, spans whose buffer lacked part of their log: a restart or retry before, or records written out early
+    #[counter]
+    vsl_task_log_partial: AtomicU64,
     /// Spans closed from their task data because the log did not deliver in time
     #[counter]
     vsl_spans_closed_by_backstop: AtomicU64,
@@ -183,6 +189,7 @@ impl Counters {
         copy(&self.vsl_transactions_matched, &STATS.vsl_transactions_matched);
         copy(&self.vsl_spans_closed_from_log, &STATS.vsl_closed_from_log);
         copy(&self.vsl_spans_closed_from_task_log, &STATS.vsl_closed_from_task_log);
+        copy(&self.vsl_task_log_partial, &STATS.vsl_task_log_partial);
         let backstop = STATS.vsl_closed_by_tailer_backstop.load(Relaxed) + STATS.vsl_closed_by_backstop.load(Relaxed);
         self.vsl_spans_closed_by_backstop.store(backstop, Relaxed);
         copy(&self.vsl_overruns, &STATS.vsl_overruns);

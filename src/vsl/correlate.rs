@@ -166,7 +166,16 @@ impl LogData {
             // span, so that neither side allocates (the record's comes from `span_pool`).
             mem::swap(&mut record.events, &mut self.events);
             let before = record.events.len();
-            let from_vcl = self.events.drain(..).filter(|e| e.name != "varnish.restart" && e.name != "varnish.retry");
+            // The task's own restart and retry events give way to the log's (from its `Link`
+            // records, with the log's times), unless the log has none: the transaction before
+            // the restart was not read (a task's own buffer, `task_log`; an overrun).
+            let log_has = |name: &str| record.events.iter().any(|e| e.name == name);
+            let (log_restarts, log_retries) = (log_has("varnish.restart"), log_has("varnish.retry"));
+            let from_vcl = self.events.drain(..).filter(|e| match &*e.name {
+                "varnish.restart" => !log_restarts,
+                "varnish.retry" => !log_retries,
+                _ => true,
+            });
             record.events.extend(from_vcl);
             if record.events.len() > before {
                 record.events.sort_by_key(|e| e.time_unix_nano);

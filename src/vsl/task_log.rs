@@ -21,10 +21,14 @@
 //! - links from a hit to the span of the fetch that stored its object: that needs the other
 //!   transaction's log, which only the tailer sees.
 //!
+//! The first two are counted (`vsl_task_log_partial`): a span whose final transaction is not its
+//! first, or whose buffer does not start with the transaction's `Begin`.
+//!
 //! Threading: runs on the worker thread ending the task; each thread has its own correlator
 //! (thread-local), which holds nothing between two calls.
 
 use std::cell::RefCell;
+use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -53,15 +57,22 @@ struct Local {
     /// Spans completed by the call, as the correlator hands them out.
     #[allow(clippy::vec_box)]
     done: Vec<Box<SpanRecord>>,
+    begin_tag: u8,
     end_tag: u8,
 }
 
 impl Local {
-    fn new(tags: TagTable, end_tag: u8) -> Local {
+    fn new(tags: TagTable, begin_tag: u8, end_tag: u8) -> Local {
         // One span at a time (a chain of transactions at most); no fetches to remember: their
         // hits are other tasks'.
         let limits = Limits { max_pending: 8, fetches_remembered: 0, ..Limits::default() };
-        Local { correlator: Correlator::new(tags, limits), end_record: Vec::new(), done: Vec::new(), end_tag }
+        Local {
+            correlator: Correlator::new(tags, limits),
+            end_record: Vec::new(),
+            done: Vec::new(),
+            begin_tag,
+            end_tag,
+        }
     }
 }
 
@@ -76,9 +87,14 @@ pub fn close(buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u
     let mut record = Some(record);
     let _ = LOCAL.try_with(|cell| {
         if let Ok(mut local) = cell.try_borrow_mut() {
-            let local = local.get_or_insert_with(|| Local::new(TagTable::new(ffi::tag_number), end_tag()));
+            let local = local.get_or_insert_with(|| {
+                let tag = |name: &CStr| ffi::tag_number(name).unwrap_or(0);
+                Local::new(TagTable::new(ffi::tag_number), tag(c"Begin"), tag(c"End"))
+            });
             if let Some(record) = record.take() {
-                complete(local, buffer, client, record, final_vxid);
+                if !complete(local, buffer, client, record, final_vxid) {
+                    STATS.vsl_task_log_partial.fetch_add(1, Relaxed);
+                }
                 STATS.vsl_closed_from_task_log.fetch_add(local.done.len() as u64, Relaxed);
                 pipeline::submit_all(local.done.drain(..));
             }
@@ -91,12 +107,12 @@ pub fn close(buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u
     }
 }
 
-fn end_tag() -> u8 {
-    ffi::tag_number(c"End").unwrap_or(0)
-}
-
-/// Completes the span into `local.done`, leaving the correlator empty.
-fn complete(local: &mut Local, buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u64) {
+/// Completes the span into `local.done`, leaving the correlator empty. Returns whether the
+/// buffer held the whole of the span's log: one transaction (no restart or retry) whose records
+/// start with its `Begin` (none written out early).
+fn complete(local: &mut Local, buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u64) -> bool {
+    let whole = record.vxid == final_vxid
+        && record::records(buffer).next().is_some_and(|r| r.tag_number == local.begin_tag && r.vxid == final_vxid);
     let now = Instant::now();
     let c = &mut local.correlator;
     // The span first, then its records: `finished` adds the final transaction to the span's
@@ -113,6 +129,7 @@ fn complete(local: &mut Local, buffer: &[u8], client: bool, record: Box<SpanReco
     // `finished` queued a deadline for the span; it is past use now. A span still waiting (its
     // final transaction's `End` did not complete it: not expected) closes from its task's data.
     c.expire(now + Duration::from_secs(365 * 24 * 3600), &mut local.done);
+    whole
 }
 
 #[cfg(test)]
@@ -124,7 +141,7 @@ mod tests {
     use crate::vsl::record::encode;
 
     fn local() -> Local {
-        Local::new(tags(), END)
+        Local::new(tags(), BEGIN, END)
     }
 
     /// A task's buffer at its fini: its records so far, no `ReqAcct`, no `End`.
@@ -160,7 +177,7 @@ mod tests {
     #[test]
     fn a_span_closes_with_its_buffers_records() {
         let mut l = local();
-        complete(&mut l, &buffer(1001, "req 1000 rxreq", "404"), true, task_record(1001), 1001);
+        assert!(complete(&mut l, &buffer(1001, "req 1000 rxreq", "404"), true, task_record(1001), 1001), "whole");
         assert_eq!(l.done.len(), 1);
         let span = l.done.pop().unwrap();
         assert_eq!(span.closed_by, ClosedBy::Log);
@@ -176,12 +193,16 @@ mod tests {
     fn after_a_restart_the_span_closes_with_the_last_transactions_records() {
         // The task started as 1001, restarted as 1003: the buffer holds only 1003's records.
         let mut l = local();
-        complete(&mut l, &buffer(1003, "req 1001 restart", "200"), true, task_record(1001), 1003);
+        // Partial: the records of 1001, with its `Link`, were written out at the restart.
+        let mut record = task_record(1001);
+        record.add_event(1_700_000_000_000_170_000, "varnish.restart");
+        assert!(!complete(&mut l, &buffer(1003, "req 1001 restart", "200"), true, record, 1003));
         assert_eq!(l.done.len(), 1);
         let span = l.done.pop().unwrap();
         assert_eq!(span.closed_by, ClosedBy::Log);
         assert_eq!(span.end_unix_nano, 1_700_000_000_000_350_000);
-        assert!(event_names(&span).contains(&"Resp".to_owned()), "{:?}", event_names(&span));
+        // The log's events, and the restart the task recorded (the log's `Link` is not here).
+        assert_eq!(event_names(&span), ["Req", "varnish.restart", "Process", "Resp"]);
         assert_eq!(l.correlator.pending(), 0);
     }
 
@@ -189,7 +210,7 @@ mod tests {
     fn an_empty_buffer_still_closes_the_span_with_its_task_data() {
         // Everything written out early (a full buffer): nothing but the End added here.
         let mut l = local();
-        complete(&mut l, &[], true, task_record(1001), 1001);
+        assert!(!complete(&mut l, &[], true, task_record(1001), 1001), "partial");
         assert_eq!(l.done.len(), 1);
         let span = l.done.pop().unwrap();
         assert_eq!(span.start_unix_nano, 1_700_000_000_000_000_000);
@@ -203,7 +224,10 @@ mod tests {
         let mut l = local();
         for i in 0..1_000u64 {
             let (first, last) = if i % 2 == 0 { (i * 4, i * 4) } else { (i * 4, i * 4 + 2) };
-            complete(&mut l, &buffer(last, "req 1 rxreq", "200"), true, task_record(first), last);
+            assert_eq!(
+                complete(&mut l, &buffer(last, "req 1 rxreq", "200"), true, task_record(first), last),
+                first == last
+            );
             assert_eq!(l.done.len(), 1, "call {i}");
             l.done.clear();
         }

@@ -823,8 +823,36 @@ fn no_tailer_still_closes_every_span() {
 fn task_log_closes_every_span_with_its_own_records() {
     let (spans, counters) = every_span_as_varnishlog_says("task_log_closes_every_span_with_its_own_records", "task");
     assert_eq!(counters["vsl_spans_closed_from_task_log"], spans.len() as u64, "{counters:#?}");
+    assert_eq!(counters["vsl_task_log_partial"], 0, "every buffer held its whole transaction: {counters:#?}");
     for s in &spans {
         let last_event = if s.kind == KIND_SERVER { "Resp" } else { "BerespBody" };
         assert!(s.events.iter().any(|n| n == last_event), "no {last_event} event from the task's log: {s:#?}");
     }
+}
+
+/// Case 12c: `OPENTRACING_VSL=task` and a restart: the first transaction's records left the
+/// buffer when the VXID changed, so the span closes with the last one's (its final status and
+/// timing events) and is counted as partial.
+#[test]
+fn task_log_after_a_restart_closes_with_the_last_transaction() {
+    let dir = TempDir::new("task_log_after_a_restart_closes_with_the_last_transaction");
+    let be = Backend::start(dir.path(), "backend");
+    let opts = VarnishOpts { params: vec![], env: vec![("OPENTRACING_VSL".into(), "task".into())] };
+    let restart =
+        "sub vcl_deliver { if (resp.status == 404 && req.restarts == 0) { set req.url = \"/\"; return (restart); } }";
+    let mut v = Varnish::start_with(dir.path(), "varnish", be.port, restart, &opts);
+
+    let trace = random_trace_id();
+    let resp = v.get("/missing", &[("traceparent", &tp(&trace, PARENT, "01"))]);
+    assert_eq!(resp.status, 200, "{resp:?}");
+    v.wait_spans(WAIT, "3 spans", |s| s.len() >= 3);
+    let counters = v.wait_counters(WAIT, "3 spans closed", |c| c.get("vsl_spans_closed_from_task_log") == Some(&3));
+    let spans = v.stop();
+    assert_eq!(spans.len(), 3, "{spans:#?}");
+    assert_eq!(counters["vsl_task_log_partial"], 1, "the restarted request's span only: {counters:#?}");
+    let server = the_one(of_kind(&spans, KIND_SERVER), "SERVER span", &spans);
+    assert_eq!(server.attr_int("http.response.status_code"), Some(200), "final status: {server:#?}");
+    assert!(server.events.iter().any(|e| e == "varnish.restart"), "{server:#?}");
+    assert!(server.events.iter().any(|e| e == "Resp"), "the last transaction's timing events: {server:#?}");
+    assert_eq!(server.attr_str("varnish.span.closed_by"), None, "{server:#?}");
 }
