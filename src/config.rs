@@ -204,6 +204,12 @@ pub enum LogSource {
 }
 
 impl Config {
+    /// Whether this configuration runs the log tailer: it reads the shared log, and there are
+    /// spans (the SDK is not disabled).
+    pub fn wants_tailer(&self) -> bool {
+        self.log_source == LogSource::Shared && !self.disabled
+    }
+
     pub fn from_settings(s: &Settings) -> Result<Config, String> {
         let log_source = match s.get("OPENTRACING_VSL").as_deref() {
             None | Some("on") => LogSource::Shared,

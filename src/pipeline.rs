@@ -309,7 +309,7 @@ fn apply_request_path_settings(cfg: &Config) {
 
 fn start_tailer(cfg: &Config) -> Result<(), String> {
     // No spans when the SDK is disabled: nothing for the tailer to do.
-    if cfg.log_source == LogSource::Shared && !cfg.disabled {
+    if cfg.wants_tailer() {
         // The child's working directory is the instance's -n folder (research §1).
         let workdir = std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
         crate::vsl::tailer::start(workdir)?;
@@ -377,7 +377,7 @@ fn warm_up(life: &mut Lifecycle, settings: &Settings) -> Result<(&'static str, S
                 r.export = cfg.export.clone();
             }
         }
-        let tailer_wanted = cfg.log_source == LogSource::Shared && !cfg.disabled;
+        let tailer_wanted = cfg.wants_tailer();
         if tailer_wanted != crate::vsl::tailer::is_running() {
             if tailer_wanted {
                 start_tailer(&cfg)?;
