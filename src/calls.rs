@@ -359,12 +359,17 @@ pub fn trace_backend(ctx: &mut Ctx) {
     };
     // SAFETY: the bereq of the running fetch.
     unsafe { write_context(bo.bereq, &Outgoing::of(state)) };
-    if uncacheable {
-        // A pass: its object is never a hit, so no hit will link to this span; the tailer
-        // need not remember its IDs (a map insert and removal, 5% of its cycles at 100%).
+    // Only a sampled span is finished (and so forgotten) by its task's end: an unsampled one
+    // (here with a `tracestate` to carry on) followed by the tailer would hold its place there
+    // until `Limits::max_age`.
+    if state.record.sampled() {
+        if !uncacheable {
+            // A hit on the object this fetch stores links to its span, even while it streams
+            // in. Not for a pass: its object is never a hit (the table keeps its room for those).
+            let r = &state.record;
+            crate::vsl::fetch_links::GLOBAL.remember(r.vxid, r.trace_id, r.span_id);
+        }
         crate::vsl::tailer::track(state.record.vxid);
-    } else {
-        crate::vsl::tailer::track_fetch(state.record.vxid, state.record.trace_id, state.record.span_id);
     }
 }
 

@@ -55,7 +55,8 @@ pub struct Stats {
     pub vsl_steps: AtomicU64,
     pub vsl_transactions_matched: AtomicU64,
     pub vsl_closed_from_log: AtomicU64,
-    /// Closed with their task's own log buffer (`OPENTRACING_VSL=task`), on the workers.
+    /// Closed with their task's own log buffer (`vsl::task_log`), on the workers; the tailer's
+    /// `vsl_closed_from_log` does not count them (the published counter adds the two).
     pub vsl_closed_from_task_log: AtomicU64,
     /// Of those, the spans whose buffer lacked part of their log (`task_log`).
     pub vsl_task_log_partial: AtomicU64,
@@ -135,13 +136,13 @@ pub struct Counters {
     /// Log transactions that belonged to a traced span
     #[counter]
     vsl_transactions_matched: AtomicU64,
-    /// Spans closed with the data of the shared-memory log
+    /// Spans closed with Varnish's log records (read by the tailer, or from their task's own log buffer)
     #[counter]
     vsl_spans_closed_from_log: AtomicU64,
-    /// Spans closed with the records of their task's own log buffer (OPENTRACING_VSL=task)
+    /// Of those, spans closed with the records of their task's own log buffer, on the worker
     #[counter]
     vsl_spans_closed_from_task_log: AtomicU64,
-    /// Of those, spans whose buffer lacked part of their log: a restart or retry before, or records written out early
+    /// Of those (OPENTRACING_VSL=task), spans whose buffer lacked part of their log: a restart or retry before, or records written out early
     #[counter]
     vsl_task_log_partial: AtomicU64,
     /// Spans closed from their task data because the log did not deliver in time
@@ -187,8 +188,9 @@ impl Counters {
         self.queue_depth.store(queue_depth as u64, Relaxed);
         copy(&self.vsl_records, &STATS.vsl_steps);
         copy(&self.vsl_transactions_matched, &STATS.vsl_transactions_matched);
-        copy(&self.vsl_spans_closed_from_log, &STATS.vsl_closed_from_log);
-        copy(&self.vsl_spans_closed_from_task_log, &STATS.vsl_closed_from_task_log);
+        let from_task_log = STATS.vsl_closed_from_task_log.load(Relaxed);
+        self.vsl_spans_closed_from_log.store(STATS.vsl_closed_from_log.load(Relaxed) + from_task_log, Relaxed);
+        self.vsl_spans_closed_from_task_log.store(from_task_log, Relaxed);
         copy(&self.vsl_task_log_partial, &STATS.vsl_task_log_partial);
         let backstop = STATS.vsl_closed_by_tailer_backstop.load(Relaxed) + STATS.vsl_closed_by_backstop.load(Relaxed);
         self.vsl_spans_closed_by_backstop.store(backstop, Relaxed);
@@ -301,7 +303,11 @@ fn retire_exporter(worker: Worker<Box<SpanRecord>>, stop: StopSignal) {
 
 fn apply_request_path_settings(cfg: &Config) {
     DISABLED.store(cfg.disabled, Relaxed);
-    crate::vsl::task_log::set_enabled(cfg.log_source == LogSource::Task);
+    crate::vsl::task_log::set_mode(match cfg.log_source {
+        LogSource::Shared => crate::vsl::task_log::Mode::WhenWhole,
+        LogSource::Task => crate::vsl::task_log::Mode::Always,
+        LogSource::Off => crate::vsl::task_log::Mode::Never,
+    });
     sampling::set_active(cfg.sampler);
     cfg.limits.activate();
     crate::config::activate(&cfg.spans);

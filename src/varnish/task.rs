@@ -493,11 +493,15 @@ fn finish_task(ctx: *const ffi::vrt_ctx, state: TaskState) {
         if state.record.sampled() {
             let final_vxid = unsafe { vxid_of(ctx.vsl) };
             let record = unsafe { complete(ctx, state) };
-            if crate::vsl::task_log::enabled() {
-                // SAFETY: ctx->vsl is this task's log, and the records are read within this fini.
-                let buffer = unsafe { crate::vsl::ffi::task_records(ctx.vsl) };
-                crate::vsl::task_log::close(buffer, !ctx.req.is_null(), record, final_vxid);
-            } else {
+            if let Some(bo) = unsafe { ctx.bo.as_ref() } {
+                if final_vxid != record.vxid && bo.uncacheable() == 0 {
+                    // A retry: the object (if any) records this VXID as the fetch that stored it.
+                    crate::vsl::fetch_links::GLOBAL.remember(final_vxid, record.trace_id, record.span_id);
+                }
+            }
+            // SAFETY: ctx->vsl is this task's log, and the records are read within this fini.
+            let buffer = unsafe { crate::vsl::ffi::task_records(ctx.vsl) };
+            if let Some(record) = crate::vsl::task_log::close(buffer, !ctx.req.is_null(), record, final_vxid) {
                 crate::vsl::tailer::finished(record, final_vxid);
             }
         }

@@ -32,9 +32,9 @@ use std::str::FromStr;
 use rustc_hash::FxHashMap as HashMap;
 use std::time::{Duration, Instant};
 
+use super::fetch_links::{self, FetchLinks};
 use super::record::{wanted, Tag, TagTable};
-use crate::ids::{SpanId, TraceId};
-use crate::span::{text_lossy, ClosedBy, Event, SpanKind, SpanRecord, StatusCode, Text, Value};
+use crate::span::{text_lossy, ClosedBy, Event, SpanRecord, StatusCode, Text, Value};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -45,8 +45,8 @@ pub struct Limits {
     /// How long a tracked span may go without finishing before its log data is dropped
     /// (the span itself still closes from its task: a long download only loses the log data).
     pub max_age: Duration,
-    /// Backend fetches remembered for linking the hits they served.
-    pub fetches_remembered: usize,
+    /// Where a hit's span finds the span of the fetch that stored its object.
+    pub links: FetchLinks,
 }
 
 impl Default for Limits {
@@ -55,7 +55,7 @@ impl Default for Limits {
             max_pending: 16_384,
             log_wait: Duration::from_secs(3),
             max_age: Duration::from_secs(600),
-            fetches_remembered: 65_536,
+            links: fetch_links::GLOBAL,
         }
     }
 }
@@ -110,7 +110,7 @@ impl LogData {
     }
 
     /// Merges what the log told into the finished record (taking it: the slot is freed next).
-    fn merge_into(&mut self, record: &mut SpanRecord, fetched: &HashMap<u64, (TraceId, SpanId)>) {
+    fn merge_into(&mut self, record: &mut SpanRecord, links: FetchLinks) {
         if let Some(t) = self.start_ns {
             record.start_unix_nano = t;
         }
@@ -149,7 +149,7 @@ impl LogData {
             record.outcome.peer_port = port.or(record.outcome.peer_port);
         }
         if let Some(obj) = self.hit_obj {
-            if let Some(&(trace_id, span_id)) = fetched.get(&obj) {
+            if let Some((trace_id, span_id)) = links.find(obj) {
                 record.add_link(trace_id, span_id);
             }
             // A `return (synth())` from vcl_hit: the include records a fresh hit only in
@@ -202,8 +202,6 @@ struct Pending {
     log: LogData,
     finished: Option<(Box<SpanRecord>, u64, Instant)>,
     since: Instant,
-    /// A fetch whose object a hit may link to (announced by `fetch_started`; a pass's is not).
-    hit_linkable: bool,
 }
 
 impl Pending {
@@ -247,19 +245,11 @@ impl Slab {
     fn insert(&mut self, key: u64, now: Instant) -> usize {
         let Some(slot) = self.free.pop() else {
             let chain = vec![ChainVxid { vxid: key, ended: false }];
-            self.slots.push(Pending {
-                key,
-                chain,
-                log: LogData::default(),
-                finished: None,
-                since: now,
-                hit_linkable: false,
-            });
+            self.slots.push(Pending { key, chain, log: LogData::default(), finished: None, since: now });
             return self.slots.len() - 1;
         };
         let p = &mut self.slots[slot];
         p.key = key;
-        p.hit_linkable = false;
         p.chain.push(ChainVxid { vxid: key, ended: false });
         p.since = now;
         slot
@@ -288,9 +278,6 @@ pub struct Correlator {
     /// Every VXID of a tracked chain, to the slot of its span.
     index: HashMap<u64, usize>,
     slab: Slab,
-    /// Backend spans recently closed from the log: bereq VXID to span, for `Hit` links.
-    fetched: HashMap<u64, (TraceId, SpanId)>,
-    fetched_order: VecDeque<u64>,
     /// Finished spans by log deadline. Deadlines are `finished` time plus a constant, so the
     /// queue is in order and `expire` only looks at its front (completed spans leave stale
     /// entries behind, dropped from the front as spans complete, or skipped when they come up;
@@ -571,8 +558,6 @@ impl Correlator {
             limits,
             index: HashMap::default(),
             slab: Slab::default(),
-            fetched: HashMap::default(),
-            fetched_order: VecDeque::new(),
             deadlines: VecDeque::new(),
             last_age_scan: None,
             last_seconds: LastSeconds::default(),
@@ -776,42 +761,12 @@ impl Correlator {
             return None;
         };
         // In place: the log data is large for a move (a few hundred bytes), and mostly empty.
-        p.log.merge_into(&mut record, &self.fetched);
+        p.log.merge_into(&mut record, self.limits.links);
         record.closed_by = ClosedBy::Log;
-        if record.kind == SpanKind::Client && p.hit_linkable {
-            // Every VXID of the fetch (retries), while a hit may still come. Not for a pass:
-            // its object is never a hit (and the map must keep room for those that can be).
-            self.remember_fetch(slot, record.trace_id, record.span_id);
-        }
         self.forget(slot);
         self.drop_stale_deadlines();
         self.stats.closed_from_log += 1;
         Some(record)
-    }
-
-    /// Remembers the VXIDs of the fetch in `slot` as the span `trace_id`/`span_id`.
-    fn remember_fetch(&mut self, slot: usize, trace_id: TraceId, span_id: SpanId) {
-        for i in 0..self.slab.slots[slot].chain.len() {
-            let vxid = self.slab.slots[slot].chain[i].vxid;
-            self.fetch_started(vxid, trace_id, span_id);
-        }
-    }
-
-    /// A traced fetch started in transaction `vxid`: a hit on the object it stores links to it
-    /// from now on, even if that hit's log is read before the fetch's span is complete (a
-    /// fetch's task ends when its busy object is released, which may be after the hit).
-    pub fn fetch_started(&mut self, vxid: u64, trace_id: TraceId, span_id: SpanId) {
-        if let Some(slot) = self.slot_of_key(vxid) {
-            self.slab.slots[slot].hit_linkable = true;
-        }
-        if self.fetched.insert(vxid, (trace_id, span_id)).is_none() {
-            self.fetched_order.push_back(vxid);
-        }
-        while self.fetched_order.len() > self.limits.fetches_remembered {
-            if let Some(old) = self.fetched_order.pop_front() {
-                self.fetched.remove(&old);
-            }
-        }
     }
 
     /// Stops following the span in `slot`: its VXIDs leave the index, its slot is freed.
@@ -931,7 +886,8 @@ pub(crate) mod synthetic {
 mod tests {
     use super::synthetic::*;
     use super::*;
-    use crate::span::Link;
+    use crate::ids::{SpanId, TraceId};
+    use crate::span::{Link, SpanKind};
     use crate::vsl::record::encode;
 
     fn limits() -> Limits {
@@ -939,7 +895,7 @@ mod tests {
             max_pending: 100,
             log_wait: Duration::from_secs(3),
             max_age: Duration::from_secs(60),
-            fetches_remembered: 10,
+            links: FetchLinks::leaked(64),
         }
     }
 
@@ -1206,12 +1162,13 @@ mod tests {
     #[test]
     fn a_hit_links_to_the_fetch_that_made_the_object() {
         let now = Instant::now();
-        let mut c = Correlator::new(tags(), limits());
+        let limits = limits();
+        let mut c = Correlator::new(tags(), limits);
         c.track(1002, now);
         let fetch = task_record(SpanKind::Client, 1002, T0, T0 + 1, 200);
         let (fetch_trace, fetch_span) = (fetch.trace_id, fetch.span_id);
-        // As the tailer announces a fetch that may store an object (`Msg::TrackFetch`).
-        c.fetch_started(1002, fetch_trace, fetch_span);
+        // As the worker announces a fetch that may store an object (`trace_backend`).
+        limits.links.remember(1002, fetch_trace, fetch_span);
         c.finished(fetch, 1002, now);
         feed(&mut c, &batch(1002, false, &[(TS, "BerespBody: 1700000000.000300 0 0"), (END, "")]));
         // A later hit of another trace on the object 1002 fetched.
@@ -1226,10 +1183,11 @@ mod tests {
     #[test]
     fn a_hit_read_before_its_fetch_completes_still_links_to_it() {
         let now = Instant::now();
-        let mut c = Correlator::new(tags(), limits());
+        let limits = limits();
+        let mut c = Correlator::new(tags(), limits);
         c.track(1002, now);
         let fetch = task_record(SpanKind::Client, 1002, T0, T0 + 1, 200);
-        c.fetch_started(1002, fetch.trace_id, fetch.span_id);
+        limits.links.remember(1002, fetch.trace_id, fetch.span_id);
         let (fetch_trace, fetch_span) = (fetch.trace_id, fetch.span_id);
         // The hit completes first; the fetch's task has not even ended.
         c.track(1005, now);
@@ -1380,48 +1338,6 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(c.pending(), 0);
         assert_eq!(c.stats.abandoned, 2);
-    }
-
-    #[test]
-    fn fetch_memory_is_bounded() {
-        let now = Instant::now();
-        let mut c = Correlator::new(tags(), Limits { fetches_remembered: 3, ..limits() });
-        for v in 1..=10u64 {
-            c.track(v, now);
-            let r = task_record(SpanKind::Client, v, T0, T0 + 1, 200);
-            c.fetch_started(v, r.trace_id, r.span_id);
-            c.finished(r, v, now);
-            feed(&mut c, &batch(v, false, &[(END, "")]));
-        }
-        assert_eq!(c.fetched.len(), 3);
-        assert!(c.fetched.contains_key(&10) && !c.fetched.contains_key(&1));
-    }
-
-    #[test]
-    fn a_pass_fetch_is_not_remembered_for_hits() {
-        // A pass's fetch is tracked without `fetch_started` (its object is never a hit): its
-        // span completes from the log, and takes no room among the fetches hits may link to.
-        let now = Instant::now();
-        let mut c = Correlator::new(tags(), limits());
-        c.track(2002, now);
-        c.finished(task_record(SpanKind::Client, 2002, T0, T0 + 1, 200), 2002, now);
-        let done = feed(&mut c, &batch(2002, false, &[(TS, "BerespBody: 1700000000.000300 0 0"), (END, "")]));
-        assert_eq!(done.len(), 1);
-        assert_eq!(done[0].closed_by, ClosedBy::Log);
-        assert!(c.fetched.is_empty());
-        // The slot it used, reused by a fetch that may be hit, is remembered again.
-        c.track(2004, now);
-        let r = task_record(SpanKind::Client, 2004, T0, T0 + 1, 200);
-        c.fetch_started(2004, r.trace_id, r.span_id);
-        c.finished(r, 2004, now);
-        assert_eq!(feed(&mut c, &batch(2004, false, &[(END, "")])).len(), 1);
-        assert!(c.fetched.contains_key(&2004));
-        // And a pass reusing that slot again is not.
-        c.fetched.clear();
-        c.track(2006, now);
-        c.finished(task_record(SpanKind::Client, 2006, T0, T0 + 1, 200), 2006, now);
-        assert_eq!(feed(&mut c, &batch(2006, false, &[(END, "")])).len(), 1);
-        assert!(c.fetched.is_empty());
     }
 
     #[test]

@@ -4,11 +4,14 @@
 //! - `record`: parsing copied log records (safe).
 //! - `correlate`: the state machine that matches log records with our spans (pure, tested
 //!   with synthetic records).
+//! - `fetch_links`: which span fetched an object, for the link from a hit's span to it (written
+//!   by the workers, read wherever a hit's span completes).
 //! - `tailer`: the background worker that ties them together inside varnishd.
 //! - `task_log`: `OPENTRACING_VSL=task`, the same correlation over a task's own log buffer, on
 //!   the worker when the task ends (no tailer).
 
 pub mod correlate;
+pub mod fetch_links;
 pub mod ffi;
 pub mod record;
 pub mod tailer;

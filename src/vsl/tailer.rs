@@ -19,7 +19,6 @@ use parking_lot::RwLock;
 use super::correlate::{Correlator, Limits};
 use super::ffi::{tag_number, LogReader, Step};
 use super::record::TagTable;
-use crate::ids::{SpanId, TraceId};
 use crate::pipeline::{self, STATS};
 use crate::span::{SpanRecord, Value};
 use crate::worker::{Activity, Inbox, Job, Worker};
@@ -27,11 +26,9 @@ use crate::worker::{Activity, Inbox, Job, Worker};
 pub enum Msg {
     /// A sampled span started in transaction `vxid`.
     Track { vxid: u64 },
-    /// VCL unsampled the span of transaction `vxid` before it finished.
+    /// Stop following the span of transaction `vxid`: VCL unsampled it, or its task's end
+    /// completed it from its own log buffer (`task_log`).
     Forget { vxid: u64 },
-    /// A sampled fetch started in transaction `vxid`, as span `span_id` of trace `trace_id`
-    /// (for the links from the hits on the object it stores).
-    TrackFetch { vxid: u64, trace_id: TraceId, span_id: SpanId },
     /// The task of a span ended; `record` holds what the task knew. The span's first VXID is
     /// `record.vxid`; `final_vxid` is the one it ended with (restarts and retries change it).
     Finished { record: Box<SpanRecord>, final_vxid: u64 },
@@ -63,25 +60,26 @@ static TAILER: RwLock<Option<Tailer>> = RwLock::new(None);
 /// The running tailer, as the Varnish workers reach it.
 struct Tailer {
     worker: Worker<Msg>,
-    /// `Track` and `TrackFetch` messages sent to this tailer and not handled yet (shared with
-    /// its job). The tailer skips the log of a transaction it does not follow only when none is
-    /// pending: the track of a span is sent before its transaction's log is written, so by the
-    /// time the tailer reads that log it is either handled or counted here. (Not for a part of
+    /// `Track` and `Forget` messages sent to this tailer and not handled yet (shared with its
+    /// job). The tailer decides whether to read a transaction's log only when none is pending:
+    /// both are sent before the transaction's log is written, so by the time the tailer reads
+    /// that log they are either handled or counted here (a `Forget` read late would have the
+    /// tailer read the records of a span already complete, for nothing). (Not for a part of
     /// the log Varnish flushed before the track, when a transaction's records outgrow its VSL
     /// buffer before vcl_recv: that part was missed with the queue's own check too.) One load per
     /// transaction, where asking the queue (`is_empty`) cost about 30 instructions, twice per
     /// unsampled request. Per tailer: one stopped with messages unread leaves its count behind.
     /// (SeqCst: no dearer than Relaxed on x86 for an RMW or a load, and ordered with the log's
     /// own barriers on any CPU.)
-    tracks_pending: Arc<AtomicU64>,
+    changes_pending: Arc<AtomicU64>,
 }
 
 impl Tailer {
-    /// Sends a `Track` or `TrackFetch`, counted while it waits.
-    fn track(&self, msg: Msg) {
-        self.tracks_pending.fetch_add(1, SeqCst);
+    /// Sends a `Track` or `Forget`, counted while it waits.
+    fn change(&self, msg: Msg) {
+        self.changes_pending.fetch_add(1, SeqCst);
         if self.worker.try_send(msg).is_err() {
-            self.tracks_pending.fetch_sub(1, SeqCst);
+            self.changes_pending.fetch_sub(1, SeqCst);
         }
     }
 }
@@ -99,11 +97,11 @@ pub static ATTACHED: AtomicBool = AtomicBool::new(false);
 
 /// Starts the tailer (CLI thread, with the pipeline). `workdir` is varnishd's `-n` folder.
 pub fn start(workdir: PathBuf) -> Result<(), String> {
-    let tracks_pending = Arc::new(AtomicU64::new(0));
-    let job = TailerJob::new(workdir, tracks_pending.clone());
+    let changes_pending = Arc::new(AtomicU64::new(0));
+    let job = TailerJob::new(workdir, changes_pending.clone());
     let worker = Worker::spawn_with_idle_tick("otel-vsl", QUEUE, TICK, IDLE_TICK, job)
         .map_err(|e| format!("cannot start the VSL tailer: {e}"))?;
-    *TAILER.write() = Some(Tailer { worker, tracks_pending });
+    *TAILER.write() = Some(Tailer { worker, changes_pending });
     Ok(())
 }
 
@@ -120,22 +118,15 @@ pub fn is_running() -> bool {
 /// A sampled span started (any worker thread; never blocks).
 pub fn track(vxid: u64) {
     if let Some(t) = TAILER.read().as_ref() {
-        t.track(Msg::Track { vxid });
+        t.change(Msg::Track { vxid });
     }
 }
 
-/// A sampled fetch started (any worker thread; never blocks): `track`, plus its IDs.
-pub fn track_fetch(vxid: u64, trace_id: TraceId, span_id: SpanId) {
-    if let Some(t) = TAILER.read().as_ref() {
-        t.track(Msg::TrackFetch { vxid, trace_id, span_id });
-    }
-}
-
-/// A tracked span was unsampled by VCL (any worker thread; never blocks; if the queue is full the
-/// entry simply ages out).
+/// Stop following a span: VCL unsampled it, or it was completed from its task's own buffer
+/// (any worker thread; never blocks; if the queue is full the entry ages out, `Limits::max_age`).
 pub fn forget(vxid: u64) {
     if let Some(t) = TAILER.read().as_ref() {
-        let _ = t.worker.try_send(Msg::Forget { vxid });
+        t.change(Msg::Forget { vxid });
     }
 }
 
@@ -182,12 +173,12 @@ struct TailerJob {
     overruns: u64,
     read_delay: Duration,
     activity: Activity,
-    /// Shared with the senders (`Tailer::tracks_pending`).
-    tracks_pending: Arc<AtomicU64>,
+    /// Shared with the senders (`Tailer::changes_pending`).
+    changes_pending: Arc<AtomicU64>,
 }
 
 impl TailerJob {
-    fn new(workdir: PathBuf, tracks_pending: Arc<AtomicU64>) -> Self {
+    fn new(workdir: PathBuf, changes_pending: Arc<AtomicU64>) -> Self {
         TailerJob {
             workdir,
             reader: None,
@@ -203,7 +194,7 @@ impl TailerJob {
             overruns: 0,
             read_delay: read_delay(),
             activity: Activity::default(),
-            tracks_pending,
+            changes_pending,
         }
     }
 
@@ -234,14 +225,12 @@ impl TailerJob {
         match msg {
             Msg::Track { vxid } => {
                 // First: a panic below (a bug) must not leave the count up for good.
-                self.tracks_pending.fetch_sub(1, SeqCst);
+                self.changes_pending.fetch_sub(1, SeqCst);
                 self.correlator.track(vxid, now);
             }
-            Msg::Forget { vxid } => self.correlator.untrack(vxid),
-            Msg::TrackFetch { vxid, trace_id, span_id } => {
-                self.tracks_pending.fetch_sub(1, SeqCst);
-                self.correlator.track(vxid, now);
-                self.correlator.fetch_started(vxid, trace_id, span_id);
+            Msg::Forget { vxid } => {
+                self.changes_pending.fetch_sub(1, SeqCst);
+                self.correlator.untrack(vxid);
             }
             Msg::Finished { record, final_vxid } => {
                 if let Some(done) = self.correlator.finished(record, final_vxid, now) {
@@ -260,19 +249,16 @@ impl TailerJob {
             match reader.step() {
                 Step::Batch { vxid } | Step::Single { vxid } => {
                     self.steps += 1;
-                    if !self.correlator.wants(vxid) {
-                        // Its `track` may still be in the queue (sent before the transaction
-                        // ended, so before this batch was written): look once more, unless no
-                        // track is pending at all.
-                        if self.tracks_pending.load(SeqCst) == 0 {
-                            continue;
-                        }
+                    // Its `Track` or `Forget` may still be in the queue (sent before the
+                    // transaction ended, so before this batch was written): take them first,
+                    // unless none is pending at all.
+                    if self.changes_pending.load(SeqCst) != 0 {
                         while let Some(m) = inbox.try_next() {
                             self.handle_msg(m, now);
                         }
-                        if !self.correlator.wants(vxid) {
-                            continue;
-                        }
+                    }
+                    if !self.correlator.wants(vxid) {
+                        continue;
                     }
                     if reader.copy_current(&mut self.buf) {
                         self.correlator.records(&self.buf, &mut self.done);

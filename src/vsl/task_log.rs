@@ -1,51 +1,76 @@
-//! `OPENTRACING_VSL=task`: a sampled span closes with the records its task logged, read from the
-//! task's own log buffer on the worker, when the task ends; no tailer thread.
+//! A sampled span completed with the records its task logged, read from the task's own log
+//! buffer on the worker when the task ends, rather than by the tailer from the shared log.
 //!
-//! Why: the tailer (`tailer`) steps through every transaction in the shared log to find the
-//! traced ones, and each traced one costs a copy out of shared memory, messages between threads
-//! and the tailer's wake-ups. Side by side on one CPU (docs/performance.md, "What the 1% costs"),
-//! this mode cost about 1% less CPU per hit than the tailer at 100% sampling (about 860
-//! instructions per sampled hit less in all, callgrind), and 0.3-0.5% less at 1%.
+//! Two uses (`Mode`):
+//! - the default (`OPENTRACING_VSL=on`, `Mode::WhenWhole`): a span whose buffer holds its whole
+//!   log closes here, and the tailer is told to stop following it; the others (below) are left
+//!   to the tailer, which reads them in the shared log. Nothing is lost either way.
+//! - `OPENTRACING_VSL=task` (`Mode::Always`): every sampled span closes here, and no tailer
+//!   thread runs: cheaper at low sampling rates, since nothing steps through the shared log,
+//!   but a span lacks what its buffer lacks (below).
+//!
+//! Why: for each traced transaction, the tailer copies its records out of shared memory, gets
+//! two messages from the workers and hands the span on from its own thread, on top of reading
+//! the same records. Side by side on one CPU (docs/performance.md), closing here cost about 1%
+//! less CPU per sampled hit at 100% sampling (about 860 instructions per sampled hit less in
+//! all, callgrind); `task` mode also 0.3-0.5% less at 1%, where the tailer's steps through every
+//! transaction of the log are what it saves.
 //!
 //! What the buffer holds: Varnish keeps a task's records in a buffer of its own (`vsl_buffer`,
 //! 16 KB by default) and writes them to the shared log when the transaction ends, after the
 //! PRIV_TASK fini we run in: so at the fini, every record but the last two, `ReqAcct`/`BereqAcct`
-//! (whose body sizes the task's data gives anyway) and `End` (added here). What it does not hold,
-//! and the span therefore lacks in this mode (it still closes, with its task's times, status and
-//! sizes):
+//! (whose body sizes the task's data gives anyway) and `End` (added here). What it does not
+//! hold:
 //! - the records of a transaction before a restart or a retry (Varnish writes them out when the
 //!   transaction ID changes): their timestamps and errors;
 //! - records written out early because the buffer filled up (a transaction with very large
-//!   headers, or VCL logging a lot);
-//! - links from a hit to the span of the fetch that stored its object: that needs the other
-//!   transaction's log, which only the tailer sees.
+//!   headers, or VCL logging a lot).
 //!
-//! The first two are counted (`vsl_task_log_partial`): a span whose final transaction is not its
-//! first, or whose buffer does not start with the transaction's `Begin`.
+//! A span is "whole" when neither happened: its final transaction is its first, and the buffer
+//! starts with that transaction's `Begin`. In `task` mode the others still close here, with
+//! their task's times, status and sizes, and are counted (`vsl_task_log_partial`). A hit's link
+//! to the fetch that stored its object comes from `fetch_links` in both modes.
 //!
 //! Threading: runs on the worker thread ending the task; each thread has its own correlator
 //! (thread-local), which holds nothing between two calls.
 
 use std::cell::RefCell;
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use super::correlate::{Correlator, Limits};
+use super::fetch_links::{self, FetchLinks};
 use super::ffi;
 use super::record::{self, TagTable};
+use super::tailer;
 use crate::pipeline::{self, STATS};
 use crate::span::SpanRecord;
 
-/// Whether sampled spans close from their task's buffer (set with the pipeline's settings).
-static ENABLED: AtomicBool = AtomicBool::new(false);
-
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Relaxed);
+/// Which spans close from their task's buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// None (`OPENTRACING_VSL=off`: no log records at all).
+    Never = 0,
+    /// Those whose buffer holds their whole log; the tailer reads the others' (the default).
+    WhenWhole = 1,
+    /// All of them (`OPENTRACING_VSL=task`: no tailer).
+    Always = 2,
 }
 
-pub fn enabled() -> bool {
-    ENABLED.load(Relaxed)
+/// The `Mode` (set with the pipeline's settings, read at every sampled task's end).
+static MODE: AtomicU8 = AtomicU8::new(Mode::Never as u8);
+
+pub fn set_mode(mode: Mode) {
+    MODE.store(mode as u8, Relaxed);
+}
+
+fn mode() -> Mode {
+    match MODE.load(Relaxed) {
+        1 => Mode::WhenWhole,
+        2 => Mode::Always,
+        _ => Mode::Never,
+    }
 }
 
 /// What one thread keeps for reuse between calls: the correlator (empty between calls) and
@@ -61,10 +86,9 @@ struct Local {
 }
 
 impl Local {
-    fn new(tags: TagTable, begin_tag: u8, end_tag: u8) -> Local {
-        // One span at a time (a chain of transactions at most); no fetches to remember: their
-        // hits are other tasks'.
-        let limits = Limits { max_pending: 8, fetches_remembered: 0, ..Limits::default() };
+    fn new(tags: TagTable, begin_tag: u8, end_tag: u8, links: FetchLinks) -> Local {
+        // One span at a time (a chain of transactions at most).
+        let limits = Limits { max_pending: 8, links, ..Limits::default() };
         Local {
             correlator: Correlator::new(tags, limits),
             end_record: Vec::new(),
@@ -80,38 +104,52 @@ thread_local! {
 }
 
 /// Closes the sampled span `record`, whose task ended as transaction `final_vxid` with the
-/// records in `buffer` (the task's own, `ffi::task_records`), and hands it to the exporter.
-/// `client`: a client task (a request), not a backend fetch.
-pub fn close(buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u64) {
+/// records in `buffer` (the task's own, `ffi::task_records`), and hands it to the exporter, if
+/// the mode says so; gives it back otherwise (to be closed by the tailer, or from its task's
+/// data alone). `client`: a client task (a request), not a backend fetch.
+pub fn close(buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u64) -> Option<Box<SpanRecord>> {
+    let mode = mode();
+    if mode == Mode::Never {
+        return Some(record);
+    }
     let mut record = Some(record);
     let _ = LOCAL.try_with(|cell| {
         if let Ok(mut local) = cell.try_borrow_mut() {
             let local = local.get_or_insert_with(|| {
                 let tag = |name: &CStr| ffi::tag_number(name).unwrap_or(0);
-                Local::new(TagTable::new(ffi::tag_number), tag(c"Begin"), tag(c"End"))
+                Local::new(TagTable::new(ffi::tag_number), tag(c"Begin"), tag(c"End"), fetch_links::GLOBAL)
             });
-            if let Some(record) = record.take() {
-                if !complete(local, buffer, client, record, final_vxid) {
-                    STATS.vsl_task_log_partial.fetch_add(1, Relaxed);
-                }
-                STATS.vsl_closed_from_task_log.fetch_add(local.done.len() as u64, Relaxed);
-                pipeline::submit_all(local.done.drain(..));
+            let Some(r) = record.take_if(|r| mode == Mode::Always || whole(local, buffer, r.vxid, final_vxid)) else {
+                return;
+            };
+            if mode == Mode::WhenWhole {
+                // Before the transaction's records reach the shared log (Varnish writes them out
+                // after this fini): the tailer need not read them.
+                tailer::forget(r.vxid);
+            } else if !whole(local, buffer, r.vxid, final_vxid) {
+                STATS.vsl_task_log_partial.fetch_add(1, Relaxed);
             }
+            complete(local, buffer, client, r, final_vxid);
+            STATS.vsl_closed_from_task_log.fetch_add(local.done.len() as u64, Relaxed);
+            pipeline::submit_all(local.done.drain(..));
         }
     });
-    // Not taken: the thread's storage is gone (its exit) or in use (a re-entrant call); neither
-    // is expected in a fini. The span closes from its task's data.
-    if let Some(record) = record {
-        pipeline::submit(record);
-    }
+    // Still here: the mode leaves it to the tailer, or the thread's storage is gone (its exit)
+    // or in use (a re-entrant call; neither is expected in a fini): the tailer, or the task's
+    // data, closes it.
+    record
 }
 
-/// Completes the span into `local.done`, leaving the correlator empty. Returns whether the
-/// buffer held the whole of the span's log: one transaction (no restart or retry) whose records
-/// start with its `Begin` (none written out early).
-fn complete(local: &mut Local, buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u64) -> bool {
-    let whole = record.vxid == final_vxid
-        && record::records(buffer).next().is_some_and(|r| r.tag_number == local.begin_tag && r.vxid == final_vxid);
+/// Whether `buffer` holds the whole log of the span whose first transaction is `first_vxid`:
+/// one transaction (no restart or retry) whose records start with its `Begin` (none written
+/// out early).
+fn whole(local: &Local, buffer: &[u8], first_vxid: u64, final_vxid: u64) -> bool {
+    first_vxid == final_vxid
+        && record::records(buffer).next().is_some_and(|r| r.tag_number == local.begin_tag && r.vxid == final_vxid)
+}
+
+/// Completes the span into `local.done`, leaving the correlator empty.
+fn complete(local: &mut Local, buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u64) {
     let now = Instant::now();
     let c = &mut local.correlator;
     // The span first, then its records: `finished` adds the final transaction to the span's
@@ -128,19 +166,19 @@ fn complete(local: &mut Local, buffer: &[u8], client: bool, record: Box<SpanReco
     // `finished` queued a deadline for the span; it is past use now. A span still waiting (its
     // final transaction's `End` did not complete it: not expected) closes from its task's data.
     c.expire(now + Duration::from_secs(365 * 24 * 3600), &mut local.done);
-    whole
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ids::{SpanId, TraceId};
+    use crate::span::Link;
     use crate::span::{ClosedBy, SpanKind};
-    use crate::vsl::correlate::synthetic::{tags, BEGIN, END, OTHER, RESPSTATUS, TS};
+    use crate::vsl::correlate::synthetic::{tags, BEGIN, END, HIT, OTHER, RESPSTATUS, TS};
     use crate::vsl::record::encode;
 
     fn local() -> Local {
-        Local::new(tags(), BEGIN, END)
+        Local::new(tags(), BEGIN, END, FetchLinks::leaked(16))
     }
 
     /// A task's buffer at its fini: its records so far, no `ReqAcct`, no `End`.
@@ -176,7 +214,9 @@ mod tests {
     #[test]
     fn a_span_closes_with_its_buffers_records() {
         let mut l = local();
-        assert!(complete(&mut l, &buffer(1001, "req 1000 rxreq", "404"), true, task_record(1001), 1001), "whole");
+        let buf = buffer(1001, "req 1000 rxreq", "404");
+        assert!(whole(&l, &buf, 1001, 1001));
+        complete(&mut l, &buf, true, task_record(1001), 1001);
         assert_eq!(l.done.len(), 1);
         let span = l.done.pop().unwrap();
         assert_eq!(span.closed_by, ClosedBy::Log);
@@ -189,13 +229,35 @@ mod tests {
     }
 
     #[test]
+    fn a_hit_links_to_the_fetch_that_stored_its_object() {
+        let links = FetchLinks::leaked(16);
+        let mut l = Local::new(tags(), BEGIN, END, links);
+        let (fetch_trace, fetch_span) = (TraceId([9; 16]), SpanId([8; 8]));
+        // As the fetch's `trace_backend` announced it, on another worker.
+        assert!(links.remember(1002, fetch_trace, fetch_span));
+        let mut buf = buffer(1005, "req 1004 rxreq", "200");
+        encode(&mut buf, HIT, 1005, true, b"1002 119.993 10.000 0.000");
+        assert!(whole(&l, &buf, 1005, 1005));
+        complete(&mut l, &buf, true, task_record(1005), 1005);
+        let span = l.done.pop().unwrap();
+        assert_eq!(span.links, vec![Link { trace_id: fetch_trace, span_id: fetch_span }]);
+        // A hit on an object whose fetch is not known (unsampled, or forgotten): no link.
+        let mut buf = buffer(1007, "req 1006 rxreq", "200");
+        encode(&mut buf, HIT, 1007, true, b"1003 119.993 10.000 0.000");
+        complete(&mut l, &buf, true, task_record(1007), 1007);
+        assert!(l.done.pop().unwrap().links.is_empty());
+    }
+
+    #[test]
     fn after_a_restart_the_span_closes_with_the_last_transactions_records() {
         // The task started as 1001, restarted as 1003: the buffer holds only 1003's records.
         let mut l = local();
         // Partial: the records of 1001, with its `Link`, were written out at the restart.
         let mut record = task_record(1001);
         record.add_event(1_700_000_000_000_170_000, "varnish.restart");
-        assert!(!complete(&mut l, &buffer(1003, "req 1001 restart", "200"), true, record, 1003));
+        let buf = buffer(1003, "req 1001 restart", "200");
+        assert!(!whole(&l, &buf, 1001, 1003));
+        complete(&mut l, &buf, true, record, 1003);
         assert_eq!(l.done.len(), 1);
         let span = l.done.pop().unwrap();
         assert_eq!(span.closed_by, ClosedBy::Log);
@@ -209,7 +271,8 @@ mod tests {
     fn an_empty_buffer_still_closes_the_span_with_its_task_data() {
         // Everything written out early (a full buffer): nothing but the End added here.
         let mut l = local();
-        assert!(!complete(&mut l, &[], true, task_record(1001), 1001), "partial");
+        assert!(!whole(&l, &[], 1001, 1001), "partial");
+        complete(&mut l, &[], true, task_record(1001), 1001);
         assert_eq!(l.done.len(), 1);
         let span = l.done.pop().unwrap();
         assert_eq!(span.start_unix_nano, 1_700_000_000_000_000_000);
@@ -223,10 +286,9 @@ mod tests {
         let mut l = local();
         for i in 0..1_000u64 {
             let (first, last) = if i % 2 == 0 { (i * 4, i * 4) } else { (i * 4, i * 4 + 2) };
-            assert_eq!(
-                complete(&mut l, &buffer(last, "req 1 rxreq", "200"), true, task_record(first), last),
-                first == last
-            );
+            let buf = buffer(last, "req 1 rxreq", "200");
+            assert_eq!(whole(&l, &buf, first, last), first == last);
+            complete(&mut l, &buf, true, task_record(first), last);
             assert_eq!(l.done.len(), 1, "call {i}");
             l.done.clear();
         }

@@ -273,12 +273,7 @@ fn background_fetch_in_grace() {
 fn restart_stays_on_one_span() {
     let dir = TempDir::new("restart_stays_on_one_span");
     let be = Backend::start(dir.path(), "backend");
-    let mut v = Varnish::start(
-        dir.path(),
-        "varnish",
-        be.port,
-        "sub vcl_deliver { if (resp.status == 404 && req.restarts == 0) { set req.url = \"/\"; return (restart); } }",
-    );
+    let mut v = Varnish::start(dir.path(), "varnish", be.port, RESTART_ON_404);
 
     let trace = random_trace_id();
     let resp = v.get("/missing", &[("traceparent", &tp(&trace, PARENT, "01"))]);
@@ -649,7 +644,10 @@ fn overrun_loses_no_span() {
         params: vec!["vsl_space=1M".into()],
         env: vec![("OPENTRACING_VSL_READ_DELAY_MS".into(), "300".into())],
     };
-    let mut v = Varnish::start_with(dir.path(), "varnish", be.port, "sub vcl_recv { return (synth(200)); }", &opts);
+    // Every request restarted once, so that no span's log is whole in its task's buffer and the
+    // tailer closes them all from the shared log (`vsl::task_log`).
+    let vcl = "sub vcl_recv { return (synth(200)); }\nsub vcl_synth { if (req.restarts == 0) { return (restart); } }";
+    let mut v = Varnish::start_with(dir.path(), "varnish", be.port, vcl, &opts);
     v.wait_counters(WAIT, "tailer attached", |c| c.get("vsl_attached") == Some(&1));
     assert_eq!(v.counter("vsl_overruns"), 0);
 
@@ -751,6 +749,7 @@ fn overrun_loses_no_span() {
     assert!(from_log >= AFTER, "{from_log} spans closed from the log, expected at least {AFTER}");
     assert_eq!(counters["vsl_spans_closed_by_backstop"], backstop as u64, "{counters:#?}");
     assert_eq!(counters["vsl_spans_closed_from_log"], from_log as u64, "{counters:#?}");
+    assert_eq!(counters["vsl_spans_closed_from_task_log"], 0, "restarted, every span is the tailer's: {counters:#?}");
     // The requests sent after the recovery fit in the log: all of them close from it.
     for t in &after {
         let s = by_trace[t.as_str()][0];
@@ -785,7 +784,9 @@ fn every_span_as_varnishlog_says(name: &str, vsl: &str) -> (Vec<Span>, std::coll
     let (spans, text) = v.stop_with_vsl();
     let log = Vsl::parse(&text);
     assert_eq!(spans.len(), TOTAL, "{spans:#?}");
-    assert_eq!(counters["vsl_spans_closed_from_log"], 0, "{counters:#?}");
+    // No tailer: no span was closed from the shared log (those from their task's own log buffer
+    // count in both counters).
+    assert_eq!(counters["vsl_spans_closed_from_log"], counters["vsl_spans_closed_from_task_log"], "{counters:#?}");
     assert_eq!(counters["vsl_attached"], 0, "{counters:#?}");
 
     for s in &spans {
@@ -830,6 +831,11 @@ fn task_log_closes_every_span_with_its_own_records() {
     }
 }
 
+/// VCL that restarts a request answered 404 once, as a request for `/` (a restarted span's log
+/// is not whole in its task's buffer: `vsl::task_log`).
+const RESTART_ON_404: &str =
+    "sub vcl_deliver { if (resp.status == 404 && req.restarts == 0) { set req.url = \"/\"; return (restart); } }";
+
 /// Case 12c: `OPENTRACING_VSL=task` and a restart: the first transaction's records left the
 /// buffer when the VXID changed, so the span closes with the last one's (its final status and
 /// timing events) and is counted as partial.
@@ -838,9 +844,7 @@ fn task_log_after_a_restart_closes_with_the_last_transaction() {
     let dir = TempDir::new("task_log_after_a_restart_closes_with_the_last_transaction");
     let be = Backend::start(dir.path(), "backend");
     let opts = VarnishOpts { params: vec![], env: vec![("OPENTRACING_VSL".into(), "task".into())] };
-    let restart =
-        "sub vcl_deliver { if (resp.status == 404 && req.restarts == 0) { set req.url = \"/\"; return (restart); } }";
-    let mut v = Varnish::start_with(dir.path(), "varnish", be.port, restart, &opts);
+    let mut v = Varnish::start_with(dir.path(), "varnish", be.port, RESTART_ON_404, &opts);
 
     let trace = random_trace_id();
     let resp = v.get("/missing", &[("traceparent", &tp(&trace, PARENT, "01"))]);
@@ -855,4 +859,68 @@ fn task_log_after_a_restart_closes_with_the_last_transaction() {
     assert!(server.events.iter().any(|e| e == "varnish.restart"), "{server:#?}");
     assert!(server.events.iter().any(|e| e == "Resp"), "the last transaction's timing events: {server:#?}");
     assert_eq!(server.attr_str("varnish.span.closed_by"), None, "{server:#?}");
+}
+
+/// Case 12d: the default mode and a restart: the fetches' buffers hold their whole log, so their
+/// spans close on the worker; the restarted request's does not (its first transaction's records
+/// left the buffer when the VXID changed), so the tailer closes it from the shared log, with both
+/// transactions' timing events.
+#[test]
+fn by_default_whole_spans_close_on_the_worker_and_a_restarted_one_from_the_shared_log() {
+    let dir = TempDir::new("by_default_whole_spans_close_on_the_worker_and_a_restarted_one_from_the_shared_log");
+    let be = Backend::start(dir.path(), "backend");
+    let mut v = Varnish::start(dir.path(), "varnish", be.port, RESTART_ON_404);
+
+    let trace = random_trace_id();
+    let resp = v.get("/missing", &[("traceparent", &tp(&trace, PARENT, "01"))]);
+    assert_eq!(resp.status, 200, "{resp:?}");
+    v.wait_spans(WAIT, "3 spans", |s| s.len() >= 3);
+    let counters =
+        v.wait_counters(WAIT, "3 spans closed from the log", |c| c.get("vsl_spans_closed_from_log") == Some(&3));
+    let spans = v.stop();
+    assert_eq!(spans.len(), 3, "{spans:#?}");
+    assert_eq!(counters["vsl_spans_closed_from_task_log"], 2, "the two fetches: {counters:#?}");
+    assert_eq!(counters["vsl_task_log_partial"], 0, "{counters:#?}");
+    assert_eq!(counters["vsl_spans_closed_by_backstop"], 0, "{counters:#?}");
+    let server = the_one(of_kind(&spans, KIND_SERVER), "SERVER span", &spans);
+    assert_eq!(server.attr_int("http.response.status_code"), Some(200), "final status: {server:#?}");
+    assert!(server.events.iter().any(|e| e == "varnish.restart"), "{server:#?}");
+    let fetches = server.events.iter().filter(|e| *e == "Fetch").count();
+    assert_eq!(fetches, 2, "a Fetch timestamp from each transaction, the first one's from the shared log: {server:#?}");
+    for fetch in of_kind(&spans, KIND_CLIENT) {
+        assert!(fetch.events.iter().any(|e| e == "BerespBody"), "the fetch's own log: {fetch:#?}");
+        assert_eq!(fetch.attr_str("varnish.span.closed_by"), None, "{fetch:#?}");
+    }
+}
+
+/// Case 12e: an unsampled fetch that carries a `tracestate` on (so it keeps a span record of its
+/// own) is not followed by the tailer: only a sampled span is finished, and a followed span that
+/// never finishes would hold its place for ten minutes (`Limits::max_age`), and the tailer's room
+/// with it.
+#[test]
+fn an_unsampled_fetch_is_not_followed_in_the_log() {
+    let dir = TempDir::new("an_unsampled_fetch_is_not_followed_in_the_log");
+    let be = Backend::start(dir.path(), "backend");
+    let mut v = Varnish::start(dir.path(), "varnish", be.port, RESTART_ON_404);
+
+    for i in 0..3 {
+        let t = random_trace_id();
+        let r = v.get(&format!("/pass/{i}"), &[("traceparent", &tp(&t, PARENT, "00")), ("tracestate", "k=v")]);
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    // Then a sampled request the tailer must close (restarted: not whole in its buffer), so that
+    // it has read the log past the unsampled ones.
+    let sampled = random_trace_id();
+    let r = v.get("/missing", &[("traceparent", &tp(&sampled, PARENT, "01"))]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let counters = v.wait_counters(WAIT, "the restarted span closed by the tailer, nothing left followed", |c| {
+        let tailer = c["vsl_spans_closed_from_log"] - c["vsl_spans_closed_from_task_log"];
+        tailer >= 1 && c["vsl_pending"] == 0
+    });
+    let spans = v.stop();
+    assert_eq!(counters["vsl_spans_closed_from_log"] - counters["vsl_spans_closed_from_task_log"], 1, "{counters:#?}");
+    assert!(spans.iter().all(|s| s.trace_id == sampled), "only the sampled trace is exported: {spans:#?}");
+    let reqs = be.requests();
+    assert!(reqs.iter().take(3).all(|r| backend_tp(r).flags == "00"), "{reqs:#?}");
+    assert!(reqs.iter().take(3).all(|r| r.tracestate.as_deref() == Some("k=v")), "{reqs:#?}");
 }
