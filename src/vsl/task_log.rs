@@ -28,7 +28,8 @@
 //!
 //! A span is "whole" when neither happened: its final transaction is its first, and the buffer
 //! starts with that transaction's `Begin`. In `task` mode the others still close here, with
-//! their task's times, status and sizes, and are counted (`vsl_task_log_partial`). A hit's link
+//! their task's times, status and sizes, marked `varnish.span.log=partial` and counted
+//! (`vsl_task_log_partial`). A hit's link
 //! to the fetch that stored its object comes from `fetch_links` in both modes.
 //!
 //! Threading: runs on the worker thread ending the task; each thread has its own correlator
@@ -45,7 +46,7 @@ use super::ffi;
 use super::record::{self, TagTable};
 use super::tailer;
 use crate::pipeline::{self, STATS};
-use crate::span::SpanRecord;
+use crate::span::{SpanRecord, Value};
 
 /// Which spans close from their task's buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +120,8 @@ pub fn close(buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u
                 let tag = |name: &CStr| ffi::tag_number(name).unwrap_or(0);
                 Local::new(TagTable::new(ffi::tag_number), tag(c"Begin"), tag(c"End"), fetch_links::GLOBAL)
             });
-            let Some(r) = record.take_if(|r| mode == Mode::Always || whole(local, buffer, r.vxid, final_vxid)) else {
+            let Some(mut r) = record.take_if(|r| mode == Mode::Always || whole(local, buffer, r.vxid, final_vxid))
+            else {
                 return;
             };
             if mode == Mode::WhenWhole {
@@ -127,6 +129,9 @@ pub fn close(buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u
                 // after this fini): the tailer need not read them.
                 tailer::forget(r.vxid);
             } else if !whole(local, buffer, r.vxid, final_vxid) {
+                // Said in the span too, so that a trace view tells why its timing breakdown
+                // starts late or has gaps.
+                r.set("varnish.span.log", Value::Str("partial".into()));
                 STATS.vsl_task_log_partial.fetch_add(1, Relaxed);
             }
             complete(local, buffer, client, r, final_vxid);

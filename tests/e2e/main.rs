@@ -859,6 +859,10 @@ fn task_log_after_a_restart_closes_with_the_last_transaction() {
     assert!(server.events.iter().any(|e| e == "varnish.restart"), "{server:#?}");
     assert!(server.events.iter().any(|e| e == "Resp"), "the last transaction's timing events: {server:#?}");
     assert_eq!(server.attr_str("varnish.span.closed_by"), None, "{server:#?}");
+    assert_eq!(server.attr_str("varnish.span.log"), Some("partial"), "{server:#?}");
+    for fetch in of_kind(&spans, KIND_CLIENT) {
+        assert_eq!(fetch.attr_str("varnish.span.log"), None, "whole in its buffer: {fetch:#?}");
+    }
 }
 
 /// Case 12d: the default mode and a restart: the fetches' buffers hold their whole log, so their
