@@ -261,6 +261,12 @@ pub fn trace_backend(ctx: &mut Ctx) {
             if bo.retries > state.repeats_seen {
                 state.repeats_seen = bo.retries;
                 state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.retry");
+                if state.record.sampled() && bo.uncacheable() == 0 {
+                    // The retry's VXID is the one the object will record as its fetch's (a hit
+                    // may come while it streams in, before this task's end).
+                    let r = &state.record;
+                    crate::vsl::fetch_links::GLOBAL.remember(task::current_vxid(ctx), r.trace_id, r.span_id);
+                }
             }
             unsafe { write_context(bo.bereq, &Outgoing::of(state)) };
             return;

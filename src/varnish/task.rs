@@ -495,7 +495,8 @@ fn finish_task(ctx: *const ffi::vrt_ctx, state: TaskState) {
             let record = unsafe { complete(ctx, state) };
             if let Some(bo) = unsafe { ctx.bo.as_ref() } {
                 if final_vxid != record.vxid && bo.uncacheable() == 0 {
-                    // A retry: the object (if any) records this VXID as the fetch that stored it.
+                    // A retry: the object (if any) records this VXID as the fetch that stored it
+                    // (`trace_backend` wrote it at the retry too; not if VCL skipped the call).
                     crate::vsl::fetch_links::GLOBAL.remember(final_vxid, record.trace_id, record.span_id);
                 }
             }

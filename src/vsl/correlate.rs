@@ -70,7 +70,8 @@ pub struct Stats {
     pub closed_by_backstop: u64,
     /// Spans not tracked because `max_pending` was reached.
     pub not_tracked: u64,
-    /// Tracked spans dropped after `max_age` without finishing.
+    /// Tracked spans dropped without finishing: after `max_age`, or once their log had ended and
+    /// neither `finished` nor `untrack` came (a message lost to a full queue).
     pub abandoned: u64,
 }
 
@@ -202,11 +203,20 @@ struct Pending {
     log: LogData,
     finished: Option<(Box<SpanRecord>, u64, Instant)>,
     since: Instant,
+    /// Seen by the last age scan with every transaction of its chain ended and no `finished`
+    /// (see `expire`).
+    ended_unfinished: bool,
 }
 
 impl Pending {
     fn is_free(&self) -> bool {
         self.chain.is_empty()
+    }
+
+    /// Every transaction of the chain has ended (its `End` read) and none goes on (a restart's
+    /// or a retry's `Link` adds the next one before its `End`): the task has ended too.
+    fn all_ended(&self) -> bool {
+        !self.chain.is_empty() && self.chain.iter().all(|c| c.ended)
     }
 
     /// Adds `vxid` to the chain; false if it was in it already.
@@ -245,13 +255,15 @@ impl Slab {
     fn insert(&mut self, key: u64, now: Instant) -> usize {
         let Some(slot) = self.free.pop() else {
             let chain = vec![ChainVxid { vxid: key, ended: false }];
-            self.slots.push(Pending { key, chain, log: LogData::default(), finished: None, since: now });
+            let log = LogData::default();
+            self.slots.push(Pending { key, chain, log, finished: None, since: now, ended_unfinished: false });
             return self.slots.len() - 1;
         };
         let p = &mut self.slots[slot];
         p.key = key;
         p.chain.push(ChainVxid { vxid: key, ended: false });
         p.since = now;
+        p.ended_unfinished = false;
         slot
     }
 
@@ -818,17 +830,28 @@ impl Correlator {
         }
         self.last_age_scan = Some(now);
         let max_age = self.limits.max_age;
+        // A span whose log has ended will not finish any more: its task's end sends `finished`
+        // (or `untrack`, when the task completed it from its own buffer) before Varnish writes
+        // the last `End`, so the message is handled by the next tick, unless the queue was full
+        // and it was lost. Dropped when two scans a second apart (hundreds of ticks) found it so,
+        // rather than holding its place until `max_age`.
         let old: Vec<usize> = self
             .slab
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, p)| !p.is_free() && p.finished.is_none() && now.duration_since(p.since) >= max_age)
+            .filter(|(_, p)| {
+                let ended_long_ago = p.ended_unfinished && p.all_ended();
+                !p.is_free() && p.finished.is_none() && (now.duration_since(p.since) >= max_age || ended_long_ago)
+            })
             .map(|(slot, _)| slot)
             .collect();
         for slot in old {
             self.forget(slot);
             self.stats.abandoned += 1;
+        }
+        for p in self.slab.slots.iter_mut().filter(|p| !p.is_free()) {
+            p.ended_unfinished = p.finished.is_none() && p.all_ended();
         }
     }
 }
@@ -1338,6 +1361,43 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(c.pending(), 0);
         assert_eq!(c.stats.abandoned, 2);
+    }
+
+    #[test]
+    fn a_span_whose_log_ended_without_its_finish_is_dropped_at_the_second_scan() {
+        // Its task's `finished` (or `untrack`) was lost to a full queue: it would otherwise hold
+        // its place until max_age.
+        let now = Instant::now();
+        let mut c = Correlator::new(tags(), limits());
+        c.track(7, now);
+        // A restarted span: its first transaction ended, the next goes on.
+        c.track(20, now);
+        feed(&mut c, &batch(7, true, &[(TS, "Resp: 1700000000.000300 0 0"), (END, "")]));
+        feed(&mut c, &batch(20, true, &[(LINK, "req 21 restart"), (END, "")]));
+        let scan = |c: &mut Correlator, s: u64| {
+            let mut out = Vec::new();
+            c.expire(now + Duration::from_secs(s), &mut out);
+            assert!(out.is_empty(), "nothing to export: its task's end took care of the span");
+            c.pending()
+        };
+        assert_eq!(scan(&mut c, 1), 2, "the first scan only notes it");
+        assert_eq!(scan(&mut c, 2), 1, "the second drops the one whose log ended");
+        assert_eq!(c.stats.abandoned, 1);
+        assert!(!c.wants(7));
+        // The restarted one stays while its next transaction goes on, and is dropped alike once
+        // that one ended without a finish.
+        assert_eq!(scan(&mut c, 30), 1);
+        feed(&mut c, &batch(21, true, &[(END, "")]));
+        assert_eq!(scan(&mut c, 31), 1);
+        assert_eq!(scan(&mut c, 32), 0);
+        assert_eq!(c.stats.abandoned, 2);
+        // A finish that comes in time completes the span as usual, however long its log waited.
+        c.track(40, now);
+        feed(&mut c, &batch(40, true, &[(TS, "Resp: 1700000000.000300 0 0"), (END, "")]));
+        assert_eq!(scan(&mut c, 33), 1);
+        let done = c.finished(task_record(SpanKind::Server, 40, T0, T0 + 1, 200), 40, now + Duration::from_secs(33));
+        assert_eq!(done.map(|d| d.closed_by), Some(ClosedBy::Log));
+        assert_eq!(c.pending(), 0);
     }
 
     #[test]

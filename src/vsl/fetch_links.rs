@@ -3,9 +3,9 @@
 //! fetch's VXID).
 //!
 //! Written by the worker threads: a cacheable, sampled fetch when it starts (`trace_backend`:
-//! a hit may come while the object is still streaming in), and again under its final VXID when
-//! it ends after a retry (a retry takes a new VXID, and the object records the one that stored
-//! it). Read by whoever completes a hit's span: the tailer thread, or the worker ending the hit
+//! a hit may come while the object is still streaming in), and again under its new VXID at a
+//! retry and at its end after one (a retry takes a new VXID, and the object records the one that
+//! stored it). Read by whoever completes a hit's span: the tailer thread, or the worker ending the hit
 //! when the span closes from its task's own log buffer (`task_log`). Shared rather than the
 //! tailer's own map (as it was) because of that second reader: it must find the fetch without
 //! asking the tailer.
@@ -13,12 +13,14 @@
 //! A fixed table, no lock, no allocation: slot = VXID modulo the table's size (a power of two),
 //! each slot a sequence lock over atomics (a reader that overlaps a write sees a changed sequence
 //! number and takes no link; two writers of one slot at once: the second gives up). A slot keeps
-//! the latest fetch whose VXID falls on it. Varnish hands VXIDs out in increasing order (in
-//! blocks per thread pool), so a fetch stays findable at least until about `SLOTS` more VXIDs
-//! have been handed out, and for as long as no later fetch falls on its slot: in a workload of
-//! misses (three VXIDs a request: the session, the request, the fetch) that is the last 40,000
-//! fetches or so, and far longer where fetches are rare (a hit-heavy cache, where links matter).
-//! A hit whose fetch was forgotten simply has no link. Memory: `SLOTS` x 40 bytes (5 MiB of
+//! the latest fetch whose VXID falls on it. Varnish hands each worker thread blocks of 32,768
+//! VXIDs, in increasing order within a block, and blocks whose numbers differ by a multiple of
+//! `SLOTS / 32,768` share slots: a fetch stays findable until a later fetch falls on its slot,
+//! on average after about `SLOTS` more VXIDs (sooner when two busy workers' blocks share slots):
+//! in a workload of misses (three VXIDs a request: the session, the request, the fetch) the last
+//! 40,000 fetches or so on average, and far longer where fetches are rare (a hit-heavy cache,
+//! where links matter). A hit whose fetch was forgotten simply has no link (never another's: a
+//! slot is read only under its own VXID). Memory: `SLOTS` x 40 bytes (5 MiB of
 //! zero pages, touched as slots are first written).
 
 use std::sync::atomic::{fence, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};

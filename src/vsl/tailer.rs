@@ -2,7 +2,8 @@
 //! log and closes spans with what Varnish logged (see `correlate`).
 //!
 //! Shape: like every worker here (`worker.rs`). Varnish workers send it `Msg`s without blocking
-//! (`track` when a sampled span starts, `finished` when its task ends); a full queue hands the
+//! (`track` when a sampled span starts; when its task ends, `forget` if the span was completed
+//! from the task's own log buffer, `task_log`, or else `finished`); a full queue hands the
 //! finished span straight to the exporter, closed from its task's data. Each tick handles the
 //! messages, reads the log until it is idle, and closes the spans whose log is late.
 //!

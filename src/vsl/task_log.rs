@@ -4,7 +4,8 @@
 //! Two uses (`Mode`):
 //! - the default (`OPENTRACING_VSL=on`, `Mode::WhenWhole`): a span whose buffer holds its whole
 //!   log closes here, and the tailer is told to stop following it; the others (below) are left
-//!   to the tailer, which reads them in the shared log. Nothing is lost either way.
+//!   to the tailer, which reads them in the shared log. Nothing is lost either way (the records
+//!   not in the buffer at the fini, `ReqAcct`/`BereqAcct`, give only sizes the task knows too).
 //! - `OPENTRACING_VSL=task` (`Mode::Always`): every sampled span closes here, and no tailer
 //!   thread runs: cheaper at low sampling rates, since nothing steps through the shared log,
 //!   but a span lacks what its buffer lacks (below).
@@ -18,8 +19,9 @@
 //!
 //! What the buffer holds: Varnish keeps a task's records in a buffer of its own (`vsl_buffer`,
 //! 16 KB by default) and writes them to the shared log when the transaction ends, after the
-//! PRIV_TASK fini we run in: so at the fini, every record but the last two, `ReqAcct`/`BereqAcct`
-//! (whose body sizes the task's data gives anyway) and `End` (added here). What it does not
+//! PRIV_TASK fini we run in: so at the fini, every record but the last few: `ReqAcct`/`BereqAcct`
+//! (whose body sizes the task's data gives anyway), a fetch's `Length` (not used) and `End`
+//! (added here). What it does not
 //! hold:
 //! - the records of a transaction before a restart or a retry (Varnish writes them out when the
 //!   transaction ID changes): their timestamps and errors;
