@@ -65,6 +65,8 @@ pub struct Stats {
     pub vsl_closed_by_backstop: AtomicU64,
     pub vsl_overruns: AtomicU64,
     pub vsl_pending: AtomicU64,
+    pub vsl_not_followed: AtomicU64,
+    pub vsl_abandoned: AtomicU64,
     /// Unsampled decisions kept in the task's own slot: their slot in the decision table was
     /// another task's (`decisions`).
     pub decisions_in_task_slot: AtomicU64,
@@ -90,6 +92,8 @@ pub static STATS: Stats = Stats {
     vsl_closed_by_backstop: AtomicU64::new(0),
     vsl_overruns: AtomicU64::new(0),
     vsl_pending: AtomicU64::new(0),
+    vsl_not_followed: AtomicU64::new(0),
+    vsl_abandoned: AtomicU64::new(0),
     decisions_in_task_slot: AtomicU64::new(0),
 };
 
@@ -154,6 +158,12 @@ pub struct Counters {
     /// Spans waiting for their log data
     #[gauge]
     vsl_pending: AtomicU64,
+    /// Sampled spans the tailer could not follow (its 16384 places taken); those left to it closed from their task data
+    #[counter]
+    vsl_spans_not_followed: AtomicU64,
+    /// Followed spans dropped without their task's end: after 10 minutes, or once their log ended (a message lost to a full queue)
+    #[counter]
+    vsl_spans_abandoned: AtomicU64,
     /// 1 while the tailer is attached to the log
     #[gauge]
     vsl_attached: AtomicU64,
@@ -196,6 +206,8 @@ impl Counters {
         self.vsl_spans_closed_by_backstop.store(backstop, Relaxed);
         copy(&self.vsl_overruns, &STATS.vsl_overruns);
         copy(&self.vsl_pending, &STATS.vsl_pending);
+        copy(&self.vsl_spans_not_followed, &STATS.vsl_not_followed);
+        copy(&self.vsl_spans_abandoned, &STATS.vsl_abandoned);
         self.vsl_attached.store(u64::from(crate::vsl::tailer::ATTACHED.load(Relaxed)), Relaxed);
         copy(&self.internal_errors, &crate::worker::PANICS);
         self.span_records_allocated.store(crate::span_pool::allocated(), Relaxed);

@@ -309,6 +309,9 @@ impl TailerJob {
         STATS.vsl_closed_from_log.store(s.closed_from_log, Relaxed);
         STATS.vsl_closed_by_tailer_backstop.store(s.closed_by_backstop, Relaxed);
         STATS.vsl_overruns.store(self.overruns, Relaxed);
+        // Before `vsl_pending`: a span leaves the pending ones counted where it went.
+        STATS.vsl_not_followed.store(s.not_tracked, Relaxed);
+        STATS.vsl_abandoned.store(s.abandoned, Relaxed);
         STATS.vsl_pending.store(self.correlator.pending() as u64, Relaxed);
     }
 }

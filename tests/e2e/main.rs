@@ -514,7 +514,7 @@ sub vcl_deliver {
 "#,
     );
 
-    let names = ["miss", "hit", "304", "206", "esi", "restart", "retry", "pass"];
+    let names = ["miss", "hit", "304", "206", "esi", "restart", "retry", "retry_hit", "pass"];
     let traces: std::collections::BTreeMap<&str, String> = names.iter().map(|n| (*n, random_trace_id())).collect();
     let tph = |n: &str| tp(&traces[n], PARENT, "01");
 
@@ -539,12 +539,15 @@ sub vcl_deliver {
     let r = v.get("/status/404", &[("traceparent", &tph("retry")), ("X-Retry", "1")]);
     assert_eq!(r.status, 200, "the retry fetched / instead: {r:?}");
     assert!(r.body_str().contains("hello from /"), "{r:?}");
+    // A hit on the object the retry stored.
+    let r = v.get("/status/404", &[("traceparent", &tph("retry_hit"))]);
+    assert_eq!(r.status, 200, "{r:?}");
     let r = v.get("/pass/x", &[("traceparent", &tph("pass"))]);
     assert_eq!(r.status, 200, "{r:?}");
 
-    // miss 2, hit 1, 304 1, 206 1, esi 4, restart 3, retry 2, pass 2
-    const TOTAL: usize = 16;
-    v.wait_spans(WAIT, "16 spans", |s| s.len() >= TOTAL);
+    // miss 2, hit 1, 304 1, 206 1, esi 4, restart 3, retry 2, retry_hit 1, pass 2
+    const TOTAL: usize = 17;
+    v.wait_spans(WAIT, "17 spans", |s| s.len() >= TOTAL);
     let counters = v.wait_counters(WAIT, "vsl_spans_closed_from_log and spans_exported at 16", |c| {
         c.get("spans_exported") == Some(&(TOTAL as u64)) && c.get("vsl_spans_closed_from_log") >= Some(&(TOTAL as u64))
     });
@@ -561,10 +564,10 @@ sub vcl_deliver {
         let e = assert_span_matches_log(s, &log);
         assert!(checked.insert(e.chain[0]), "two spans for one VXID chain {:?}: {spans:#?}", e.chain);
     }
-    // And every traced transaction of the log has its span: 8 requests, 1 ESI sub-request, 7 fetches.
+    // And every traced transaction of the log has its span: 9 requests, 1 ESI sub-request, 7 fetches.
     let reqs = log.transactions(|b| b.starts_with("req ") && !b.ends_with(" restart"));
     let bereqs = log.transactions(|b| b.starts_with("bereq ") && !b.ends_with(" retry"));
-    assert_eq!((reqs.len(), bereqs.len()), (9, 7), "{reqs:?} {bereqs:?}");
+    assert_eq!((reqs.len(), bereqs.len()), (10, 7), "{reqs:?} {bereqs:?}");
     for v in reqs.iter().chain(&bereqs) {
         assert!(checked.contains(v), "transaction {v} has no span: {:#?}", log.records(*v));
     }
@@ -617,6 +620,12 @@ sub vcl_deliver {
     assert!(retry.events.iter().any(|n| n == "varnish.retry"), "{retry:#?}");
     assert!(retry.events.iter().any(|n| n == "Retry"), "{retry:#?}");
     assert_eq!(retry.attr_int("http.response.status_code"), Some(200), "{retry:#?}");
+    // A hit on the retry's object links to the retried fetch: the object names the retry's VXID.
+    let retry_hit = server_of(&spans, &traces["retry_hit"]);
+    assert_eq!(retry_hit.attr_str("varnish.cache_result"), Some("hit"), "{retry_hit:#?}");
+    let hit_log = log.expected(retry_hit.attr_int("varnish.vxid").unwrap() as u64);
+    assert_eq!(hit_log.hit_obj, Some(e.chain[1]), "the Hit record names the retry: {hit_log:#?}");
+    assert_eq!(retry_hit.links(), vec![(retry.trace_id.clone(), retry.span_id.clone())], "{retry_hit:#?}");
 
     // The pass.
     let pass = server_of(&spans, &traces["pass"]);
@@ -921,8 +930,12 @@ fn an_unsampled_fetch_is_not_followed_in_the_log() {
         let tailer = c["vsl_spans_closed_from_log"] - c["vsl_spans_closed_from_task_log"];
         tailer >= 1 && c["vsl_pending"] == 0
     });
-    let spans = v.stop();
     assert_eq!(counters["vsl_spans_closed_from_log"] - counters["vsl_spans_closed_from_task_log"], 1, "{counters:#?}");
+    // Followed, they would have left `vsl_pending` only by being dropped for want of a finish once
+    // their log ended (counted before `vsl_pending` is updated).
+    assert_eq!(counters["vsl_spans_abandoned"], 0, "{counters:#?}");
+    assert_eq!(counters["vsl_spans_not_followed"], 0, "{counters:#?}");
+    let spans = v.stop();
     assert!(spans.iter().all(|s| s.trace_id == sampled), "only the sampled trace is exported: {spans:#?}");
     let reqs = be.requests();
     assert!(reqs.iter().take(3).all(|r| backend_tp(r).flags == "00"), "{reqs:#?}");
