@@ -124,7 +124,8 @@ pub fn track(vxid: u64) {
 }
 
 /// Stop following a span: VCL unsampled it, or it was completed from its task's own buffer
-/// (any worker thread; never blocks; if the queue is full the entry ages out, `Limits::max_age`).
+/// (any worker thread; never blocks; if the queue is full, the tailer drops the entry soon after
+/// its log ended, or at `Limits::max_age`: `Correlator::expire`).
 pub fn forget(vxid: u64) {
     if let Some(t) = TAILER.read().as_ref() {
         t.change(Msg::Forget { vxid });

@@ -10,19 +10,19 @@
 //!   thread runs: cheaper at low sampling rates, since nothing steps through the shared log,
 //!   but a span lacks what its buffer lacks (below).
 //!
-//! Why: for each traced transaction, the tailer copies its records out of shared memory, gets
-//! two messages from the workers and hands the span on from its own thread, on top of reading
-//! the same records. Side by side on one CPU (docs/performance.md), closing here cost about 1%
-//! less CPU per sampled hit at 100% sampling (about 860 instructions per sampled hit less in
-//! all, callgrind); `task` mode also 0.3-0.5% less at 1%, where the tailer's steps through every
-//! transaction of the log are what it saves.
+//! Why: the span no longer depends on the tailer keeping up with the log, or on the shared log
+//! not being overwritten before the tailer reads it, and it is exported without waiting for the
+//! tailer's next tick. In CPU, the default mode costs the same as the tailer alone (callgrind,
+//! 100% of hits: +0.2%; side by side within 0.5%, docs/performance.md): the parse moves to the
+//! worker (after the response was sent), and the tailer still gets two messages per span. `task`
+//! mode, without the tailer, cost about 1% less CPU per sampled hit at 100% and 0.3-0.5% less at
+//! 1%, where the tailer's steps through every transaction of the log are what it saves.
 //!
 //! What the buffer holds: Varnish keeps a task's records in a buffer of its own (`vsl_buffer`,
 //! 16 KB by default) and writes them to the shared log when the transaction ends, after the
 //! PRIV_TASK fini we run in: so at the fini, every record but the last few: `ReqAcct`/`BereqAcct`
 //! (whose body sizes the task's data gives anyway), a fetch's `Length` (not used) and `End`
-//! (added here). What it does not
-//! hold:
+//! (added here). What it does not hold:
 //! - the records of a transaction before a restart or a retry (Varnish writes them out when the
 //!   transaction ID changes): their timestamps and errors;
 //! - records written out early because the buffer filled up (a transaction with very large
@@ -31,8 +31,8 @@
 //! A span is "whole" when neither happened: its final transaction is its first, and the buffer
 //! starts with that transaction's `Begin`. In `task` mode the others still close here, with
 //! their task's times, status and sizes, marked `varnish.span.log=partial` and counted
-//! (`vsl_task_log_partial`). A hit's link
-//! to the fetch that stored its object comes from `fetch_links` in both modes.
+//! (`vsl_task_log_partial`). A hit's link to the fetch that stored its object comes from
+//! `fetch_links` in both modes.
 //!
 //! Threading: runs on the worker thread ending the task; each thread has its own correlator
 //! (thread-local), which holds nothing between two calls.
