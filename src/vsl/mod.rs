@@ -6,6 +6,8 @@
 //!   with synthetic records).
 //! - `fetch_links`: which span fetched an object, for the link from a hit's span to it (written
 //!   by the workers, read wherever a hit's span completes).
+//! - `followed`: which sampled spans the tailer should follow (written by the workers, taken
+//!   over by the tailer).
 //! - `tailer`: the background worker that ties them together inside varnishd.
 //! - `task_log`: `OPENTRACING_VSL=task`, the same correlation over a task's own log buffer, on
 //!   the worker when the task ends (no tailer).
@@ -13,6 +15,7 @@
 pub mod correlate;
 pub mod fetch_links;
 pub mod ffi;
+pub mod followed;
 pub mod record;
 pub mod tailer;
 pub mod task_log;

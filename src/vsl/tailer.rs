@@ -2,9 +2,11 @@
 //! log and closes spans with what Varnish logged (see `correlate`).
 //!
 //! Shape: like every worker here (`worker.rs`). Varnish workers send it `Msg`s without blocking
-//! (`track` when a sampled span starts; when its task ends, `forget` if the span was completed
-//! from the task's own log buffer, `task_log`, or else `finished`); a full queue hands the
-//! finished span straight to the exporter, closed from its task's data. Each tick handles the
+//! (`finished` when a sampled span's task ends, unless the span was completed from the task's
+//! own log buffer, `task_log`); a full queue hands the finished span straight to the exporter,
+//! closed from its task's data. Which spans to follow, the workers mark in a table instead
+//! (`followed`: `track` when a sampled span starts, `forget` when it was completed from its
+//! buffer), falling back to `Track`/`Forget` messages when the span's slot is taken. Each tick handles the
 //! messages, reads the log until it is idle, and closes the spans whose log is late.
 //!
 //! Threading: attaching to the log may block (up to `ATTACH_PATIENCE`), so it happens here, on
@@ -19,16 +21,19 @@ use parking_lot::RwLock;
 
 use super::correlate::{Correlator, Limits};
 use super::ffi::{tag_number, LogReader, Step};
+use super::followed;
 use super::record::TagTable;
 use crate::pipeline::{self, STATS};
 use crate::span::{SpanRecord, Value};
 use crate::worker::{Activity, Inbox, Job, Worker};
 
 pub enum Msg {
-    /// A sampled span started in transaction `vxid`.
+    /// A sampled span started in transaction `vxid` (when its slot in `followed`, which says so
+    /// without a message, was another span's).
     Track { vxid: u64 },
     /// Stop following the span of transaction `vxid`: VCL unsampled it, or its task's end
-    /// completed it from its own log buffer (`task_log`).
+    /// completed it from its own log buffer (`task_log`); when it was not in `followed` (any
+    /// more: the tailer takes spans over from there).
     Forget { vxid: u64 },
     /// The task of a span ended; `record` holds what the task knew. The span's first VXID is
     /// `record.vxid`; `final_vxid` is the one it ended with (restarts and retries change it).
@@ -93,11 +98,21 @@ fn read_delay() -> Duration {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(Duration::ZERO, Duration::from_millis)
 }
+
+/// `OPENTRACING_VSL_FOLLOWED_SLOTS`: fewer slots in the table of followed spans. For tests only:
+/// spans in flight at once then share slots, and some take the messages' way (`followed`).
+fn followed_slots() -> Option<usize> {
+    std::env::var("OPENTRACING_VSL_FOLLOWED_SLOTS").ok().and_then(|v| v.trim().parse().ok())
+}
+
 /// Whether the log is attached (for the counters and the tests).
 pub static ATTACHED: AtomicBool = AtomicBool::new(false);
 
 /// Starts the tailer (CLI thread, with the pipeline). `workdir` is varnishd's `-n` folder.
 pub fn start(workdir: PathBuf) -> Result<(), String> {
+    if let Some(n) = followed_slots() {
+        followed::GLOBAL.use_slots(n);
+    }
     let changes_pending = Arc::new(AtomicU64::new(0));
     let job = TailerJob::new(workdir, changes_pending.clone());
     let worker = Worker::spawn_with_idle_tick("otel-vsl", QUEUE, TICK, IDLE_TICK, job)
@@ -119,7 +134,10 @@ pub fn is_running() -> bool {
 /// A sampled span started (any worker thread; never blocks).
 pub fn track(vxid: u64) {
     if let Some(t) = TAILER.read().as_ref() {
-        t.change(Msg::Track { vxid });
+        // The table when the span's slot is free; a message otherwise.
+        if !followed::GLOBAL.claim(vxid) {
+            t.change(Msg::Track { vxid });
+        }
     }
 }
 
@@ -127,6 +145,10 @@ pub fn track(vxid: u64) {
 /// (any worker thread; never blocks; if the queue is full, the tailer drops the entry soon after
 /// its log ended, or at `Limits::max_age`: `Correlator::expire`).
 pub fn forget(vxid: u64) {
+    // Released whether the tailer runs or not (one stopped since the claim leaves it).
+    if followed::GLOBAL.release(vxid) {
+        return;
+    }
     if let Some(t) = TAILER.read().as_ref() {
         t.change(Msg::Forget { vxid });
     }
@@ -143,11 +165,13 @@ pub fn finished(record: Box<SpanRecord>, final_vxid: u64) {
         },
         None => {
             let Msg::Finished { record, .. } = msg else { return };
+            followed::GLOBAL.release(record.vxid);
             pipeline::submit(record);
             return;
         }
     };
     if let Some(Msg::Finished { mut record, .. }) = rejected {
+        followed::GLOBAL.release(record.vxid);
         STATS.vsl_closed_by_backstop.fetch_add(1, Relaxed);
         record.set("varnish.span.closed_by", Value::Str("backstop".into()));
         pipeline::submit(record);
@@ -235,6 +259,10 @@ impl TailerJob {
                 self.correlator.untrack(vxid);
             }
             Msg::Finished { record, final_vxid } => {
+                // A span whose log has not been met yet (one of its own slot): taken over now.
+                if !self.correlator.wants(record.vxid) && followed::GLOBAL.release(record.vxid) {
+                    self.correlator.track(record.vxid, now);
+                }
                 if let Some(done) = self.correlator.finished(record, final_vxid, now) {
                     self.done.push(done);
                 }
@@ -260,7 +288,14 @@ impl TailerJob {
                         }
                     }
                     if !self.correlator.wants(vxid) {
-                        continue;
+                        if !followed::GLOBAL.release(vxid) {
+                            continue;
+                        }
+                        // A followed span's transaction: taken over from the workers' table.
+                        self.correlator.track(vxid, now);
+                        if !self.correlator.wants(vxid) {
+                            continue;
+                        }
                     }
                     if reader.copy_current(&mut self.buf) {
                         self.correlator.records(&self.buf, &mut self.done);

@@ -12,11 +12,12 @@
 //!
 //! Why: the span no longer depends on the tailer keeping up with the log, or on the shared log
 //! not being overwritten before the tailer reads it, and it is exported without waiting for the
-//! tailer's next tick. In CPU, the default mode costs the same as the tailer alone (callgrind,
-//! 100% of hits: +0.2%; side by side within 0.5%, docs/performance.md): the parse moves to the
-//! worker (after the response was sent), and the tailer still gets two messages per span. `task`
-//! mode, without the tailer, cost about 1% less CPU per sampled hit at 100% and 0.3-0.5% less at
-//! 1%, where the tailer's steps through every transaction of the log are what it saves.
+//! tailer's next tick. In CPU, it cost the same as the tailer alone (callgrind, 100% of hits:
+//! +0.2%; side by side within 0.5%, docs/performance.md): the parse moves to the worker (after
+//! the response was sent); with the tailer told which spans to follow by a table rather than two
+//! messages per span (`followed`), 0.6-1.0% less. `task` mode, without the tailer, cost about 1%
+//! less CPU per sampled hit at 100% than the tailer alone and 0.3-0.5% less at 1%, where the
+//! tailer's steps through every transaction of the log are what it saves.
 //!
 //! What the buffer holds: Varnish keeps a task's records in a buffer of its own (`vsl_buffer`,
 //! 16 KB by default) and writes them to the shared log when the transaction ends, after the

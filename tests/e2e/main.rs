@@ -492,9 +492,30 @@ fn server_of<'a>(spans: &'a [Span], trace: &str) -> &'a Span {
 /// restart, backend retry and pass.
 #[test]
 fn spans_match_varnishlog() {
-    let dir = TempDir::new("spans_match_varnishlog");
+    spans_match_varnishlog_with("spans_match_varnishlog", vec![]);
+}
+
+/// Case 10b: the same with no table of followed spans: the tailer hears of every span by message
+/// (`Track`, `Forget`), the way spans whose slot in the table is taken go (`vsl::followed`).
+#[test]
+fn spans_match_varnishlog_when_the_tailer_hears_of_every_span_by_message() {
+    let env = vec![("OPENTRACING_VSL_FOLLOWED_SLOTS".to_owned(), "0".to_owned())];
+    spans_match_varnishlog_with("spans_match_varnishlog_when_the_tailer_hears_of_every_span_by_message", env);
+}
+
+/// Case 10c: the same with the table cut to one slot: spans in flight together (a request and
+/// its fetch) share it, and one of them goes by message.
+#[test]
+fn spans_match_varnishlog_with_followed_spans_sharing_a_slot() {
+    let env = vec![("OPENTRACING_VSL_FOLLOWED_SLOTS".to_owned(), "1".to_owned())];
+    spans_match_varnishlog_with("spans_match_varnishlog_with_followed_spans_sharing_a_slot", env);
+}
+
+fn spans_match_varnishlog_with(name: &str, env: Vec<(String, String)>) {
+    let dir = TempDir::new(name);
     let be = Backend::start(dir.path(), "backend");
-    let mut v = Varnish::start(
+    let opts = VarnishOpts { params: vec![], env };
+    let mut v = Varnish::start_with(
         dir.path(),
         "varnish",
         be.port,
@@ -512,6 +533,7 @@ sub vcl_deliver {
     if (resp.status == 404 && req.restarts == 0) { set req.url = "/"; return (restart); }
 }
 "#,
+        &opts,
     );
 
     let names = ["miss", "hit", "304", "206", "esi", "restart", "retry", "retry_hit", "pass"];
@@ -840,6 +862,18 @@ fn task_log_closes_every_span_with_its_own_records() {
     }
 }
 
+/// The path of one of Varnish's own VMODs (`vtc`, say), next to the `varnishd` on `PATH`
+/// (`<prefix>/sbin/varnishd`, `<prefix>/lib/varnish/vmods/`).
+fn stock_vmod(name: &str) -> String {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let varnishd =
+        std::env::split_paths(&path).map(|d| d.join("varnishd")).find(|p| p.exists()).expect("varnishd on PATH");
+    let prefix = varnishd.parent().and_then(|d| d.parent()).expect("<prefix>/sbin/varnishd");
+    let vmod = prefix.join(format!("lib/varnish/vmods/libvmod_{name}.so"));
+    assert!(vmod.exists(), "{} is missing", vmod.display());
+    vmod.display().to_string()
+}
+
 /// VCL that restarts a request answered 404 once, as a request for `/` (a restarted span's log
 /// is not whole in its task's buffer: `vsl::task_log`).
 const RESTART_ON_404: &str =
@@ -882,7 +916,14 @@ fn task_log_after_a_restart_closes_with_the_last_transaction() {
 fn by_default_whole_spans_close_on_the_worker_and_a_restarted_one_from_the_shared_log() {
     let dir = TempDir::new("by_default_whole_spans_close_on_the_worker_and_a_restarted_one_from_the_shared_log");
     let be = Backend::start(dir.path(), "backend");
-    let mut v = Varnish::start(dir.path(), "varnish", be.port, RESTART_ON_404);
+    // The restarted transaction takes a while, so that the tailer meets the first one's records
+    // (written out at the restart) before the task's end: it takes the span over from the
+    // workers' table of followed spans (`vsl::followed`) then, not at the task's `finished`.
+    let vtc = stock_vmod("vtc");
+    let vcl = format!(
+        "import vtc from \"{vtc}\";\nsub vcl_recv {{ if (req.restarts > 0) {{ vtc.sleep(300ms); }} }}\n{RESTART_ON_404}"
+    );
+    let mut v = Varnish::start(dir.path(), "varnish", be.port, &vcl);
 
     let trace = random_trace_id();
     let resp = v.get("/missing", &[("traceparent", &tp(&trace, PARENT, "01"))]);
