@@ -90,10 +90,11 @@ impl FetchLinks {
         }
         // The odd sequence number is visible before any of the fields change.
         fence(Release);
-        let (hi, lo) = trace_id.0.split_at(8);
+        // The trace ID as one 128-bit number, stored in two halves.
+        let trace = u128::from_ne_bytes(trace_id.0);
         slot.vxid.store(vxid, Relaxed);
-        slot.trace_id[0].store(u64::from_ne_bytes(hi.try_into().unwrap_or_default()), Relaxed);
-        slot.trace_id[1].store(u64::from_ne_bytes(lo.try_into().unwrap_or_default()), Relaxed);
+        slot.trace_id[0].store((trace >> 64) as u64, Relaxed);
+        slot.trace_id[1].store(trace as u64, Relaxed);
         slot.span_id.store(u64::from_ne_bytes(span_id.0), Relaxed);
         slot.seq.store(seq + 2, Release);
         true
@@ -107,17 +108,15 @@ impl FetchLinks {
             return None;
         }
         let found = slot.vxid.load(Relaxed);
-        let hi = slot.trace_id[0].load(Relaxed).to_ne_bytes();
-        let lo = slot.trace_id[1].load(Relaxed).to_ne_bytes();
+        let hi = slot.trace_id[0].load(Relaxed);
+        let lo = slot.trace_id[1].load(Relaxed);
         let span = slot.span_id.load(Relaxed).to_ne_bytes();
         // The fields are read before the sequence number is read again.
         fence(Acquire);
         if slot.seq.load(Relaxed) != seq || found != vxid {
             return None;
         }
-        let mut trace = [0u8; 16];
-        trace[..8].copy_from_slice(&hi);
-        trace[8..].copy_from_slice(&lo);
+        let trace = (u128::from(hi) << 64 | u128::from(lo)).to_ne_bytes();
         Some((TraceId(trace), SpanId(span)))
     }
 }
