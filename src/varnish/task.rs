@@ -502,7 +502,7 @@ fn finish_task(ctx: *const ffi::vrt_ctx, state: TaskState) {
             }
             // SAFETY: ctx->vsl is this task's log, and the records are read within this fini.
             let buffer = unsafe { crate::vsl::ffi::task_records(ctx.vsl) };
-            if let Some(record) = crate::vsl::task_log::close(buffer, !ctx.req.is_null(), record, final_vxid) {
+            if let Some(record) = crate::vsl::task_log::close(buffer, record, final_vxid) {
                 crate::vsl::tailer::finished(record, final_vxid);
             }
         }

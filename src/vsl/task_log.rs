@@ -35,15 +35,13 @@
 //! (`vsl_task_log_partial`). A hit's link to the fetch that stored its object comes from
 //! `fetch_links` in both modes.
 //!
-//! Threading: runs on the worker thread ending the task; each thread has its own correlator
-//! (thread-local), which holds nothing between two calls.
+//! Threading: runs on the worker thread ending the task; each thread has its own reader
+//! (`correlate::OneTransaction`, thread-local), which holds nothing of a span between two calls.
 
 use std::cell::RefCell;
-use std::ffi::CStr;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
-use std::time::{Duration, Instant};
 
-use super::correlate::{Correlator, Limits};
+use super::correlate::OneTransaction;
 use super::fetch_links::{self, FetchLinks};
 use super::ffi;
 use super::record::{self, TagTable};
@@ -77,29 +75,15 @@ fn mode() -> Mode {
     }
 }
 
-/// What one thread keeps for reuse between calls: the correlator (empty between calls) and
-/// the buffers.
+/// What one thread keeps for reuse between calls.
 struct Local {
-    correlator: Correlator,
-    end_record: Vec<u8>,
-    /// Spans completed by the call, as the correlator hands them out.
-    #[allow(clippy::vec_box)]
-    done: Vec<Box<SpanRecord>>,
+    reader: OneTransaction,
     begin_tag: u8,
-    end_tag: u8,
 }
 
 impl Local {
-    fn new(tags: TagTable, begin_tag: u8, end_tag: u8, links: FetchLinks) -> Local {
-        // One span at a time (a chain of transactions at most).
-        let limits = Limits { max_pending: 8, links, ..Limits::default() };
-        Local {
-            correlator: Correlator::new(tags, limits),
-            end_record: Vec::new(),
-            done: Vec::new(),
-            begin_tag,
-            end_tag,
-        }
+    fn new(tags: TagTable, begin_tag: u8, links: FetchLinks) -> Local {
+        Local { reader: OneTransaction::new(tags, links), begin_tag }
     }
 }
 
@@ -110,8 +94,8 @@ thread_local! {
 /// Closes the sampled span `record`, whose task ended as transaction `final_vxid` with the
 /// records in `buffer` (the task's own, `ffi::task_records`), and hands it to the exporter, if
 /// the mode says so; gives it back otherwise (to be closed by the tailer, or from its task's
-/// data alone). `client`: a client task (a request), not a backend fetch.
-pub fn close(buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u64) -> Option<Box<SpanRecord>> {
+/// data alone).
+pub fn close(buffer: &[u8], record: Box<SpanRecord>, final_vxid: u64) -> Option<Box<SpanRecord>> {
     let mode = mode();
     if mode == Mode::Never {
         return Some(record);
@@ -120,8 +104,8 @@ pub fn close(buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u
     let _ = LOCAL.try_with(|cell| {
         if let Ok(mut local) = cell.try_borrow_mut() {
             let local = local.get_or_insert_with(|| {
-                let tag = |name: &CStr| ffi::tag_number(name).unwrap_or(0);
-                Local::new(TagTable::new(ffi::tag_number), tag(c"Begin"), tag(c"End"), fetch_links::GLOBAL)
+                let begin = ffi::tag_number(c"Begin").unwrap_or(0);
+                Local::new(TagTable::new(ffi::tag_number), begin, fetch_links::GLOBAL)
             });
             let Some(mut r) = record.take_if(|r| mode == Mode::Always || whole(local, buffer, r.vxid, final_vxid))
             else {
@@ -137,9 +121,9 @@ pub fn close(buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u
                 r.set("varnish.span.log", Value::Str("partial".into()));
                 STATS.vsl_task_log_partial.fetch_add(1, Relaxed);
             }
-            complete(local, buffer, client, r, final_vxid);
-            STATS.vsl_closed_from_task_log.fetch_add(local.done.len() as u64, Relaxed);
-            pipeline::submit_all(local.done.drain(..));
+            local.reader.complete(buffer, final_vxid, &mut r);
+            STATS.vsl_closed_from_task_log.fetch_add(1, Relaxed);
+            pipeline::submit(r);
         }
     });
     // Still here: the mode leaves it to the tailer, or the thread's storage is gone (its exit)
@@ -156,37 +140,23 @@ fn whole(local: &Local, buffer: &[u8], first_vxid: u64, final_vxid: u64) -> bool
         && record::records(buffer).next().is_some_and(|r| r.tag_number == local.begin_tag && r.vxid == final_vxid)
 }
 
-/// Completes the span into `local.done`, leaving the correlator empty.
-fn complete(local: &mut Local, buffer: &[u8], client: bool, record: Box<SpanRecord>, final_vxid: u64) {
-    let now = Instant::now();
-    let c = &mut local.correlator;
-    // The span first, then its records: `finished` adds the final transaction to the span's
-    // chain (after a restart or a retry it is not the first), so that the records, which are all
-    // the final transaction's, are the span's; the `End` below then completes it.
-    c.track(record.vxid, now);
-    if let Some(done) = c.finished(record, final_vxid, now) {
-        local.done.push(done); // not tracked (cannot happen with one span at a time)
-    }
-    c.records(buffer, &mut local.done);
-    local.end_record.clear();
-    record::encode(&mut local.end_record, local.end_tag, final_vxid, client, b"");
-    c.records(&local.end_record, &mut local.done);
-    // `finished` queued a deadline for the span; it is past use now. A span still waiting (its
-    // final transaction's `End` did not complete it: not expected) closes from its task's data.
-    c.expire(now + Duration::from_secs(365 * 24 * 3600), &mut local.done);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ids::{SpanId, TraceId};
     use crate::span::Link;
     use crate::span::{ClosedBy, SpanKind};
-    use crate::vsl::correlate::synthetic::{tags, BEGIN, END, HIT, OTHER, RESPSTATUS, TS};
+    use crate::vsl::correlate::synthetic::{tags, BEGIN, HIT, OTHER, RESPSTATUS, TS, VCLERROR};
     use crate::vsl::record::encode;
 
     fn local() -> Local {
-        Local::new(tags(), BEGIN, END, FetchLinks::leaked(16))
+        Local::new(tags(), BEGIN, FetchLinks::leaked(16))
+    }
+
+    /// What `close` does with a span it closes here.
+    fn complete(l: &mut Local, buffer: &[u8], mut record: Box<SpanRecord>, final_vxid: u64) -> Box<SpanRecord> {
+        l.reader.complete(buffer, final_vxid, &mut record);
+        record
     }
 
     /// A task's buffer at its fini: its records so far, no `ReqAcct`, no `End`.
@@ -224,36 +194,31 @@ mod tests {
         let mut l = local();
         let buf = buffer(1001, "req 1000 rxreq", "404");
         assert!(whole(&l, &buf, 1001, 1001));
-        complete(&mut l, &buf, true, task_record(1001), 1001);
-        assert_eq!(l.done.len(), 1);
-        let span = l.done.pop().unwrap();
+        let span = complete(&mut l, &buf, task_record(1001), 1001);
         assert_eq!(span.closed_by, ClosedBy::Log);
         // Start and end from the log's timestamps, the status the client got from RespStatus.
         assert_eq!(span.start_unix_nano, 1_700_000_000_000_100_000);
         assert_eq!(span.end_unix_nano, 1_700_000_000_000_350_000);
         assert_eq!(span.outcome.status_code, Some(404));
         assert_eq!(event_names(&span), ["Req", "Process", "Resp"]);
-        assert_eq!(l.correlator.pending(), 0);
     }
 
     #[test]
     fn a_hit_links_to_the_fetch_that_stored_its_object() {
         let links = FetchLinks::leaked(16);
-        let mut l = Local::new(tags(), BEGIN, END, links);
+        let mut l = Local::new(tags(), BEGIN, links);
         let (fetch_trace, fetch_span) = (TraceId([9; 16]), SpanId([8; 8]));
         // As the fetch's `trace_backend` announced it, on another worker.
         assert!(links.remember(1002, fetch_trace, fetch_span));
         let mut buf = buffer(1005, "req 1004 rxreq", "200");
         encode(&mut buf, HIT, 1005, true, b"1002 119.993 10.000 0.000");
         assert!(whole(&l, &buf, 1005, 1005));
-        complete(&mut l, &buf, true, task_record(1005), 1005);
-        let span = l.done.pop().unwrap();
+        let span = complete(&mut l, &buf, task_record(1005), 1005);
         assert_eq!(span.links, vec![Link { trace_id: fetch_trace, span_id: fetch_span }]);
         // A hit on an object whose fetch is not known (unsampled, or forgotten): no link.
         let mut buf = buffer(1007, "req 1006 rxreq", "200");
         encode(&mut buf, HIT, 1007, true, b"1003 119.993 10.000 0.000");
-        complete(&mut l, &buf, true, task_record(1007), 1007);
-        assert!(l.done.pop().unwrap().links.is_empty());
+        assert!(complete(&mut l, &buf, task_record(1007), 1007).links.is_empty());
     }
 
     #[test]
@@ -265,14 +230,11 @@ mod tests {
         record.add_event(1_700_000_000_000_170_000, "varnish.restart");
         let buf = buffer(1003, "req 1001 restart", "200");
         assert!(!whole(&l, &buf, 1001, 1003));
-        complete(&mut l, &buf, true, record, 1003);
-        assert_eq!(l.done.len(), 1);
-        let span = l.done.pop().unwrap();
+        let span = complete(&mut l, &buf, record, 1003);
         assert_eq!(span.closed_by, ClosedBy::Log);
         assert_eq!(span.end_unix_nano, 1_700_000_000_000_350_000);
         // The log's events, and the restart the task recorded (the log's `Link` is not here).
         assert_eq!(event_names(&span), ["Req", "varnish.restart", "Process", "Resp"]);
-        assert_eq!(l.correlator.pending(), 0);
     }
 
     #[test]
@@ -280,9 +242,7 @@ mod tests {
         // Everything written out early (a full buffer): nothing but the End added here.
         let mut l = local();
         assert!(!whole(&l, &[], 1001, 1001), "partial");
-        complete(&mut l, &[], true, task_record(1001), 1001);
-        assert_eq!(l.done.len(), 1);
-        let span = l.done.pop().unwrap();
+        let span = complete(&mut l, &[], task_record(1001), 1001);
         assert_eq!(span.start_unix_nano, 1_700_000_000_000_000_000);
         assert_eq!(span.end_unix_nano, 1_700_000_001_000_000_000);
         assert_eq!(span.outcome.status_code, Some(200));
@@ -290,17 +250,45 @@ mod tests {
     }
 
     #[test]
-    fn the_correlator_keeps_nothing_between_calls() {
-        let mut l = local();
+    fn nothing_of_one_span_is_left_for_the_next() {
+        let links = FetchLinks::leaked(16);
+        assert!(links.remember(1002, TraceId([9; 16]), SpanId([8; 8])));
+        let mut l = Local::new(tags(), BEGIN, links);
         for i in 0..1_000u64 {
-            let (first, last) = if i % 2 == 0 { (i * 4, i * 4) } else { (i * 4, i * 4 + 2) };
-            let buf = buffer(last, "req 1 rxreq", "200");
-            assert_eq!(whole(&l, &buf, first, last), first == last);
-            complete(&mut l, &buf, true, task_record(first), last);
-            assert_eq!(l.done.len(), 1, "call {i}");
-            l.done.clear();
+            let vxid = 2_000 + i * 2;
+            let marked = i % 2 == 0;
+            let mut buf = buffer(vxid, "req 1 rxreq", if marked { "503" } else { "200" });
+            if marked {
+                // A hit on a known fetch's object, and a VCL error: every kind of data kept.
+                encode(&mut buf, HIT, vxid, true, b"1002 119.993 10.000 0.000");
+                encode(&mut buf, VCLERROR, vxid, true, b"an error");
+                encode(&mut buf, TS, vxid, true, b"Extra: 1700000000.000400 0.000300 0.000050");
+            }
+            let mut record = task_record(vxid);
+            if marked {
+                record.status = crate::span::StatusCode::Error;
+            }
+            let span = complete(&mut l, &buf, record, vxid);
+            assert_eq!(span.links.len(), usize::from(marked), "call {i}");
+            assert_eq!(span.status_message.is_some(), marked, "call {i}");
+            assert_eq!(span.outcome.status_code, Some(if marked { 503 } else { 200 }), "call {i}");
+            let expected: &[&str] =
+                if marked { &["Req", "Process", "Resp", "Extra"] } else { &["Req", "Process", "Resp"] };
+            assert_eq!(event_names(&span), expected, "call {i}");
+            // The end is the response's time (`Resp`), not the last timestamp's.
+            assert_eq!(span.end_unix_nano, 1_700_000_000_000_350_000, "call {i}");
         }
-        assert_eq!(l.correlator.pending(), 0);
-        assert_eq!(l.correlator.deadlines_queued(), 0);
+    }
+
+    #[test]
+    fn records_of_another_transaction_are_not_the_spans() {
+        let mut l = local();
+        let mut buf = buffer(1001, "req 1000 rxreq", "200");
+        encode(&mut buf, RESPSTATUS, 1009, true, b"500");
+        encode(&mut buf, TS, 1009, true, b"Resp: 1700000009.000000 0.000000 0.000000");
+        let span = complete(&mut l, &buf, task_record(1001), 1001);
+        assert_eq!(span.outcome.status_code, Some(200));
+        assert_eq!(span.end_unix_nano, 1_700_000_000_000_350_000);
+        assert_eq!(event_names(&span), ["Req", "Process", "Resp"]);
     }
 }
