@@ -600,8 +600,8 @@ fn record_cache_result(state: &mut TaskState, req: &varnish::ffi::req, now: f64,
 /// (callgrind). Exact for every magnitude: from 2^52 up a double has no fraction; below, the
 /// fraction `x - trunc(x)` is exact.
 fn round(x: f64) -> f64 {
-    if !(x.abs() < 4_503_599_627_370_496.0) {
-        return x; // whole already, or NaN, or an infinity
+    if x.is_nan() || x.abs() >= 4_503_599_627_370_496.0 {
+        return x; // whole already, or not a number, or an infinity
     }
     let whole = (x as i64 as f64).copysign(x);
     let fraction = x - whole;
@@ -1241,7 +1241,7 @@ mod tests {
             f64::MIN_POSITIVE,
             f64::INFINITY,
             f64::NEG_INFINITY,
-            119_993.4999,
+            119_993.499_9,
             119_993.5,
             3_600_000.0,
         ];
