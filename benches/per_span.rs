@@ -232,6 +232,21 @@ fn tailer_path(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // What a worker pays at a sampled task's end for a span whose log buffer holds its whole
+    // log (the default's usual case: `task_log`): the records read straight into the span.
+    group.bench_function("task's end: whole transaction from its buffer (40 records)", |b| {
+        use vmod_opentracing::vsl::correlate::OneTransaction;
+        use vmod_opentracing::vsl::fetch_links::FetchLinks;
+        let mut reader = OneTransaction::new(tags.clone(), FetchLinks::leaked(1024));
+        b.iter_batched(
+            || span(SpanKind::Server),
+            |mut record| {
+                reader.complete(black_box(&client), 1001, &mut record);
+                record
+            },
+            BatchSize::SmallInput,
+        )
+    });
     // What the tailer thread pays per span, as it does it: the batch copied out of the log (as
     // `LogReader::copy_current` does), the clock read once per tick rather than per message,
     // and the span handed to the exporter (criterion drops what the routine returns after

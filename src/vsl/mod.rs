@@ -9,8 +9,9 @@
 //! - `followed`: which sampled spans the tailer should follow (written by the workers, taken
 //!   over by the tailer).
 //! - `tailer`: the background worker that ties them together inside varnishd.
-//! - `task_log`: `OPENTRACING_VSL=task`, the same correlation over a task's own log buffer, on
-//!   the worker when the task ends (no tailer).
+//! - `task_log`: a sampled span completed on the worker when its task ends, from the task's own
+//!   log buffer (`correlate::OneTransaction`): by default when that buffer holds the span's whole
+//!   log, the tailer reading the others; with `OPENTRACING_VSL=task` always (no tailer).
 
 pub mod correlate;
 pub mod fetch_links;
