@@ -265,7 +265,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
                     // The retry's VXID is the one the object will record as its fetch's (a hit
                     // may come while it streams in, before this task's end).
                     let r = &state.record;
-                    crate::vsl::fetch_links::remember_fetch(task::current_vxid(ctx), r.trace_id, r.span_id);
+                    crate::vsl::fetch_links::GLOBAL.remember(task::current_vxid(ctx), r.trace_id, r.span_id);
                 }
             }
             unsafe { write_context(bo.bereq, &Outgoing::of(state)) };
@@ -373,7 +373,7 @@ pub fn trace_backend(ctx: &mut Ctx) {
             // A hit on the object this fetch stores links to its span, even while it streams
             // in. Not for a pass: its object is never a hit (the table keeps its room for those).
             let r = &state.record;
-            crate::vsl::fetch_links::remember_fetch(r.vxid, r.trace_id, r.span_id);
+            crate::vsl::fetch_links::GLOBAL.remember(r.vxid, r.trace_id, r.span_id);
         }
         crate::vsl::tailer::track(state.record.vxid);
     }

@@ -497,7 +497,7 @@ fn finish_task(ctx: *const ffi::vrt_ctx, state: TaskState) {
                 if final_vxid != record.vxid && bo.uncacheable() == 0 {
                     // A retry: the object (if any) records this VXID as the fetch that stored it
                     // (`trace_backend` wrote it at the retry too; not if VCL skipped the call).
-                    crate::vsl::fetch_links::remember_fetch(final_vxid, record.trace_id, record.span_id);
+                    crate::vsl::fetch_links::GLOBAL.remember(final_vxid, record.trace_id, record.span_id);
                 }
             }
             // SAFETY: ctx->vsl is this task's log, and the records are read within this fini.

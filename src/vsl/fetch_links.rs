@@ -60,15 +60,6 @@ static GLOBAL_SLOTS: [Slot; SLOTS] = [const { Slot::new() }; SLOTS];
 /// The table every thread of the process uses.
 pub static GLOBAL: FetchLinks = FetchLinks { slots: &GLOBAL_SLOTS };
 
-/// Remembers a sampled, cacheable fetch in `GLOBAL`, when anything will read it: a hit's span
-/// finds the link in its log's `Hit` record, so with `OPENTRACING_VSL=off` (no log read) the
-/// write, a shared cache line per fetch, would be for nothing.
-pub fn remember_fetch(vxid: u64, trace_id: TraceId, span_id: SpanId) {
-    if super::task_log::logs_read() {
-        GLOBAL.remember(vxid, trace_id, span_id);
-    }
-}
-
 impl std::fmt::Debug for FetchLinks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "FetchLinks({} slots)", self.slots.len())
@@ -137,22 +128,6 @@ mod tests {
 
     fn ids(n: u8) -> (TraceId, SpanId) {
         (TraceId([n; 16]), SpanId([n.wrapping_add(1); 8]))
-    }
-
-    #[test]
-    fn fetches_are_remembered_only_when_logs_are_read() {
-        use crate::vsl::task_log::{set_mode, Mode};
-        // VXIDs no other test of this process uses (the table and the mode are the process's).
-        let (trace, span) = ids(9);
-        set_mode(Mode::Never);
-        remember_fetch(987_654_321, trace, span);
-        assert_eq!(GLOBAL.find(987_654_321), None);
-        for (mode, vxid) in [(Mode::WhenWhole, 987_654_323), (Mode::Always, 987_654_325)] {
-            set_mode(mode);
-            remember_fetch(vxid, trace, span);
-            assert_eq!(GLOBAL.find(vxid), Some((trace, span)), "{mode:?}");
-        }
-        set_mode(Mode::Never);
     }
 
     #[test]

@@ -67,12 +67,6 @@ pub fn set_mode(mode: Mode) {
     MODE.store(mode as u8, Relaxed);
 }
 
-/// Whether sampled spans are completed with log records (from the shared log or their task's
-/// buffer): not with `OPENTRACING_VSL=off`.
-pub fn logs_read() -> bool {
-    mode() != Mode::Never
-}
-
 fn mode() -> Mode {
     match MODE.load(Relaxed) {
         1 => Mode::WhenWhole,
