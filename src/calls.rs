@@ -596,7 +596,7 @@ fn record_cache_result(state: &mut TaskState, req: &varnish::ffi::req, now: f64,
 }
 
 /// `f64::round` (halves away from zero) without its call to libm's `round`, which the
-/// baseline x86-64 target has no instruction for: about 50 instructions each, two per hit
+/// baseline x86-64 target has no instruction for: about 25 instructions each, two per hit
 /// (callgrind). Exact for every magnitude: from 2^52 up a double has no fraction; below, the
 /// fraction `x - trunc(x)` is exact.
 fn round(x: f64) -> f64 {

@@ -15,6 +15,10 @@
 //! the worker's message. A finished span whose log never comes (overrun, starvation) is closed
 //! from the backstop data once `Limits::log_wait` has passed, and marked as such.
 //!
+//! `OneTransaction` is the same reading without the following: for a task's own log buffer
+//! (`task_log`), which holds one transaction's records at the task's end, so that nothing needs
+//! to be matched, chained or waited for.
+//!
 //! Cost: all of this runs once or more per traced request, on one thread that must keep up with
 //! the log. So records are parsed as bytes (no UTF-8 validation, no allocation but for the rare
 //! texts we keep), and the spans followed live in the slots of a slab, reused with their
@@ -216,7 +220,8 @@ impl LogData {
         None
     }
 
-    /// Merges what the log told into the finished record (taking it: the slot is freed next).
+    /// Merges what the log told into the finished record, taking what it moves (the caller
+    /// `reset`s it next: a freed slot, or `OneTransaction` between two spans).
     fn merge_into(&mut self, record: &mut SpanRecord, links: FetchLinks) {
         if let Some(t) = self.start_ns {
             record.start_unix_nano = t;
@@ -405,7 +410,8 @@ pub struct Correlator {
 /// task's own log buffer, which holds the records of one transaction (its final one) and of no
 /// other span. None of the `Correlator`'s following (no index, no chain, no deadline, no
 /// synthetic `End`, no clock read): about 1,250 instructions less per span than feeding it
-/// through one (callgrind, 100% hits: 83,498 -> 82,237 per request; docs/performance.md). The per-record reading is the same (`LogData::apply`).
+/// through one (callgrind, 100% hits: 83,498 -> 82,237 per request; docs/performance.md).
+/// The per-record reading is the same (`LogData::apply`).
 ///
 /// Threading: one per worker thread (`task_log` keeps it thread-local); keeps nothing of a span
 /// between two calls but the emptied events array.

@@ -23,7 +23,7 @@
 //! 16 KB by default) and writes them to the shared log when the transaction ends, after the
 //! PRIV_TASK fini we run in: so at the fini, every record but the last few: `ReqAcct`/`BereqAcct`
 //! (whose body sizes the task's data gives anyway), a fetch's `Length` (not used) and `End`
-//! (added here). What it does not hold:
+//! (not needed: the span's end is its last timestamp's). What it does not hold:
 //! - the records of a transaction before a restart or a retry (Varnish writes them out when the
 //!   transaction ID changes): their timestamps and errors;
 //! - records written out early because the buffer filled up (a transaction with very large
@@ -239,7 +239,7 @@ mod tests {
 
     #[test]
     fn an_empty_buffer_still_closes_the_span_with_its_task_data() {
-        // Everything written out early (a full buffer): nothing but the End added here.
+        // Everything written out early (a full buffer): nothing read but the task's own data.
         let mut l = local();
         assert!(!whole(&l, &[], 1001, 1001), "partial");
         let span = complete(&mut l, &[], task_record(1001), 1001);
