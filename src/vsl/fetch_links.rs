@@ -75,8 +75,8 @@ impl FetchLinks {
     }
 
     fn slot(&self, vxid: u64) -> &Slot {
-        // The low bits: VXIDs are handed out in order, so neighbours fall on different slots.
-        &self.slots[vxid as usize & (self.slots.len() - 1)]
+        // Neighbours, and fetches of different workers' VXID blocks, on different slots.
+        &self.slots[super::vxid_slot(vxid, self.slots.len() - 1)]
     }
 
     /// Remembers that the fetch `vxid` is the span `trace_id`/`span_id`. Returns false if

@@ -57,9 +57,10 @@ impl Followed {
     }
 
     fn slot(&self, vxid: u64) -> &AtomicU64 {
-        // The low bits: VXIDs are handed out in order, so spans in flight fall on different
-        // slots, and the tailer, stepping through the log in order, walks the table in order.
-        &self.slots[vxid as usize & self.mask.load(Relaxed)]
+        // Spans in flight fall on different slots (`vxid_slot`); a worker's VXIDs on
+        // neighbouring ones, so the tailer, stepping through the log in order, walks the table
+        // in runs.
+        &self.slots[super::vxid_slot(vxid, self.mask.load(Relaxed))]
     }
 
     /// Marks `vxid` followed; false if its slot is another span's (or `vxid` is 0, never a
@@ -99,6 +100,17 @@ mod tests {
         assert!(!t.release(3 + 8), "and its release does not touch the slot's span");
         assert!(t.release(3));
         assert!(t.claim(4) && t.claim(5), "neighbours have slots of their own");
+    }
+
+    #[test]
+    fn two_workers_at_the_same_place_of_their_vxid_blocks_have_slots_of_their_own() {
+        let t = Followed::leaked(SLOTS);
+        // Varnish's blocks of 32,768 VXIDs per worker thread: requests served in step.
+        for n in 1..1_000u64 {
+            let (a, b) = (5 * 32_768 + n, 9 * 32_768 + n);
+            assert!(t.claim(a) && t.claim(b), "{a} and {b}");
+            assert!(t.release(a) && t.release(b));
+        }
     }
 
     #[test]
