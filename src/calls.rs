@@ -37,6 +37,11 @@ pub fn trace_request(ctx: &mut Ctx) {
             // Called again in the same task: a restart (new VXID, same span) or a repeated call.
             if req.restarts > state.repeats_seen {
                 state.repeats_seen = req.restarts;
+                if state.record.sampled() {
+                    // The transaction before the restart is in the shared log now, not in the
+                    // task's buffer: the tailer reads it there.
+                    crate::vsl::tailer::log_needed();
+                }
                 state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.restart");
                 // The restarted request looks the object up again: its result replaces the last,
                 // and a hit's age and TTL go with it (a miss or pass after the restart has none).
@@ -260,6 +265,10 @@ pub fn trace_backend(ctx: &mut Ctx) {
             // Called again (a retry, or after VCL changed the bereq): send our context again.
             if bo.retries > state.repeats_seen {
                 state.repeats_seen = bo.retries;
+                if state.record.sampled() {
+                    // The failed attempt's records are in the shared log now (as for a restart).
+                    crate::vsl::tailer::log_needed();
+                }
                 state.record.add_event(vtim_to_unix_nano(ctx.raw.now.0), "varnish.retry");
                 if state.record.sampled() && bo.uncacheable() == 0 {
                     // The retry's VXID is the one the object will record as its fetch's (a hit
@@ -497,6 +506,14 @@ pub fn finish(ctx: &mut Ctx) -> bool {
             ctx,
             "finish() is for vcl_deliver, vcl_synth, vcl_pipe, vcl_backend_response and vcl_backend_error; ignored",
         ),
+    }
+    if state.record.sampled() {
+        // SAFETY: ctx->vsl is the running task's log, read within this call.
+        if unsafe { crate::vsl::task_log::written_out_early(ctx.raw.vsl, state.record.vxid) } {
+            // Part of the span's log is in the shared log already (a full buffer was written
+            // out): the tailer reads it there, now rather than at the task's end.
+            crate::vsl::tailer::log_needed();
+        }
     }
     want_filter
 }

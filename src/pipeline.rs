@@ -67,6 +67,7 @@ pub struct Stats {
     pub vsl_pending: AtomicU64,
     pub vsl_not_followed: AtomicU64,
     pub vsl_abandoned: AtomicU64,
+    pub vsl_wakeups: AtomicU64,
     /// Unsampled decisions kept in the task's own slot: their slot in the decision table was
     /// another task's (`decisions`).
     pub decisions_in_task_slot: AtomicU64,
@@ -94,6 +95,7 @@ pub static STATS: Stats = Stats {
     vsl_pending: AtomicU64::new(0),
     vsl_not_followed: AtomicU64::new(0),
     vsl_abandoned: AtomicU64::new(0),
+    vsl_wakeups: AtomicU64::new(0),
     decisions_in_task_slot: AtomicU64::new(0),
 };
 
@@ -167,6 +169,12 @@ pub struct Counters {
     /// 1 while the tailer is attached to the log
     #[gauge]
     vsl_attached: AtomicU64,
+    /// 1 while the tailer reads the log; 0 while it is dormant (nothing needed the log for 10 s)
+    #[gauge]
+    vsl_reading: AtomicU64,
+    /// Times a worker called the dormant tailer back to read the log (a restart, a retry, records written out early)
+    #[counter]
+    vsl_tailer_wakeups: AtomicU64,
     /// Internal errors (panics) caught in the background threads; each cost one span or batch
     #[counter]
     internal_errors: AtomicU64,
@@ -209,6 +217,8 @@ impl Counters {
         copy(&self.vsl_spans_not_followed, &STATS.vsl_not_followed);
         copy(&self.vsl_spans_abandoned, &STATS.vsl_abandoned);
         self.vsl_attached.store(u64::from(crate::vsl::tailer::ATTACHED.load(Relaxed)), Relaxed);
+        self.vsl_reading.store(u64::from(crate::vsl::tailer::reading()), Relaxed);
+        copy(&self.vsl_tailer_wakeups, &STATS.vsl_wakeups);
         copy(&self.internal_errors, &crate::worker::PANICS);
         self.span_records_allocated.store(crate::span_pool::allocated(), Relaxed);
         copy(&self.decisions_in_task_slot, &STATS.decisions_in_task_slot);

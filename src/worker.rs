@@ -247,6 +247,14 @@ impl<M: Send + 'static> Worker<M> {
         self.queue.push(msg)
     }
 
+    /// Ends the worker's sleep now rather than at its tick (sends never do). For a job that
+    /// sleeps long and must sometimes start at once (the dormant VSL tailer called back).
+    pub fn wake(&self) {
+        if let Some(handle) = &self.handle {
+            handle.thread().unpark();
+        }
+    }
+
     pub fn queue_len(&self) -> usize {
         self.queue.len()
     }

@@ -215,6 +215,35 @@ impl Ring {
         Err("no end found in a lap of the log")
     }
 
+    /// Goes back to the start of the segment `back` before the one being written (at most
+    /// `SEGMENTS - 3`: what `next` still reads as intact), or of the first one written if the log
+    /// is younger: what the writer wrote since is read again from there. For the tailer coming
+    /// back from dormancy (`tailer`), to find the records a restart or a retry wrote out just
+    /// before it was called back.
+    fn seek_back(&mut self, back: u32) -> Result<(), &'static str> {
+        let current = self.segment_n();
+        // The offsets table must not be older than the segment number read (as in `seek_tail`).
+        fence(Ordering::Acquire);
+        let mut segment = current.wrapping_sub(back.min(SEGMENTS - 3));
+        loop {
+            // SAFETY: the head is mapped; the index is below SEGMENTS.
+            let offset =
+                unsafe { std::ptr::addr_of!((*self.head).offset[(segment % SEGMENTS) as usize]).read_volatile() };
+            // A segment not written yet in this log's life has none (-1): the next one, then.
+            if let Some(offset) = usize::try_from(offset).ok().filter(|&o| o < self.segsize * SEGMENTS as usize) {
+                // SAFETY: within the ring (checked above).
+                self.next = Place { ptr: unsafe { self.log.add(offset) }, segment };
+                self.set_segment_end();
+                self.current.ptr = std::ptr::null();
+                return Ok(());
+            }
+            if segment == current {
+                return Err("the log's segment table is not ready");
+            }
+            segment = segment.wrapping_add(1);
+        }
+    }
+
     fn set_segment_end(&mut self) {
         let index = (self.next.segment % SEGMENTS) as usize;
         // SAFETY: at most `end`.
@@ -391,6 +420,12 @@ impl LogReader {
     /// After an overrun: skip what was lost and continue from the current tail.
     pub fn reacquire(&mut self) -> Result<(), String> {
         self.ring.seek_tail().map_err(str::to_owned)
+    }
+
+    /// Reads again from the start of the segment `back` before the one being written (see
+    /// `Ring::seek_back`).
+    pub fn rewind(&mut self, back: u32) -> Result<(), String> {
+        self.ring.seek_back(back).map_err(str::to_owned)
     }
 
     /// Whether the instance restarted since the last call (then the reader must attach again).
@@ -674,6 +709,44 @@ mod tests {
                 assert_eq!(next_id(&mut ring), Some((false, 3)), "goes on from the tail");
             }
         }
+    }
+
+    #[test]
+    fn seeking_back_reads_again_from_a_segment_before_the_writers() {
+        let mut log = FakeLog::starting_at(64, u32::MAX - 7);
+        // Enough records for several laps, then a known one at the start of a segment.
+        for vxid in 0..200 {
+            log.write(7, vxid, 30);
+        }
+        let mut ring = log.tail().unwrap();
+        let now = log.segment_n;
+        write_until(&mut log, now, 1);
+        let marked_segment = log.segment_n;
+        log.write(7, 5000, 8);
+        write_until(&mut log, marked_segment, 2);
+        log.write(7, 5001, 8);
+        while next_id(&mut ring).is_some() {}
+        ring.seek_back(2).unwrap();
+        assert_eq!(ring.next.segment, marked_segment);
+        let seen: Vec<u64> = std::iter::from_fn(|| next_id(&mut ring).map(|(_, v)| v)).collect();
+        assert!(seen.contains(&5000) && seen.last() == Some(&5001), "{seen:?}");
+        assert!(!seen.contains(&0), "nothing of the first laps: {seen:?}");
+        // Never further back than `next` reads as intact.
+        ring.seek_back(100).unwrap();
+        assert_eq!(log.segment_n.wrapping_sub(ring.next.segment), SEGMENTS - 3);
+        assert!(std::iter::from_fn(|| next_id(&mut ring)).count() > 0);
+    }
+
+    #[test]
+    fn seeking_back_in_a_young_log_starts_at_its_first_segment() {
+        let mut log = FakeLog::starting_at(64, u32::MAX - 7);
+        log.write(7, 1, 8);
+        let mut ring = log.tail().unwrap();
+        write_until(&mut log, u32::MAX - 7, 1);
+        log.write(7, 2, 8);
+        ring.seek_back(3).unwrap();
+        assert_eq!(ring.next.segment, u32::MAX - 7, "segments not written yet are skipped");
+        assert_eq!(next_id(&mut ring), Some((false, 1)));
     }
 
     #[test]

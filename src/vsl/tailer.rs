@@ -9,11 +9,16 @@
 //! buffer), falling back to `Track`/`Forget` messages when the span's slot is taken. Each tick handles the
 //! messages, reads the log until it is idle, and closes the spans whose log is late.
 //!
+//! Dormancy: when nothing has needed the log for `DORMANT_AFTER` (every span closed from its
+//! task's buffer), the tailer stops reading it; a worker whose span's records go to the shared
+//! log early calls it back (`log_needed`), and it reads the last few segments again
+//! (`REWIND_SEGMENTS`), where those records are.
+//!
 //! Threading: attaching to the log may block (up to `ATTACH_PATIENCE`), so it happens here, on
 //! the tailer thread, never on the CLI thread. Everything else is non-blocking.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +66,27 @@ const STEPS_PER_TICK: usize = 200_000;
 /// every 13 ms rather than 20, so that no tick reads much more log than about 100 us' worth.
 const LOG_STEPS_PER_MESSAGE: usize = 32;
 
+/// How long the tailer goes on reading the log after it last needed to: then it stops reading
+/// (dormant) until a worker calls it back (`log_needed`). Most spans close from their task's own
+/// buffer (`task_log`); the log is needed only for the rest (a restart, a retry, records written
+/// out early), and stepping through every transaction of the log costs about 200 instructions
+/// per request (two steps per keep-alive hit) and the tailer's wake-ups, which a dormant tailer
+/// does not pay: it only looks at its queue, at the idle tick.
+pub const DORMANT_AFTER: Duration = Duration::from_secs(10);
+/// Segments of the log read again when the tailer is called back (the most that are still read
+/// as intact: `ffi::Ring::seek_back`): they hold what was written since the span's log went out
+/// early, at the rates where a segment lasts longest (its 80 MB by default hold a second or more
+/// at 60,000 hits a second; a span whose log went out before that closes with what its task's
+/// buffer holds).
+const REWIND_SEGMENTS: u32 = 5;
+
+/// The tailer is dormant: not reading the log. Read by the workers where a span's log goes to
+/// the shared log before its task's end (`log_needed`); stored by the tailer thread.
+static DORMANT: AtomicBool = AtomicBool::new(false);
+/// A worker called the dormant tailer back (`log_needed`): it reads the log again, from a few
+/// segments back.
+static CALLED_BACK: AtomicBool = AtomicBool::new(false);
+
 static TAILER: RwLock<Option<Tailer>> = RwLock::new(None);
 
 /// The running tailer, as the Varnish workers reach it.
@@ -105,6 +131,15 @@ fn followed_slots() -> Option<usize> {
     std::env::var("OPENTRACING_VSL_FOLLOWED_SLOTS").ok().and_then(|v| v.trim().parse().ok())
 }
 
+/// `OPENTRACING_VSL_DORMANT_AFTER_MS`: another `DORMANT_AFTER`. For tests only: a tailer that
+/// goes dormant within the test's time.
+fn dormant_after() -> Duration {
+    std::env::var("OPENTRACING_VSL_DORMANT_AFTER_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DORMANT_AFTER, Duration::from_millis)
+}
+
 /// Whether the log is attached (for the counters and the tests).
 pub static ATTACHED: AtomicBool = AtomicBool::new(false);
 
@@ -114,6 +149,9 @@ pub fn start(workdir: PathBuf) -> Result<(), String> {
         followed::GLOBAL.use_slots(n);
     }
     let changes_pending = Arc::new(AtomicU64::new(0));
+    // A new tailer reads from the start (a stopped one may have been dormant).
+    DORMANT.store(false, SeqCst);
+    CALLED_BACK.store(false, SeqCst);
     let job = TailerJob::new(workdir, changes_pending.clone());
     let worker = Worker::spawn_with_idle_tick("otel-vsl", QUEUE, TICK, IDLE_TICK, job)
         .map_err(|e| format!("cannot start the VSL tailer: {e}"))?;
@@ -124,11 +162,18 @@ pub fn start(workdir: PathBuf) -> Result<(), String> {
 /// Stops the tailer within `deadline`; its last tick hands every finished span to the exporter.
 pub fn stop(deadline: Duration) -> bool {
     let tailer = TAILER.write().take();
-    tailer.is_none_or(|t| t.worker.stop(deadline))
+    let stopped = tailer.is_none_or(|t| t.worker.stop(deadline));
+    DORMANT.store(false, SeqCst);
+    stopped
 }
 
 pub fn is_running() -> bool {
     TAILER.read().is_some()
+}
+
+/// Whether a tailer runs, attached to the log, and reads it (not dormant).
+pub fn reading() -> bool {
+    ATTACHED.load(Relaxed) && !DORMANT.load(Relaxed)
 }
 
 /// A sampled span started (any worker thread; never blocks).
@@ -154,9 +199,28 @@ pub fn forget(vxid: u64) {
     }
 }
 
+/// A sampled span's log went to the shared log before its task's end: the transaction before a
+/// restart or a retry, records Varnish wrote out early (any worker thread, right after; never
+/// blocks). If the tailer is dormant, it is called back, and reads the log again from a few
+/// segments back. Otherwise a fence and a load of a line that rarely changes.
+pub fn log_needed() {
+    // Dekker's order with `TailerJob::go_dormant`: the records this task wrote out before the
+    // call, then the load; there, the store, then a last read of the log. Either the tailer's
+    // last read finds the records, or this load finds it dormant.
+    fence(SeqCst);
+    if DORMANT.load(SeqCst) {
+        CALLED_BACK.store(true, SeqCst);
+        if let Some(t) = TAILER.read().as_ref() {
+            t.worker.wake();
+        }
+    }
+}
+
 /// A span's task ended (any worker thread; never blocks). Without a tailer, or when its queue is
 /// full, the span goes to the exporter at once, closed from its task's data.
 pub fn finished(record: Box<SpanRecord>, final_vxid: u64) {
+    // Its log is not (all) in its task's buffer: the tailer must read the shared log.
+    log_needed();
     let msg = Msg::Finished { record, final_vxid };
     let rejected = match TAILER.read().as_ref() {
         Some(t) => match t.worker.try_send(msg) {
@@ -201,6 +265,14 @@ struct TailerJob {
     activity: Activity,
     /// Shared with the senders (`Tailer::changes_pending`).
     changes_pending: Arc<AtomicU64>,
+    /// Not reading the log (`DORMANT_AFTER`); `DORMANT` says so to the workers.
+    dormant: bool,
+    /// When the log last had something for a span: a span's task ended with its log not all in
+    /// its buffer, a followed span's transaction was met, or a worker called the tailer back.
+    last_needed: Instant,
+    dormant_after: Duration,
+    /// Times the tailer was called back from dormancy.
+    wakeups: u64,
 }
 
 impl TailerJob {
@@ -221,6 +293,10 @@ impl TailerJob {
             read_delay: read_delay(),
             activity: Activity::default(),
             changes_pending,
+            dormant: false,
+            last_needed: Instant::now(),
+            dormant_after: dormant_after(),
+            wakeups: 0,
         }
     }
 
@@ -259,6 +335,12 @@ impl TailerJob {
                 self.correlator.untrack(vxid);
             }
             Msg::Finished { record, final_vxid } => {
+                if self.dormant {
+                    // The worker found the tailer awake (`log_needed`), which went dormant before
+                    // this message came: the span's log is needed all the same.
+                    self.wake_up(now);
+                }
+                self.last_needed = now;
                 // A span whose log has not been met yet (one of its own slot): taken over now.
                 if !self.correlator.wants(record.vxid) && followed::GLOBAL.release(record.vxid) {
                     self.correlator.track(record.vxid, now);
@@ -270,11 +352,12 @@ impl TailerJob {
         }
     }
 
-    /// Reads the log until it is idle (or for `STEPS_PER_TICK` steps).
-    fn read_log(&mut self, inbox: &Inbox<'_, Msg>, now: Instant) {
+    /// Reads the log until it is idle (or for `STEPS_PER_TICK` steps). Returns whether it read
+    /// all there was.
+    fn read_log(&mut self, inbox: &Inbox<'_, Msg>, now: Instant) -> bool {
         // Taken out for the loop, so that messages can be handled in the middle of it.
-        let Some(mut reader) = self.reader.take() else { return };
-        let mut keep = true;
+        let Some(mut reader) = self.reader.take() else { return false };
+        let (mut keep, mut all_read) = (true, false);
         for _ in 0..STEPS_PER_TICK {
             match reader.step() {
                 Step::Batch { vxid } | Step::Single { vxid } => {
@@ -292,6 +375,7 @@ impl TailerJob {
                             continue;
                         }
                         // A followed span's transaction: taken over from the workers' table.
+                        self.last_needed = now;
                         self.correlator.track(vxid, now);
                         if !self.correlator.wants(vxid) {
                             continue;
@@ -305,6 +389,7 @@ impl TailerJob {
                     }
                 }
                 Step::Idle => {
+                    all_read = true;
                     if now.duration_since(self.last_status_check) >= Duration::from_secs(1) {
                         self.last_status_check = now;
                         keep = !reader.restarted();
@@ -329,6 +414,43 @@ impl TailerJob {
         } else {
             self.drop_reader();
         }
+        all_read && keep
+    }
+
+    /// Stops reading the log, if nothing has needed it for `dormant_after`: no span followed,
+    /// none to be followed. Called after a read that reached the log's end.
+    fn go_dormant(&mut self, inbox: &Inbox<'_, Msg>, now: Instant) {
+        if now.duration_since(self.last_needed) < self.dormant_after
+            || self.correlator.pending() != 0
+            || self.changes_pending.load(SeqCst) != 0
+        {
+            return;
+        }
+        // Said first, then the log read once more (see `log_needed`): what a worker wrote out
+        // before it found the tailer awake is read here.
+        DORMANT.store(true, SeqCst);
+        let all_read = self.read_log(inbox, now);
+        if all_read && self.correlator.pending() == 0 && self.changes_pending.load(SeqCst) == 0 {
+            self.dormant = true;
+        } else {
+            DORMANT.store(false, SeqCst);
+        }
+    }
+
+    /// Called back (`log_needed`): reads the log again from a few segments back, where the
+    /// records that went out early are. Spans followed meanwhile had none of their records read
+    /// (nothing was), and none were followed when the tailer went dormant, so nothing is read
+    /// twice for a span.
+    fn wake_up(&mut self, now: Instant) {
+        if let Some(reader) = self.reader.as_mut() {
+            if reader.rewind(REWIND_SEGMENTS).is_err() && reader.reacquire().is_err() {
+                self.drop_reader();
+            }
+        }
+        self.dormant = false;
+        DORMANT.store(false, SeqCst);
+        self.last_needed = now;
+        self.wakeups += 1;
     }
 
     fn drop_reader(&mut self) {
@@ -348,6 +470,7 @@ impl TailerJob {
         // Before `vsl_pending`: a span leaves the pending ones counted where it went.
         STATS.vsl_not_followed.store(s.not_tracked, Relaxed);
         STATS.vsl_abandoned.store(s.abandoned, Relaxed);
+        STATS.vsl_wakeups.store(self.wakeups, Relaxed);
         STATS.vsl_pending.store(self.correlator.pending() as u64, Relaxed);
     }
 }
@@ -361,7 +484,14 @@ impl Job<Msg> for TailerJob {
         self.steps_before_tick = self.steps;
         let now = Instant::now();
         self.attach(now);
-        self.read_log(inbox, now);
+        // Taken every tick: a call back that found the tailer dormant just before a `Finished`
+        // woke it is stale by now.
+        if CALLED_BACK.swap(false, SeqCst) && self.dormant {
+            self.wake_up(now);
+        }
+        if !self.dormant && self.read_log(inbox, now) {
+            self.go_dormant(inbox, now);
+        }
         if !self.read_delay.is_zero() {
             std::thread::sleep(self.read_delay);
         }
@@ -386,6 +516,14 @@ impl Job<Msg> for TailerJob {
         // Stopping: read what the log still holds, then close every finished span from what
         // we have. Nothing that finished is lost.
         let now = Instant::now();
+        if self.dormant && CALLED_BACK.swap(false, SeqCst) {
+            // Called back just before the stop: read what it was called back for.
+            self.wake_up(now);
+        }
+        if self.dormant {
+            // Nothing to read for; the cursor is where the tailer stopped reading.
+            self.reader = None;
+        }
         if let Some(reader) = self.reader.as_mut() {
             for _ in 0..STEPS_PER_TICK {
                 match reader.step() {

@@ -91,6 +91,11 @@ thread_local! {
     static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
 }
 
+/// A thread's `Local`, made at its first use (Varnish's tag numbers are known by then).
+fn new_local() -> Local {
+    Local::new(TagTable::new(ffi::tag_number), begin_tag().unwrap_or(0), fetch_links::GLOBAL)
+}
+
 /// Closes the sampled span `record`, whose task ended as transaction `final_vxid` with the
 /// records in `buffer` (the task's own, `ffi::task_records`), and hands it to the exporter, if
 /// the mode says so; gives it back otherwise (to be closed by the tailer, or from its task's
@@ -103,10 +108,7 @@ pub fn close(buffer: &[u8], record: Box<SpanRecord>, final_vxid: u64) -> Option<
     let mut record = Some(record);
     let _ = LOCAL.try_with(|cell| {
         if let Ok(mut local) = cell.try_borrow_mut() {
-            let local = local.get_or_insert_with(|| {
-                let begin = ffi::tag_number(c"Begin").unwrap_or(0);
-                Local::new(TagTable::new(ffi::tag_number), begin, fetch_links::GLOBAL)
-            });
+            let local = local.get_or_insert_with(new_local);
             let Some(mut r) = record.take_if(|r| mode == Mode::Always || whole(local, buffer, r.vxid, final_vxid))
             else {
                 return;
@@ -132,12 +134,39 @@ pub fn close(buffer: &[u8], record: Box<SpanRecord>, final_vxid: u64) -> Option<
     record
 }
 
+/// Whether the running task's log has gone to the shared log in part already, in the default
+/// mode: its buffer does not start with its transaction's `Begin` (a full buffer was written
+/// out), or its transaction is not the span's first (a restart or a retry). Where the tailer
+/// reads such a span's log, it must be reading it (`tailer::log_needed`). A few dozen
+/// instructions: the buffer's first record.
+///
+/// # Safety
+/// `vsl` must be NULL or the `vsl_log` of the task running on this thread, during a VCL call.
+pub unsafe fn written_out_early(vsl: *const varnish::ffi::vsl_log, first_vxid: u64) -> bool {
+    if mode() != Mode::WhenWhole {
+        return false;
+    }
+    let Some(begin) = begin_tag() else { return false };
+    !whole_with(begin, ffi::task_records(vsl), first_vxid, crate::varnish::vxid_of(vsl))
+}
+
+/// Varnish's number for the `Begin` tag, looked up once.
+fn begin_tag() -> Option<u8> {
+    static BEGIN: std::sync::OnceLock<Option<u8>> = std::sync::OnceLock::new();
+    *BEGIN.get_or_init(|| ffi::tag_number(c"Begin"))
+}
+
 /// Whether `buffer` holds the whole log of the span whose first transaction is `first_vxid`:
 /// one transaction (no restart or retry) whose records start with its `Begin` (none written
 /// out early).
 fn whole(local: &Local, buffer: &[u8], first_vxid: u64, final_vxid: u64) -> bool {
+    whole_with(local.begin_tag, buffer, first_vxid, final_vxid)
+}
+
+/// `whole`, with Varnish's number for the `Begin` tag.
+fn whole_with(begin_tag: u8, buffer: &[u8], first_vxid: u64, final_vxid: u64) -> bool {
     first_vxid == final_vxid
-        && record::records(buffer).next().is_some_and(|r| r.tag_number == local.begin_tag && r.vxid == final_vxid)
+        && record::records(buffer).next().is_some_and(|r| r.tag_number == begin_tag && r.vxid == final_vxid)
 }
 
 #[cfg(test)]

@@ -511,6 +511,16 @@ fn spans_match_varnishlog_with_followed_spans_sharing_a_slot() {
     spans_match_varnishlog_with("spans_match_varnishlog_with_followed_spans_sharing_a_slot", env);
 }
 
+/// Case 10d: the same with a tailer that stops reading the log whenever nothing needs it
+/// (`OPENTRACING_VSL_DORMANT_AFTER_MS=0`): the restart, the retry and the ESI parent (whose log
+/// goes out early) each call it back (`tailer::log_needed`), and it reads those records again
+/// from a few segments back.
+#[test]
+fn spans_match_varnishlog_with_a_tailer_dormant_between_needs() {
+    let env = vec![("OPENTRACING_VSL_DORMANT_AFTER_MS".to_owned(), "0".to_owned())];
+    spans_match_varnishlog_with("spans_match_varnishlog_with_a_tailer_dormant_between_needs", env);
+}
+
 fn spans_match_varnishlog_with(name: &str, env: Vec<(String, String)>) {
     let dir = TempDir::new(name);
     let be = Backend::start(dir.path(), "backend");
@@ -945,6 +955,49 @@ fn by_default_whole_spans_close_on_the_worker_and_a_restarted_one_from_the_share
         assert!(fetch.events.iter().any(|e| e == "BerespBody"), "the fetch's own log: {fetch:#?}");
         assert_eq!(fetch.attr_str("varnish.span.closed_by"), None, "{fetch:#?}");
     }
+}
+
+/// Case 12f: a tailer that nothing needed for a while stops reading the log (`vsl_reading` 0,
+/// `vsl_records` still), and a restart calls it back: the span has the first transaction's
+/// records, read again from the shared log (`DORMANT_AFTER`, here 100 ms).
+#[test]
+fn a_dormant_tailer_is_called_back_by_a_restart() {
+    let dir = TempDir::new("a_dormant_tailer_is_called_back_by_a_restart");
+    let be = Backend::start(dir.path(), "backend");
+    let env = vec![("OPENTRACING_VSL_DORMANT_AFTER_MS".to_owned(), "100".to_owned())];
+    let opts = VarnishOpts { params: vec![], env };
+    let mut v = Varnish::start_with(dir.path(), "varnish", be.port, RESTART_ON_404, &opts);
+
+    for i in 0..3 {
+        let r = v.get(&format!("/?whole={i}"), &[]);
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let before = v.wait_counters(WAIT, "the tailer dormant", |c| c.get("vsl_reading") == Some(&0));
+    assert_eq!(before["vsl_attached"], 1, "{before:#?}");
+    assert_eq!(before["vsl_tailer_wakeups"], 0, "{before:#?}");
+    // Whole spans do not call it back, and it does not step through their transactions.
+    for i in 0..3 {
+        let r = v.get(&format!("/?whole={i}"), &[]);
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let quiet = v.wait_counters(WAIT, "the six whole spans closed", |c| c["vsl_spans_closed_from_task_log"] >= 9);
+    assert_eq!(quiet["vsl_reading"], 0, "{quiet:#?}");
+    assert_eq!(quiet["vsl_records"], before["vsl_records"], "no steps while dormant: {quiet:#?}");
+
+    let trace = random_trace_id();
+    let resp = v.get("/missing", &[("traceparent", &tp(&trace, PARENT, "01"))]);
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let counters = v.wait_counters(WAIT, "the restarted span closed by the tailer", |c| {
+        c["vsl_spans_closed_from_log"] - c["vsl_spans_closed_from_task_log"] >= 1
+    });
+    assert_eq!(counters["vsl_tailer_wakeups"], 1, "{counters:#?}");
+    assert_eq!(counters["vsl_spans_closed_by_backstop"], 0, "{counters:#?}");
+    let spans = v.stop();
+    let server = server_of(&spans, &trace);
+    assert!(server.events.iter().any(|e| e == "varnish.restart"), "{server:#?}");
+    let fetches = server.events.iter().filter(|e| *e == "Fetch").count();
+    assert_eq!(fetches, 2, "a Fetch timestamp from each transaction, the first one's read again: {server:#?}");
+    assert_eq!(server.attr_str("varnish.span.closed_by"), None, "{server:#?}");
 }
 
 /// Case 12e: an unsampled fetch that carries a `tracestate` on (so it keeps a span record of its
