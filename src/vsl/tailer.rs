@@ -7,12 +7,14 @@
 //! closed from its task's data. Which spans to follow, the workers mark in a table instead
 //! (`followed`: `track` when a sampled span starts, `forget` when it was completed from its
 //! buffer), falling back to `Track`/`Forget` messages when the span's slot is taken. Each tick handles the
-//! messages, reads the log until it is idle, and closes the spans whose log is late.
+//! messages, reads the log until it is idle (unless dormant, below), and closes the spans whose
+//! log is late.
 //!
 //! Dormancy: when nothing has needed the log for `DORMANT_AFTER` (every span closed from its
-//! task's buffer), the tailer stops reading it; a worker whose span's records go to the shared
-//! log early calls it back (`log_needed`), and it reads the last few segments again
-//! (`REWIND_SEGMENTS`), where those records are.
+//! task's buffer), the tailer stops reading it, and its ticks only handle messages and
+//! deadlines; a worker whose span's records go to the shared log early calls it back
+//! (`log_needed`), and it reads the last segments again (`REWIND_SEGMENTS`), where those
+//! records are.
 //!
 //! Threading: attaching to the log may block (up to `ATTACH_PATIENCE`), so it happens here, on
 //! the tailer thread, never on the CLI thread. Everything else is non-blocking.
@@ -73,19 +75,25 @@ const LOG_STEPS_PER_MESSAGE: usize = 32;
 /// per request (two steps per keep-alive hit) and the tailer's wake-ups, which a dormant tailer
 /// does not pay: it only looks at its queue, at the idle tick.
 pub const DORMANT_AFTER: Duration = Duration::from_secs(10);
-/// Segments of the log read again when the tailer is called back (the most that are still read
-/// as intact: `ffi::Ring::seek_back`): they hold what was written since the span's log went out
-/// early, at the rates where a segment lasts longest (its 80 MB by default hold a second or more
-/// at 60,000 hits a second; a span whose log went out before that closes with what its task's
-/// buffer holds).
-const REWIND_SEGMENTS: u32 = 5;
+/// Segments of the log read again when the tailer is called back (`ffi::Ring::seek_back`): the
+/// cursor then starts two or three segments behind the writer, where a batch copied is intact
+/// while the writer stays less than four behind (`copy_current`) and stepping goes on up to
+/// five. They hold what was written since the span's log went out early: a log of 80 MB (the
+/// default `vsl_space`) has segments of 10 MB, a tenth of a second or more at 60,000 hits a
+/// second; a span whose log went out before that closes with what its task's buffer holds.
+const REWIND_SEGMENTS: u32 = 2;
 
-/// The tailer is dormant: not reading the log. Read by the workers where a span's log goes to
-/// the shared log before its task's end (`log_needed`); stored by the tailer thread.
-static DORMANT: AtomicBool = AtomicBool::new(false);
-/// A worker called the dormant tailer back (`log_needed`): it reads the log again, from a few
-/// segments back.
-static CALLED_BACK: AtomicBool = AtomicBool::new(false);
+/// What the workers and the tailer tell each other about its dormancy (one per tailer: a tailer
+/// left running by a stop that timed out keeps its own).
+#[derive(Default)]
+struct Dormancy {
+    /// The tailer is not reading the log. Stored by the tailer thread, read by the workers in
+    /// `log_needed`.
+    dormant: AtomicBool,
+    /// A worker needed the log read (`log_needed`): the dormant tailer reads the last segments
+    /// again; an awake one stays awake for `DORMANT_AFTER` more.
+    needed: AtomicBool,
+}
 
 static TAILER: RwLock<Option<Tailer>> = RwLock::new(None);
 
@@ -104,6 +112,7 @@ struct Tailer {
     /// (SeqCst: no dearer than Relaxed on x86 for an RMW or a load, and ordered with the log's
     /// own barriers on any CPU.)
     changes_pending: Arc<AtomicU64>,
+    dormancy: Arc<Dormancy>,
 }
 
 impl Tailer {
@@ -149,22 +158,18 @@ pub fn start(workdir: PathBuf) -> Result<(), String> {
         followed::GLOBAL.use_slots(n);
     }
     let changes_pending = Arc::new(AtomicU64::new(0));
-    // A new tailer reads from the start (a stopped one may have been dormant).
-    DORMANT.store(false, SeqCst);
-    CALLED_BACK.store(false, SeqCst);
-    let job = TailerJob::new(workdir, changes_pending.clone());
+    let dormancy = Arc::new(Dormancy::default());
+    let job = TailerJob::new(workdir, changes_pending.clone(), dormancy.clone());
     let worker = Worker::spawn_with_idle_tick("otel-vsl", QUEUE, TICK, IDLE_TICK, job)
         .map_err(|e| format!("cannot start the VSL tailer: {e}"))?;
-    *TAILER.write() = Some(Tailer { worker, changes_pending });
+    *TAILER.write() = Some(Tailer { worker, changes_pending, dormancy });
     Ok(())
 }
 
 /// Stops the tailer within `deadline`; its last tick hands every finished span to the exporter.
 pub fn stop(deadline: Duration) -> bool {
     let tailer = TAILER.write().take();
-    let stopped = tailer.is_none_or(|t| t.worker.stop(deadline));
-    DORMANT.store(false, SeqCst);
-    stopped
+    tailer.is_none_or(|t| t.worker.stop(deadline))
 }
 
 pub fn is_running() -> bool {
@@ -173,7 +178,7 @@ pub fn is_running() -> bool {
 
 /// Whether a tailer runs, attached to the log, and reads it (not dormant).
 pub fn reading() -> bool {
-    ATTACHED.load(Relaxed) && !DORMANT.load(Relaxed)
+    ATTACHED.load(Relaxed) && TAILER.read().as_ref().is_some_and(|t| !t.dormancy.dormant.load(Relaxed))
 }
 
 /// A sampled span started (any worker thread; never blocks).
@@ -201,18 +206,21 @@ pub fn forget(vxid: u64) {
 
 /// A sampled span's log went to the shared log before its task's end: the transaction before a
 /// restart or a retry, records Varnish wrote out early (any worker thread, right after; never
-/// blocks). If the tailer is dormant, it is called back, and reads the log again from a few
-/// segments back. Otherwise a fence and a load of a line that rarely changes.
+/// blocks). The tailer, if dormant, is woken and reads the last segments of the log again; if
+/// awake, it stays so for `DORMANT_AFTER` more. Called at those moments only (rare): a read
+/// lock, a fence, a store and a load, and a wake-up when dormant.
 pub fn log_needed() {
-    // Dekker's order with `TailerJob::go_dormant`: the records this task wrote out before the
-    // call, then the load; there, the store, then a last read of the log. Either the tailer's
-    // last read finds the records, or this load finds it dormant.
+    let tailer = TAILER.read();
+    let Some(t) = tailer.as_ref() else { return };
+    // Dekker's order with `TailerJob::go_dormant`: the records this task wrote out, then the
+    // store of `needed`, then the load of `dormant`; there, the store of `dormant`, then a last
+    // read of the log, then the load of `needed`. Either the tailer sees `needed` (and stays
+    // awake: its last read may have stopped short of these records, at a batch another worker
+    // had reserved before them and not written yet), or this load sees it dormant.
     fence(SeqCst);
-    if DORMANT.load(SeqCst) {
-        CALLED_BACK.store(true, SeqCst);
-        if let Some(t) = TAILER.read().as_ref() {
-            t.worker.wake();
-        }
+    t.dormancy.needed.store(true, SeqCst);
+    if t.dormancy.dormant.load(SeqCst) {
+        t.worker.wake();
     }
 }
 
@@ -265,8 +273,9 @@ struct TailerJob {
     activity: Activity,
     /// Shared with the senders (`Tailer::changes_pending`).
     changes_pending: Arc<AtomicU64>,
-    /// Not reading the log (`DORMANT_AFTER`); `DORMANT` says so to the workers.
+    /// Not reading the log (`DORMANT_AFTER`); `dormancy` says so to the workers.
     dormant: bool,
+    dormancy: Arc<Dormancy>,
     /// When the log last had something for a span: a span's task ended with its log not all in
     /// its buffer, a followed span's transaction was met, or a worker called the tailer back.
     last_needed: Instant,
@@ -276,7 +285,7 @@ struct TailerJob {
 }
 
 impl TailerJob {
-    fn new(workdir: PathBuf, changes_pending: Arc<AtomicU64>) -> Self {
+    fn new(workdir: PathBuf, changes_pending: Arc<AtomicU64>, dormancy: Arc<Dormancy>) -> Self {
         TailerJob {
             workdir,
             reader: None,
@@ -294,6 +303,7 @@ impl TailerJob {
             activity: Activity::default(),
             changes_pending,
             dormant: false,
+            dormancy,
             last_needed: Instant::now(),
             dormant_after: dormant_after(),
             wakeups: 0,
@@ -426,14 +436,18 @@ impl TailerJob {
         {
             return;
         }
-        // Said first, then the log read once more (see `log_needed`): what a worker wrote out
-        // before it found the tailer awake is read here.
-        DORMANT.store(true, SeqCst);
+        // Said first, then the log read once more, then `needed` looked at (see `log_needed`).
+        self.dormancy.dormant.store(true, SeqCst);
+        fence(SeqCst);
         let all_read = self.read_log(inbox, now);
-        if all_read && self.correlator.pending() == 0 && self.changes_pending.load(SeqCst) == 0 {
+        let needed = self.dormancy.needed.swap(false, SeqCst);
+        if all_read && !needed && self.correlator.pending() == 0 && self.changes_pending.load(SeqCst) == 0 {
             self.dormant = true;
         } else {
-            DORMANT.store(false, SeqCst);
+            self.dormancy.dormant.store(false, SeqCst);
+            if needed {
+                self.last_needed = now;
+            }
         }
     }
 
@@ -448,7 +462,7 @@ impl TailerJob {
             }
         }
         self.dormant = false;
-        DORMANT.store(false, SeqCst);
+        self.dormancy.dormant.store(false, SeqCst);
         self.last_needed = now;
         self.wakeups += 1;
     }
@@ -484,10 +498,15 @@ impl Job<Msg> for TailerJob {
         self.steps_before_tick = self.steps;
         let now = Instant::now();
         self.attach(now);
-        // Taken every tick: a call back that found the tailer dormant just before a `Finished`
-        // woke it is stale by now.
-        if CALLED_BACK.swap(false, SeqCst) && self.dormant {
-            self.wake_up(now);
+        if self.dormancy.needed.swap(false, SeqCst) {
+            if self.dormant {
+                self.wake_up(now);
+            } else {
+                self.last_needed = now;
+            }
+        } else if !self.dormant && self.dormancy.dormant.load(Relaxed) {
+            // A tick that panicked between saying it was dormant and deciding: it is not.
+            self.dormancy.dormant.store(false, SeqCst);
         }
         if !self.dormant && self.read_log(inbox, now) {
             self.go_dormant(inbox, now);
@@ -516,7 +535,7 @@ impl Job<Msg> for TailerJob {
         // Stopping: read what the log still holds, then close every finished span from what
         // we have. Nothing that finished is lost.
         let now = Instant::now();
-        if self.dormant && CALLED_BACK.swap(false, SeqCst) {
+        if self.dormant && self.dormancy.needed.swap(false, SeqCst) {
             // Called back just before the stop: read what it was called back for.
             self.wake_up(now);
         }

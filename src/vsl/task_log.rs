@@ -143,7 +143,7 @@ pub fn close(buffer: &[u8], record: Box<SpanRecord>, final_vxid: u64) -> Option<
 /// # Safety
 /// `vsl` must be NULL or the `vsl_log` of the task running on this thread, during a VCL call.
 pub unsafe fn written_out_early(vsl: *const varnish::ffi::vsl_log, first_vxid: u64) -> bool {
-    if mode() != Mode::WhenWhole {
+    if mode() != Mode::WhenWhole || vsl.is_null() {
         return false;
     }
     let Some(begin) = begin_tag() else { return false };
