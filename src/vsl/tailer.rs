@@ -125,28 +125,28 @@ impl Tailer {
     }
 }
 
+/// A test knob: the number in environment variable `name`, if set and readable. The knobs
+/// below are for tests only; an operator never needs them.
+fn test_knob<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
 /// `OPENTRACING_VSL_READ_DELAY_MS`: a pause after every read of the log. For tests only: it makes
 /// the tailer fall behind on purpose, to check that overruns lose no span.
 fn read_delay() -> Duration {
-    std::env::var("OPENTRACING_VSL_READ_DELAY_MS")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_millis)
+    test_knob("OPENTRACING_VSL_READ_DELAY_MS").map_or(Duration::ZERO, Duration::from_millis)
 }
 
 /// `OPENTRACING_VSL_FOLLOWED_SLOTS`: fewer slots in the table of followed spans. For tests only:
 /// spans in flight at once then share slots, and some take the messages' way (`followed`).
 fn followed_slots() -> Option<usize> {
-    std::env::var("OPENTRACING_VSL_FOLLOWED_SLOTS").ok().and_then(|v| v.trim().parse().ok())
+    test_knob("OPENTRACING_VSL_FOLLOWED_SLOTS")
 }
 
 /// `OPENTRACING_VSL_DORMANT_AFTER_MS`: another `DORMANT_AFTER`. For tests only: a tailer that
 /// goes dormant within the test's time.
 fn dormant_after() -> Duration {
-    std::env::var("OPENTRACING_VSL_DORMANT_AFTER_MS")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(DORMANT_AFTER, Duration::from_millis)
+    test_knob("OPENTRACING_VSL_DORMANT_AFTER_MS").map_or(DORMANT_AFTER, Duration::from_millis)
 }
 
 /// Whether the log is attached (for the counters and the tests).
