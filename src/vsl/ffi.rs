@@ -77,7 +77,8 @@ pub enum Step {
     Single { vxid: u64 },
     /// Nothing new for now.
     Idle,
-    /// The writer overwrote records before we read them: the reader must start again at the tail.
+    /// The writer overwrote records before we read them: the reader must go on from a place the
+    /// writer has not reached again (`LogReader::recover`).
     Overrun,
     /// The log went away (child restart); the reader must attach again.
     Abandoned,
@@ -241,6 +242,21 @@ impl Ring {
                 return Err("the log's segment table is not ready");
             }
             segment = segment.wrapping_add(1);
+        }
+    }
+
+    /// After `next` found the walker lapped: goes on from the start of the segment `back`
+    /// before the writer's (`seek_back`: what the writer wrote since it passed the walker, still
+    /// intact) when that lies past the walker's place, and from the tail otherwise (a torn
+    /// record with the writer near: starting before it again would meet it again). Either way
+    /// nothing already read is read again.
+    fn seek_after_lap(&mut self, back: u32) -> Result<(), &'static str> {
+        let target = self.segment_n().wrapping_sub(back.min(SEGMENTS - 3));
+        if target.wrapping_sub(self.next.segment) as i32 > 0 {
+            // The writer only moves on meanwhile: `seek_back` lands at `target` or later.
+            self.seek_back(back)
+        } else {
+            self.seek_tail()
         }
     }
 
@@ -417,7 +433,13 @@ impl LogReader {
         }
     }
 
-    /// After an overrun: skip what was lost and continue from the current tail.
+    /// After an overrun (`Step::Overrun`): goes on with what the writer wrote since it lapped
+    /// the reader, from `back` segments before the writer's (`Ring::seek_after_lap`).
+    pub fn recover(&mut self, back: u32) -> Result<(), String> {
+        self.ring.seek_after_lap(back).map_err(str::to_owned)
+    }
+
+    /// Skips whatever is unread and continues from the current tail.
     pub fn reacquire(&mut self) -> Result<(), String> {
         self.ring.seek_tail().map_err(str::to_owned)
     }
@@ -739,6 +761,46 @@ mod tests {
         ring.seek_back(100).unwrap();
         assert_eq!(log.segment_n.wrapping_sub(ring.next.segment), SEGMENTS - 3);
         assert!(std::iter::from_fn(|| next_id(&mut ring)).count() > 0);
+    }
+
+    #[test]
+    fn after_a_lap_reading_goes_on_a_few_segments_before_the_writer() {
+        let mut log = FakeLog::starting_at(64, u32::MAX - 7);
+        let mut ring = log.tail().unwrap();
+        log.write(7, 1, 8);
+        assert_eq!(next_id(&mut ring), Some((false, 1)));
+        let place = ring.next.segment;
+        // Written where the writer was four segments past the walker: two before the writer's
+        // once it has lapped the walker (six past).
+        write_until(&mut log, place, 4);
+        log.write(7, 5000, 8);
+        write_until(&mut log, place, 6);
+        assert_eq!(ring.next(), RingStep::Lapped);
+        ring.seek_after_lap(2).unwrap();
+        assert_eq!(ring.next.segment, place.wrapping_add(4));
+        let seen: Vec<u64> = std::iter::from_fn(|| next_id(&mut ring).map(|(_, v)| v)).collect();
+        assert!(seen.contains(&5000), "kept what the writer wrote since the lap: {seen:?}");
+        // The tail would have skipped it.
+        let mut tail = log.tail().unwrap();
+        assert_eq!(next_id(&mut tail), None);
+    }
+
+    #[test]
+    fn after_a_torn_record_near_the_writer_reading_goes_on_from_the_tail() {
+        let mut log = FakeLog::starting_at(64, u32::MAX - 7);
+        write_until(&mut log, u32::MAX - 7, 3);
+        let mut ring = log.tail().unwrap();
+        let place = ring.next.segment;
+        let at = log.write_batch(1, 8);
+        log.ring_mut()[at] = 0;
+        write_until(&mut log, place, 2);
+        assert_eq!(ring.next(), RingStep::Lapped);
+        ring.seek_after_lap(2).unwrap();
+        // Not two segments before the writer, where the torn record would be met again.
+        assert_eq!(ring.next.segment, place.wrapping_add(2));
+        assert_eq!(next_id(&mut ring), None);
+        log.write(7, 3, 8);
+        assert_eq!(next_id(&mut ring), Some((false, 3)));
     }
 
     #[test]

@@ -408,9 +408,10 @@ impl TailerJob {
                 }
                 Step::Overrun => {
                     // The writer lapped us: what it overwrote is lost (those spans will close
-                    // from their task data); go on from the tail.
+                    // from their task data). Go on from a few segments before the writer, not
+                    // from its tail: spans whose records are still there keep them.
                     self.overruns += 1;
-                    keep = reader.reacquire().is_ok();
+                    keep = reader.recover(REWIND_SEGMENTS).is_ok();
                     break;
                 }
                 Step::Abandoned => {

@@ -723,7 +723,8 @@ fn overrun_loses_no_span() {
         });
         burst.extend(sent);
         rounds += 1;
-        // The tailer wakes up, finds the log lapped, and goes on from its tail.
+        // The tailer wakes up, finds the log lapped, and goes on from a few segments before the
+        // writer (what is still intact there).
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         let c = loop {
             let c = v.counters();
@@ -788,6 +789,9 @@ fn overrun_loses_no_span() {
     assert_eq!(backstop + from_log, n, "unexpected varnish.span.closed_by values");
     assert!(backstop > 0, "no span was closed by the backstop despite {} overruns", counters["vsl_overruns"]);
     assert!(from_log >= AFTER, "{from_log} spans closed from the log, expected at least {AFTER}");
+    // After the overrun the tailer read on from a few segments before the writer
+    // (`REWIND_SEGMENTS`), not from its tail: the last of the burst were still there.
+    assert!(from_log > AFTER, "none of the burst's {burst_len} spans closed from the log after the overrun");
     assert_eq!(counters["vsl_spans_closed_by_backstop"], backstop as u64, "{counters:#?}");
     assert_eq!(counters["vsl_spans_closed_from_log"], from_log as u64, "{counters:#?}");
     assert_eq!(counters["vsl_spans_closed_from_task_log"], 0, "restarted, every span is the tailer's: {counters:#?}");
