@@ -11,8 +11,10 @@
 # inclusive instructions per request of the module's entry points and threads. Spans are
 # exported over OTLP/HTTP protobuf to tools/otlp-receiver in discard mode (built by
 # `make release`); CALLGRIND_EXPORT=none skips the export. SO=<path> measures another build of
-# the module (e.g. an older commit's, for a comparison). Needs valgrind (Debian: apt-get install
-# valgrind).
+# the module (e.g. an older commit's, for a comparison). BASELINE=1 measures plain Varnish: the
+# same VCL with the import and the include commented out (what the module adds is the
+# difference of the two PROGRAM TOTALS, measured the same hour). Needs valgrind (Debian:
+# apt-get install valgrind).
 set -euo pipefail
 # Another build's module, as an absolute path (VCL's `import ... from` needs one).
 so_given=${SO:+$(realpath -- "$SO")}
@@ -74,8 +76,8 @@ sub vcl_synth {
 EOF
 cat >"$work/proxy.vcl" <<EOF
 vcl 4.1;
-import opentracing from "$so";
-include "$repo/vcl/opentracing.vcl";
+${BASELINE:+#}import opentracing from "$so";
+${BASELINE:+#}include "$repo/vcl/opentracing.vcl";
 backend origin { .host = "127.0.0.1"; .port = "$origin_port"; }
 sub vcl_recv { if (req.url ~ "^/pass") { return (pass); } }
 EOF
