@@ -9,7 +9,7 @@
 //! libvarnishapi's cursor: `VSL_Next` cost about 100 instructions per step (an indirect call,
 //! a magic check, a check call, an integer division), two steps per cache hit (the request's
 //! batch, the session's `Link` record), two thirds of the tailer's work when nothing is traced
-//! (callgrind, docs/performance.md). `Ring` follows the same rules as libvarnishapi's
+//! (callgrind, docs/performance-history.md). `Ring` follows the same rules as libvarnishapi's
 //! `vslc_vsm_next` (`lib/libvarnishapi/vsl_cursor.c`): segment numbers to detect being lapped,
 //! the end and wrap markers, a read barrier after the first word; and where that code asserts
 //! (a length pointing out of the log), it reports an overrun instead of aborting varnishd. A
@@ -225,7 +225,31 @@ impl Ring {
         let current = self.segment_n();
         // The offsets table must not be older than the segment number read (as in `seek_tail`).
         fence(Ordering::Acquire);
-        let mut segment = current.wrapping_sub(back.min(SEGMENTS - 3));
+        self.seek_segment(current.wrapping_sub(back.min(SEGMENTS - 3)), current)
+    }
+
+    /// After `next` found the walker lapped: goes on from the start of the segment `back`
+    /// before the writer's (what the writer wrote since it passed the walker, still intact) when
+    /// that lies past the walker's place, and from the tail otherwise (a torn record with the
+    /// writer near: starting before it again would meet it again), so that nothing read is read
+    /// again. The target is fixed from one reading of the writer's segment number: varnishd
+    /// stores that number after releasing its lock, so a later reading can briefly be lower.
+    /// (Like `seek_back`, this trusts the offsets table: a batch longer than a segment, possible
+    /// only with `vsl_buffer` above `vsl_space`/8, can leave a segment's entry a lap old.)
+    fn seek_after_lap(&mut self, back: u32) -> Result<(), &'static str> {
+        let current = self.segment_n();
+        fence(Ordering::Acquire);
+        let target = current.wrapping_sub(back.min(SEGMENTS - 3));
+        if target.wrapping_sub(self.next.segment) as i32 > 0 {
+            self.seek_segment(target, current)
+        } else {
+            self.seek_tail()
+        }
+    }
+
+    /// Goes to the start of `segment`, or of the first segment after it that has been written
+    /// (up to `current`, the writer's).
+    fn seek_segment(&mut self, mut segment: u32, current: u32) -> Result<(), &'static str> {
         loop {
             // SAFETY: the head is mapped; the index is below SEGMENTS.
             let offset =
@@ -242,21 +266,6 @@ impl Ring {
                 return Err("the log's segment table is not ready");
             }
             segment = segment.wrapping_add(1);
-        }
-    }
-
-    /// After `next` found the walker lapped: goes on from the start of the segment `back`
-    /// before the writer's (`seek_back`: what the writer wrote since it passed the walker, still
-    /// intact) when that lies past the walker's place, and from the tail otherwise (a torn
-    /// record with the writer near: starting before it again would meet it again). Either way
-    /// nothing already read is read again.
-    fn seek_after_lap(&mut self, back: u32) -> Result<(), &'static str> {
-        let target = self.segment_n().wrapping_sub(back.min(SEGMENTS - 3));
-        if target.wrapping_sub(self.next.segment) as i32 > 0 {
-            // The writer only moves on meanwhile: `seek_back` lands at `target` or later.
-            self.seek_back(back)
-        } else {
-            self.seek_tail()
         }
     }
 
@@ -765,7 +774,10 @@ mod tests {
 
     #[test]
     fn after_a_lap_reading_goes_on_a_few_segments_before_the_writer() {
+        // Begun four segments before the segment number wraps, so that the lap crosses both the
+        // number's wrap and the ring's.
         let mut log = FakeLog::starting_at(64, u32::MAX - 7);
+        write_until(&mut log, u32::MAX - 7, 4);
         let mut ring = log.tail().unwrap();
         log.write(7, 1, 8);
         assert_eq!(next_id(&mut ring), Some((false, 1)));
@@ -775,32 +787,48 @@ mod tests {
         write_until(&mut log, place, 4);
         log.write(7, 5000, 8);
         write_until(&mut log, place, 6);
+        assert!(log.segment_n < place, "the segment number wrapped");
         assert_eq!(ring.next(), RingStep::Lapped);
         ring.seek_after_lap(2).unwrap();
         assert_eq!(ring.next.segment, place.wrapping_add(4));
-        let seen: Vec<u64> = std::iter::from_fn(|| next_id(&mut ring).map(|(_, v)| v)).collect();
+        let mut seen = Vec::new();
+        let mut buf = Vec::new();
+        while let Some((_, vxid)) = next_id(&mut ring) {
+            assert!(copy_record(&ring, &mut buf), "intact for a copy, as the tailer reads it");
+            seen.push(vxid);
+        }
         assert!(seen.contains(&5000), "kept what the writer wrote since the lap: {seen:?}");
+        assert!(!seen.contains(&1), "nothing read twice: {seen:?}");
         // The tail would have skipped it.
         let mut tail = log.tail().unwrap();
         assert_eq!(next_id(&mut tail), None);
     }
 
     #[test]
-    fn after_a_torn_record_near_the_writer_reading_goes_on_from_the_tail() {
-        let mut log = FakeLog::starting_at(64, u32::MAX - 7);
-        write_until(&mut log, u32::MAX - 7, 3);
-        let mut ring = log.tail().unwrap();
-        let place = ring.next.segment;
-        let at = log.write_batch(1, 8);
-        log.ring_mut()[at] = 0;
-        write_until(&mut log, place, 2);
-        assert_eq!(ring.next(), RingStep::Lapped);
-        ring.seek_after_lap(2).unwrap();
-        // Not two segments before the writer, where the torn record would be met again.
-        assert_eq!(ring.next.segment, place.wrapping_add(2));
-        assert_eq!(next_id(&mut ring), None);
-        log.write(7, 3, 8);
-        assert_eq!(next_id(&mut ring), Some((false, 3)));
+    fn after_a_torn_record_reading_goes_on_past_it() {
+        // The writer two segments on: from the tail (two back would be the torn record's
+        // segment); three on: from the segment after the torn record's.
+        for (distance, landing) in [(2, 2), (3, 1)] {
+            let mut log = FakeLog::starting_at(64, u32::MAX - 7);
+            write_until(&mut log, u32::MAX - 7, 3);
+            let mut ring = log.tail().unwrap();
+            let place = ring.next.segment;
+            let at = log.write_batch(1, 8);
+            log.ring_mut()[at] = 0;
+            write_until(&mut log, place, distance);
+            log.write(7, 2, 8);
+            assert_eq!(ring.next(), RingStep::Lapped);
+            ring.seek_after_lap(2).unwrap();
+            assert_eq!(ring.next.segment, place.wrapping_add(landing), "writer {distance} on");
+            log.write(7, 3, 8);
+            let seen: Vec<u64> = std::iter::from_fn(|| next_id(&mut ring).map(|(_, v)| v)).collect();
+            if distance == 2 {
+                assert_eq!(seen, [3], "from the tail: what is written after the seek");
+            } else {
+                assert!(seen.ends_with(&[2, 3]), "{seen:?}");
+            }
+            assert!(!seen.contains(&1), "the torn record is not met again: {seen:?}");
+        }
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub enum Msg {
 /// How often the tailer reads the log while it follows spans: the delay between a transaction's
 /// end and its span's export. Each wake-up costs a few microseconds of scheduling (and an IPI
 /// on a busy CPU), so a longer tick spreads it over more spans: 5 ms measured 0.9 µs of tailer
-/// CPU per span against 1.2 µs at 1 ms (docs/performance.md). The log holds seconds of traffic.
+/// CPU per span against 1.2 µs at 1 ms (docs/performance-history.md). The log holds seconds of traffic.
 pub const TICK: Duration = Duration::from_millis(5);
 /// How often the tailer reads the log while it follows no span (nothing sampled lately): an
 /// untraced varnishd wakes it 50 times a second, not 1000. A span that starts meanwhile is
@@ -75,13 +75,37 @@ const LOG_STEPS_PER_MESSAGE: usize = 32;
 /// per request (two steps per keep-alive hit) and the tailer's wake-ups, which a dormant tailer
 /// does not pay: it only looks at its queue, at the idle tick.
 pub const DORMANT_AFTER: Duration = Duration::from_secs(10);
-/// Segments of the log read again when the tailer is called back (`ffi::Ring::seek_back`): the
+/// Segments of the log read again when the tailer is called back (`ffi::Ring::seek_back`), and
+/// after the writer lapped it (`after_lap`): the
 /// cursor then starts two or three segments behind the writer, where a batch copied is intact
 /// while the writer stays less than four behind (`copy_current`) and stepping goes on up to
 /// five. They hold what was written since the span's log went out early: a log of 80 MB (the
 /// default `vsl_space`) has segments of 10 MB, a tenth of a second or more at 60,000 hits a
 /// second; a span whose log went out before that closes with what its task's buffer holds.
 const REWIND_SEGMENTS: u32 = 2;
+
+/// A lap of the log within this long after the last one goes on from the log's tail
+/// (`after_lap`).
+const RELAPPED_WITHIN: Duration = Duration::from_secs(1);
+
+/// Where the tailer goes on after the writer lapped it.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterLap {
+    /// From `REWIND_SEGMENTS` before the writer (`LogReader::recover`): spans whose records are
+    /// still there keep them.
+    Rewind,
+    /// From the tail: lapped again within `RELAPPED_WITHIN`, the tailer cannot keep up, and
+    /// segments two or three behind the writer would mostly be overwritten before it copied
+    /// them (a copy needs the writer less than four ahead).
+    Tail,
+}
+
+fn after_lap(previous: Option<Instant>, now: Instant) -> AfterLap {
+    match previous {
+        Some(t) if now.saturating_duration_since(t) < RELAPPED_WITHIN => AfterLap::Tail,
+        _ => AfterLap::Rewind,
+    }
+}
 
 /// What the workers and the tailer tell each other about its dormancy (one per tailer: a tailer
 /// left running by a stop that timed out keeps its own).
@@ -269,6 +293,8 @@ struct TailerJob {
     /// `steps` when the last tick began (`Job::other_work`).
     steps_before_tick: u64,
     overruns: u64,
+    /// When the writer last lapped the tailer (`after_lap`).
+    last_lap: Option<Instant>,
     read_delay: Duration,
     activity: Activity,
     /// Shared with the senders (`Tailer::changes_pending`).
@@ -299,6 +325,7 @@ impl TailerJob {
             steps: 0,
             steps_before_tick: 0,
             overruns: 0,
+            last_lap: None,
             read_delay: read_delay(),
             activity: Activity::default(),
             changes_pending,
@@ -408,10 +435,14 @@ impl TailerJob {
                 }
                 Step::Overrun => {
                     // The writer lapped us: what it overwrote is lost (those spans will close
-                    // from their task data). Go on from a few segments before the writer, not
-                    // from its tail: spans whose records are still there keep them.
+                    // from their task data).
                     self.overruns += 1;
-                    keep = reader.recover(REWIND_SEGMENTS).is_ok();
+                    let go_on = match after_lap(self.last_lap, now) {
+                        AfterLap::Rewind => reader.recover(REWIND_SEGMENTS),
+                        AfterLap::Tail => reader.reacquire(),
+                    };
+                    self.last_lap = Some(now);
+                    keep = go_on.is_ok();
                     break;
                 }
                 Step::Abandoned => {
@@ -561,5 +592,20 @@ impl Job<Msg> for TailerJob {
         self.flush();
         self.reader = None;
         ATTACHED.store(false, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lap_goes_back_a_few_segments_unless_another_came_within_a_second() {
+        let now = Instant::now();
+        assert_eq!(after_lap(None, now), AfterLap::Rewind);
+        assert_eq!(after_lap(Some(now - Duration::from_secs(5)), now), AfterLap::Rewind);
+        assert_eq!(after_lap(Some(now - Duration::from_millis(300)), now), AfterLap::Tail);
+        // A clock read before `previous` (another thread's `now`) is not a long gap.
+        assert_eq!(after_lap(Some(now + Duration::from_millis(1)), now), AfterLap::Tail);
     }
 }

@@ -670,8 +670,8 @@ sub vcl_deliver {
 /// every request has exactly one span.
 ///
 /// A burst of 4000 requests (a few tens of ms) laps the log during one pause of the tailer; a
-/// second, small batch sent after the tailer has recovered (it goes on from the log's tail)
-/// fits in the log and must close from it.
+/// second, small batch sent after the tailer has recovered (it goes on from a few segments before
+/// the writer, where the last of the burst are) fits in the log and must close from it.
 #[test]
 fn overrun_loses_no_span() {
     const THREADS: usize = 4;
