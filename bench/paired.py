@@ -11,7 +11,7 @@ scatters by ±15-30%, so a change of a few percent cannot be seen. Here both var
 pinned to the same CPU and driven at the same time (one wrk each, on the other CPU), so both
 live through the same moments of the machine; what each costs is its CPU time (all threads,
 schedstat) divided by the requests it served in the same seconds. The ratio of the two costs
-holds within about ±1% while the machine's speed swings by 60% (docs/performance.md,
+holds within about ±1% while the machine's speed swings by 60% (docs/performance-history.md,
 "Paired comparison").
 
 What it measures is CPU per request, not requests per second: with the CPU saturated, the

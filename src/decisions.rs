@@ -4,7 +4,7 @@
 //! Why not the task's own PRIV_TASK slot, where it used to live: Varnish's `VRT_priv_task`
 //! (a workspace reservation and a red-black tree insert) cost 342 instructions, the marker's
 //! workspace allocation 101 and the slot's fini 46, for each unsampled request and fetch: at 1%
-//! sampling, nearly every one (callgrind; docs/performance.md). Keeping the decision here and
+//! sampling, nearly every one (callgrind; docs/performance-history.md). Keeping the decision here and
 //! reading it back costs a few dozen.
 //!
 //! Keys: a live task (a `struct req` or `struct busyobj`) has an address no other live task

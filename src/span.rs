@@ -111,7 +111,7 @@ pub enum Value {
     /// Held inline up to 24 bytes (addresses, hosts, short paths), borrowed for the values we
     /// know at compile time (`Text::const_new`): most attribute values of a span then cost no
     /// allocation on the worker, and no free on the exporter thread (where each free of a
-    /// worker's allocation cost about 150 instructions: docs/performance.md).
+    /// worker's allocation cost about 150 instructions: docs/performance-history.md).
     Str(Text),
     /// `string[]` in the semantic conventions: a captured header, one element per header line.
     StrArray(Vec<String>),

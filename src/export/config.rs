@@ -80,7 +80,7 @@ pub struct ExportConfig {
 pub const DEFAULT_FILE: &str = "opentracing-spans.jsonl";
 /// Not the SDK's 2048: the exporter drains every EXPORT_TICK and shares the CPUs with Varnish's
 /// workers, which can delay it; 2048 dropped a quarter of the spans at 60k spans/s in
-/// `make bench` (docs/performance.md). 16384 spans are at most ~8 MB.
+/// `make bench` (docs/performance-history.md). 16384 spans are at most ~8 MB.
 pub const DEFAULT_QUEUE_SIZE: usize = 16384;
 pub const MAX_QUEUE_SIZE: usize = 1 << 20;
 pub const MAX_BATCH_SIZE: usize = 1 << 16;

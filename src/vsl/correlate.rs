@@ -410,7 +410,7 @@ pub struct Correlator {
 /// task's own log buffer, which holds the records of one transaction (its final one) and of no
 /// other span. None of the `Correlator`'s following (no index, no chain, no deadline, no
 /// synthetic `End`, no clock read): about 1,250 instructions less per span than feeding it
-/// through one (callgrind, 100% hits: 83,498 -> 82,237 per request; docs/performance.md).
+/// through one (callgrind, 100% hits: 83,498 -> 82,237 per request; docs/performance-history.md).
 /// The per-record reading is the same (`LogData::apply`).
 ///
 /// Threading: one per worker thread (`task_log` keeps it thread-local); keeps nothing of a span

@@ -6,7 +6,7 @@
 //!
 //! Why: most spans complete from their task's buffer, and the two messages per span (`Track`,
 //! `Forget`) were most of what the tailer still did for them: callgrind, 100% of hits, the
-//! tailer 646 -> 192 instructions per request, 624 fewer in all (docs/performance.md).
+//! tailer 646 -> 192 instructions per request, 624 fewer in all (docs/performance-history.md).
 //!
 //! A slot already claimed (another span in flight whose VXID falls on it) falls back to the
 //! messages (`tailer::track`, `tailer::forget`). A claimed slot whose span never ends (a task

@@ -13,7 +13,7 @@
 //! Why: the span no longer depends on the tailer keeping up with the log, or on the shared log
 //! not being overwritten before the tailer reads it, and it is exported without waiting for the
 //! tailer's next tick. In CPU, it cost the same as the tailer alone (callgrind, 100% of hits:
-//! +0.2%; side by side within 0.5%, docs/performance.md): the parse moves to the worker (after
+//! +0.2%; side by side within 0.5%, docs/performance-history.md): the parse moves to the worker (after
 //! the response was sent); with the tailer told which spans to follow by a table rather than two
 //! messages per span (`followed`), 0.6-1.0% less. `task` mode, without the tailer, cost about 1%
 //! less CPU per sampled hit at 100% than the tailer alone and 0.3-0.5% less at 1%, where the
