@@ -16,20 +16,13 @@
 
 # The include does not import the VMOD itself: your `import opentracing;` (with or without a
 # `from` path) is the one it uses.
-
-sub vcl_recv { call opentracing_recv; }
-sub vcl_hit { call opentracing_hit; }
-sub vcl_miss { call opentracing_miss; }
-sub vcl_pass { call opentracing_pass; }
-sub vcl_pipe { call opentracing_pipe; }
-sub vcl_synth { call opentracing_synth; }
-sub vcl_deliver { call opentracing_deliver; }
-sub vcl_backend_fetch { call opentracing_backend_fetch; }
-sub vcl_backend_response { call opentracing_backend_response; }
-sub vcl_backend_error { call opentracing_backend_error; }
+#
+# The calls sit in the built-in subroutines themselves, not in subroutines of their own called
+# from there: each such `call` cost Varnish about 23 instructions per request (68 per cache hit,
+# measured with bench/callgrind.sh), a tenth of what tracing an unsampled hit costs in all.
 
 # Starts (or, after a restart, continues) the request's span.
-sub opentracing_recv {
+sub vcl_recv {
     opentracing.trace_request();
 }
 
@@ -39,25 +32,25 @@ sub opentracing_recv {
 # A hit past its TTL is served in grace with a background fetch, which starts when vcl_hit
 # returns: that one is recorded here, and its fetch gets the context. (An object older than
 # req.ttl is a miss for Varnish's lookup: vcl_hit never sees it.)
-sub opentracing_hit {
+sub vcl_hit {
     if (obj.ttl <= 0s) {
         opentracing.cache_result("hit");
     }
 }
 
-sub opentracing_miss {
+sub vcl_miss {
     opentracing.cache_result("miss");
 }
 
-sub opentracing_pass {
+sub vcl_pass {
     opentracing.cache_result("pass");
 }
 
-sub opentracing_pipe {
+sub vcl_pipe {
     opentracing.cache_result("pipe");
 }
 
-sub opentracing_synth {
+sub vcl_synth {
     opentracing.cache_result("synth");
     if (opentracing.finish()) {
         set resp.filters += " opentracing";
@@ -67,20 +60,20 @@ sub opentracing_synth {
 # For conditional and range requests, the status sent can still become 304 or 206 after
 # vcl_deliver: then the "opentracing" delivery filter reads the status actually sent and steps
 # aside (it never touches the body).
-sub opentracing_deliver {
+sub vcl_deliver {
     if (opentracing.finish()) {
         set resp.filters += " opentracing";
     }
 }
 
-sub opentracing_backend_fetch {
+sub vcl_backend_fetch {
     opentracing.trace_backend();
 }
 
-sub opentracing_backend_response {
+sub vcl_backend_response {
     opentracing.finish();
 }
 
-sub opentracing_backend_error {
+sub vcl_backend_error {
     opentracing.finish();
 }
