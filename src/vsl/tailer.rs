@@ -76,12 +76,12 @@ const LOG_STEPS_PER_MESSAGE: usize = 32;
 /// does not pay: it only looks at its queue, at the idle tick.
 pub const DORMANT_AFTER: Duration = Duration::from_secs(10);
 /// Segments of the log read again when the tailer is called back (`ffi::Ring::seek_back`), and
-/// after the writer lapped it (`after_lap`): the
-/// cursor then starts two or three segments behind the writer, where a batch copied is intact
-/// while the writer stays less than four behind (`copy_current`) and stepping goes on up to
-/// five. They hold what was written since the span's log went out early: a log of 80 MB (the
-/// default `vsl_space`) has segments of 10 MB, a tenth of a second or more at 60,000 hits a
-/// second; a span whose log went out before that closes with what its task's buffer holds.
+/// after the writer lapped it (`after_lap`): the cursor then starts two or three segments behind
+/// the writer, where a batch copied is intact while the writer stays less than four behind
+/// (`copy_current`) and stepping goes on up to five. They hold what was written since the span's
+/// log went out early (or since the lap): a log of 80 MB (the default `vsl_space`) has segments of
+/// 10 MB, a tenth of a second or more at 60,000 hits a second; a span whose log went out before
+/// that closes with what its task's buffer holds.
 const REWIND_SEGMENTS: u32 = 2;
 
 /// A lap of the log within this long after the last one goes on from the log's tail
@@ -605,7 +605,8 @@ mod tests {
         assert_eq!(after_lap(None, now), AfterLap::Rewind);
         assert_eq!(after_lap(Some(now - Duration::from_secs(5)), now), AfterLap::Rewind);
         assert_eq!(after_lap(Some(now - Duration::from_millis(300)), now), AfterLap::Tail);
-        // A clock read before `previous` (another thread's `now`) is not a long gap.
+        // A previous time after `now` (not expected: both are tick times of the tailer's own
+        // thread) counts as recent, not as a long gap.
         assert_eq!(after_lap(Some(now + Duration::from_millis(1)), now), AfterLap::Tail);
     }
 }
