@@ -76,36 +76,13 @@ const LOG_STEPS_PER_MESSAGE: usize = 32;
 /// does not pay: it only looks at its queue, at the idle tick.
 pub const DORMANT_AFTER: Duration = Duration::from_secs(10);
 /// Segments of the log read again when the tailer is called back (`ffi::Ring::seek_back`), and
-/// after the writer lapped it (`after_lap`): the cursor then starts two or three segments behind
+/// after the writer lapped it (`Step::Overrun`): the cursor then starts two or three segments behind
 /// the writer, where a batch copied is intact while the writer stays less than four behind
 /// (`copy_current`) and stepping goes on up to five. They hold what was written since the span's
 /// log went out early (or since the lap): a log of 80 MB (the default `vsl_space`) has segments of
 /// 10 MB, a tenth of a second or more at 60,000 hits a second; a span whose log went out before
 /// that closes with what its task's buffer holds.
 const REWIND_SEGMENTS: u32 = 2;
-
-/// A lap of the log within this long after the last one goes on from the log's tail
-/// (`after_lap`).
-const RELAPPED_WITHIN: Duration = Duration::from_secs(1);
-
-/// Where the tailer goes on after the writer lapped it.
-#[derive(Debug, PartialEq, Eq)]
-enum AfterLap {
-    /// From `REWIND_SEGMENTS` before the writer (`LogReader::recover`): spans whose records are
-    /// still there keep them.
-    Rewind,
-    /// From the tail: lapped again within `RELAPPED_WITHIN`, the tailer cannot keep up, and
-    /// segments two or three behind the writer would mostly be overwritten before it copied
-    /// them (a copy needs the writer less than four ahead).
-    Tail,
-}
-
-fn after_lap(previous: Option<Instant>, now: Instant) -> AfterLap {
-    match previous {
-        Some(t) if now.saturating_duration_since(t) < RELAPPED_WITHIN => AfterLap::Tail,
-        _ => AfterLap::Rewind,
-    }
-}
 
 /// What the workers and the tailer tell each other about its dormancy (one per tailer: a tailer
 /// left running by a stop that timed out keeps its own).
@@ -293,8 +270,6 @@ struct TailerJob {
     /// `steps` when the last tick began (`Job::other_work`).
     steps_before_tick: u64,
     overruns: u64,
-    /// When the writer last lapped the tailer (`after_lap`).
-    last_lap: Option<Instant>,
     read_delay: Duration,
     activity: Activity,
     /// Shared with the senders (`Tailer::changes_pending`).
@@ -325,7 +300,6 @@ impl TailerJob {
             steps: 0,
             steps_before_tick: 0,
             overruns: 0,
-            last_lap: None,
             read_delay: read_delay(),
             activity: Activity::default(),
             changes_pending,
@@ -435,14 +409,15 @@ impl TailerJob {
                 }
                 Step::Overrun => {
                     // The writer lapped us: what it overwrote is lost (those spans will close
-                    // from their task data).
+                    // from their task data). Go on from a few segments before the writer, not
+                    // from its tail: spans whose records are still there keep them. Lapped
+                    // again and again (a tailer that cannot keep up), it reads as much either
+                    // way, at its own pace; from the tail, a larger share of its copies would
+                    // succeed (a copy needs the writer less than four segments ahead), but the
+                    // spans of the moments just before each lap would all be lost, and when a
+                    // burst ends, those are the ones still there to read.
                     self.overruns += 1;
-                    let go_on = match after_lap(self.last_lap, now) {
-                        AfterLap::Rewind => reader.recover(REWIND_SEGMENTS),
-                        AfterLap::Tail => reader.reacquire(),
-                    };
-                    self.last_lap = Some(now);
-                    keep = go_on.is_ok();
+                    keep = reader.recover(REWIND_SEGMENTS).is_ok();
                     break;
                 }
                 Step::Abandoned => {
@@ -592,21 +567,5 @@ impl Job<Msg> for TailerJob {
         self.flush();
         self.reader = None;
         ATTACHED.store(false, Relaxed);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_lap_goes_back_a_few_segments_unless_another_came_within_a_second() {
-        let now = Instant::now();
-        assert_eq!(after_lap(None, now), AfterLap::Rewind);
-        assert_eq!(after_lap(Some(now - Duration::from_secs(5)), now), AfterLap::Rewind);
-        assert_eq!(after_lap(Some(now - Duration::from_millis(300)), now), AfterLap::Tail);
-        // A previous time after `now` (not expected: both are tick times of the tailer's own
-        // thread) counts as recent, not as a long gap.
-        assert_eq!(after_lap(Some(now + Duration::from_millis(1)), now), AfterLap::Tail);
     }
 }
