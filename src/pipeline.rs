@@ -64,6 +64,8 @@ pub struct Stats {
     /// Added by workers whose finished span did not fit in the tailer's queue.
     pub vsl_closed_by_backstop: AtomicU64,
     pub vsl_overruns: AtomicU64,
+    /// Transactions whose records the writer overwrote while the tailer copied them.
+    pub vsl_copies_overwritten: AtomicU64,
     pub vsl_pending: AtomicU64,
     pub vsl_not_followed: AtomicU64,
     pub vsl_abandoned: AtomicU64,
@@ -92,6 +94,7 @@ pub static STATS: Stats = Stats {
     vsl_closed_by_tailer_backstop: AtomicU64::new(0),
     vsl_closed_by_backstop: AtomicU64::new(0),
     vsl_overruns: AtomicU64::new(0),
+    vsl_copies_overwritten: AtomicU64::new(0),
     vsl_pending: AtomicU64::new(0),
     vsl_not_followed: AtomicU64::new(0),
     vsl_abandoned: AtomicU64::new(0),
@@ -154,9 +157,12 @@ pub struct Counters {
     /// Spans closed from their task data because the log did not deliver in time
     #[counter]
     vsl_spans_closed_by_backstop: AtomicU64,
-    /// Times the log was overwritten before the tailer read it
+    /// Times the log writer lapped the tailer (overwrote records before the tailer read them)
     #[counter]
     vsl_overruns: AtomicU64,
+    /// Transactions whose records were overwritten while the tailer copied them
+    #[counter]
+    vsl_batches_overwritten: AtomicU64,
     /// Spans waiting for their log data
     #[gauge]
     vsl_pending: AtomicU64,
@@ -213,6 +219,7 @@ impl Counters {
         let backstop = STATS.vsl_closed_by_tailer_backstop.load(Relaxed) + STATS.vsl_closed_by_backstop.load(Relaxed);
         self.vsl_spans_closed_by_backstop.store(backstop, Relaxed);
         copy(&self.vsl_overruns, &STATS.vsl_overruns);
+        copy(&self.vsl_batches_overwritten, &STATS.vsl_copies_overwritten);
         copy(&self.vsl_pending, &STATS.vsl_pending);
         copy(&self.vsl_spans_not_followed, &STATS.vsl_not_followed);
         copy(&self.vsl_spans_abandoned, &STATS.vsl_abandoned);

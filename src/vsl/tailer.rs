@@ -269,7 +269,10 @@ struct TailerJob {
     steps: u64,
     /// `steps` when the last tick began (`Job::other_work`).
     steps_before_tick: u64,
+    /// Laps of the writer past the tailer (`Step::Overrun`).
     overruns: u64,
+    /// Transactions overwritten while being copied (`copy_current` false).
+    copies_overwritten: u64,
     read_delay: Duration,
     activity: Activity,
     /// Shared with the senders (`Tailer::changes_pending`).
@@ -300,6 +303,7 @@ impl TailerJob {
             steps: 0,
             steps_before_tick: 0,
             overruns: 0,
+            copies_overwritten: 0,
             read_delay: read_delay(),
             activity: Activity::default(),
             changes_pending,
@@ -395,8 +399,9 @@ impl TailerJob {
                     if reader.copy_current(&mut self.buf) {
                         self.correlator.records(&self.buf, &mut self.done);
                     } else {
-                        // Overwritten while we copied: as good as an overrun.
-                        self.overruns += 1;
+                        // Overwritten while we copied: that transaction's records are lost (its
+                        // span closes from its task data); the walk goes on.
+                        self.copies_overwritten += 1;
                     }
                 }
                 Step::Idle => {
@@ -488,6 +493,7 @@ impl TailerJob {
         STATS.vsl_closed_from_log.store(s.closed_from_log, Relaxed);
         STATS.vsl_closed_by_tailer_backstop.store(s.closed_by_backstop, Relaxed);
         STATS.vsl_overruns.store(self.overruns, Relaxed);
+        STATS.vsl_copies_overwritten.store(self.copies_overwritten, Relaxed);
         // Before `vsl_pending`: a span leaves the pending ones counted where it went.
         STATS.vsl_not_followed.store(s.not_tracked, Relaxed);
         STATS.vsl_abandoned.store(s.abandoned, Relaxed);

@@ -765,6 +765,8 @@ fn overrun_loses_no_span() {
     let spans = v.stop();
 
     assert!(counters["vsl_overruns"] > 0, "the log never wrapped past the tailer: {counters:#?}");
+    // Copies the writer overtook are counted apart from laps (published, whatever their number).
+    assert!(counters.contains_key("vsl_batches_overwritten"), "{counters:#?}");
     assert_eq!(counters["spans_exported"], n as u64, "{counters:#?}");
     assert_eq!(counters["spans_dropped"], 0, "{counters:#?}");
 
