@@ -222,10 +222,17 @@ impl Ring {
     /// back from dormancy (`tailer`), to find the records a restart or a retry wrote out just
     /// before it was called back.
     fn seek_back(&mut self, back: u32) -> Result<(), &'static str> {
+        let (current, target) = self.writer_and_back(back);
+        self.seek_segment(target, current)
+    }
+
+    /// The writer's segment and the one `back` before it (at most `SEGMENTS - 3`), from one
+    /// reading of the writer's number.
+    fn writer_and_back(&self, back: u32) -> (u32, u32) {
         let current = self.segment_n();
         // The offsets table must not be older than the segment number read (as in `seek_tail`).
         fence(Ordering::Acquire);
-        self.seek_segment(current.wrapping_sub(back.min(SEGMENTS - 3)), current)
+        (current, current.wrapping_sub(back.min(SEGMENTS - 3)))
     }
 
     /// After `next` found the walker lapped: goes on from the start of the segment `back`
@@ -237,9 +244,7 @@ impl Ring {
     /// (Like `seek_back`, this trusts the offsets table: a batch longer than a segment, possible
     /// only with `vsl_buffer` above `vsl_space`/8, can leave a segment's entry a lap old.)
     fn seek_after_lap(&mut self, back: u32) -> Result<(), &'static str> {
-        let current = self.segment_n();
-        fence(Ordering::Acquire);
-        let target = current.wrapping_sub(back.min(SEGMENTS - 3));
+        let (current, target) = self.writer_and_back(back);
         if target.wrapping_sub(self.next.segment) as i32 > 0 {
             self.seek_segment(target, current)
         } else {
